@@ -1,0 +1,173 @@
+"""What every sparsity method shares: the parametrization base class, options and the registry.
+
+A method is a ``torch.nn.utils.parametrize`` parametrization attached to a module's ``weight``:
+it maps the raw weight to the effective (sparse) one, and its learnable state (STR's ``s``)
+and buffers (masks, current targets) live in the parametrization module, so they are part of
+the model's ``state_dict`` and reach the optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from strsparse.functional import closest
+
+__all__ = [
+    "SparsityMethod",
+    "get_method",
+    "get_parametrization",
+    "list_methods",
+    "raw_weight",
+    "register_method",
+    "resolve_step",
+    "resolve_targets",
+]
+
+_REGISTRY: dict[str, type[SparsityMethod]] = {}
+
+M = TypeVar("M", bound="type[SparsityMethod]")
+
+
+class SparsityMethod(nn.Module):
+    """Base parametrization: ``forward(raw_weight) -> effective_weight``.
+
+    Subclasses set ``name`` and ``Options`` (a dataclass of the method's options) and
+    implement ``create`` (one parametrization per layer, possibly sharing state) and, when
+    their state follows training progress, ``update``.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def threshold(self) -> float | None:
+        """The layer's current magnitude threshold for reports (mean if it varies), if any."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"method={self.name!r}"
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any]) -> Any:
+        """Build ``cls.Options`` from keyword options; unknown names are a clear error."""
+        fields = [f.name for f in dataclasses.fields(cls.Options)]
+        for key in options:
+            if key not in fields:
+                raise ValueError(
+                    f"unknown option {key!r} for method {cls.name!r}{closest(key, fields)}; "
+                    f"valid options: {', '.join(fields)}"
+                )
+        return cls.Options(**options)
+
+    @classmethod
+    def create(cls, layers: Mapping[str, nn.Module], options: Any) -> dict[str, SparsityMethod]:
+        """One parametrization per layer (name -> parametrization) for ``options``."""
+        raise NotImplementedError
+
+    @classmethod
+    def update(cls, layers: Mapping[str, nn.Module], step: int, total_steps: int) -> None:
+        """Advance state that depends on training progress; the default has none."""
+
+
+def register_method(cls: M) -> M:
+    """Class decorator adding a method to the registry under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"a sparsity method named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    """Names of the registered sparsity methods."""
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[SparsityMethod]:
+    """The method class registered as ``name``; an unknown name lists the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        valid = list_methods()
+        raise ValueError(
+            f"unknown sparsity method {name!r}{closest(str(name), valid)}; "
+            f"valid methods: {', '.join(valid)}"
+        ) from None
+
+
+def get_parametrization(module: nn.Module) -> SparsityMethod | None:
+    """The sparsity method attached to ``module.weight``, or None."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations.weight:
+        if isinstance(p, SparsityMethod):
+            return p
+    return None
+
+
+def raw_weight(module: nn.Module) -> Tensor:
+    """The stored (un-thresholded) weight of a sparsified module."""
+    return module.parametrizations.weight.original
+
+
+def resolve_step(value: int | float, total_steps: int, option: str) -> int:
+    """A schedule point given as a step count (int) or a fraction of training (float in [0, 1])."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{option}={value!r} must be a step (int) or a fraction of training")
+    if isinstance(value, float):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(
+                f"{option}={value} is a fraction of training and must lie in [0, 1]; "
+                "pass an int for an absolute step"
+            )
+        return round(value * total_steps)
+    if value < 0:
+        raise ValueError(f"{option}={value} must be >= 0")
+    return value
+
+
+def check_fraction(value: float, option: str, *, allow_one: bool = False) -> float:
+    """Validate a sparsity fraction: [0, 1) (or [0, 1] with ``allow_one``)."""
+    upper_ok = value <= 1.0 if allow_one else value < 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not upper_ok:
+        interval = "[0, 1]" if allow_one else "[0, 1)"
+        hint = "; it is a fraction, not a percentage" if isinstance(value, (int, float)) else ""
+        raise ValueError(f"{option}={value!r} must be a fraction in {interval}{hint}")
+    return float(value)
+
+
+def resolve_targets(
+    names: list[str], sparsity: float | None, budget: Mapping[str, float] | None
+) -> dict[str, float]:
+    """Per-layer target sparsity from one ``sparsity`` or a per-layer ``budget``."""
+    if (sparsity is None) == (budget is None):
+        raise ValueError(
+            "give exactly one of sparsity=<fraction in [0, 1)> or budget=<layer -> sparsity>"
+        )
+    if budget is None:
+        value = check_fraction(sparsity, "sparsity")
+        return dict.fromkeys(names, value)
+    missing = [n for n in names if n not in budget]
+    extra = [n for n in budget if n not in names]
+    if extra:
+        hint = closest(extra[0], names)
+        raise ValueError(
+            f"budget names layers that are not sparsified here: {', '.join(extra[:5])}"
+            f"{' ...' if len(extra) > 5 else ''}{hint}; check include/exclude or the budget's model"
+        )
+    if missing:
+        raise ValueError(
+            f"budget has no entry for layers {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}; add them or exclude them from sparsify"
+        )
+    return {n: check_fraction(budget[n], f"budget[{n!r}]", allow_one=True) for n in names}
+
+
+@torch.no_grad()
+def zero_fraction(t: Tensor) -> float:
+    """Fraction of exact zeros in ``t``."""
+    return float((t == 0).sum()) / max(t.numel(), 1)

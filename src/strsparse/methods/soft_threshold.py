@@ -1,0 +1,137 @@
+"""STR: Soft Threshold weight Reparameterization (Kusupati et al., ICML 2020).
+
+W_hat = sign(W) * relu(|W| - k * g(s)) with a learnable ``s``: an ordinary ``nn.Parameter``,
+so plain weight decay reaches it (the paper's eq. 6) and each layer learns its own budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from strsparse.functional import THRESHOLD_FUNCTIONS, closest, soft_threshold
+from strsparse.methods.base import SparsityMethod, register_method
+
+__all__ = ["SoftThreshold", "SoftThresholdOptions"]
+
+logger = logging.getLogger(__name__)
+
+GRANULARITIES = ("layer", "channel", "weight", "global")
+
+# A layer whose initial threshold already zeroes this fraction of its weights gets a warning:
+# such a layer may be all zeros from the first step and never learn.
+_INIT_PRUNED_WARNING = 0.1
+
+
+@dataclass(frozen=True)
+class SoftThresholdOptions:
+    """Options of ``sparsify(model, "str", ...)``.
+
+    granularity: one ``s`` per layer (the paper's default), per output channel, per weight,
+        or one ``s`` shared by all sparsified layers ('global', Appendix A.5.1).
+    g: threshold function, 'sigmoid' (CNNs) or 'exp' (low-rank RNNs); threshold = k * g(s).
+    init_threshold: the paper's s_init (-3200 for ResNet-50, -12800 for MobileNetV1): very
+        negative values keep every weight dense until weight decay has moved ``s``.
+    """
+
+    granularity: str = "layer"
+    g: str = "sigmoid"
+    k: float = 1.0
+    init_threshold: float = -3200.0
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"unknown granularity {self.granularity!r}{closest(self.granularity, GRANULARITIES)}"
+                f"; valid: {', '.join(GRANULARITIES)}"
+            )
+        if self.g not in THRESHOLD_FUNCTIONS:
+            raise ValueError(
+                f"unknown threshold function g={self.g!r}{closest(self.g, THRESHOLD_FUNCTIONS)}; "
+                f"valid: {', '.join(THRESHOLD_FUNCTIONS)}"
+            )
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or self.k <= 0:
+            raise ValueError(f"k={self.k!r} must be a positive number")
+        if isinstance(self.init_threshold, bool) or not isinstance(
+            self.init_threshold, (int, float)
+        ):
+            raise ValueError(f"init_threshold={self.init_threshold!r} must be a number")
+
+
+def _threshold_shape(weight_shape: torch.Size, granularity: str) -> tuple[int, ...]:
+    if granularity == "channel":
+        return (weight_shape[0],) + (1,) * (len(weight_shape) - 1)  # (C_out, 1, 1, ...)
+    if granularity == "weight":
+        return tuple(weight_shape)
+    return ()
+
+
+@register_method
+class SoftThreshold(SparsityMethod):
+    """STR's parametrization: soft-thresholds the raw weight by the learnable k * g(s)."""
+
+    name = "str"
+    Options = SoftThresholdOptions
+
+    def __init__(
+        self,
+        weight_shape: torch.Size,
+        options: SoftThresholdOptions,
+        shared_s: nn.Parameter | None = None,
+    ) -> None:
+        super().__init__()
+        self.granularity = options.granularity
+        self.g_name = options.g
+        self.k = float(options.k)
+        if shared_s is None:
+            shape = _threshold_shape(weight_shape, options.granularity)
+            shared_s = nn.Parameter(torch.full(shape, float(options.init_threshold)))
+        self.s = shared_s
+
+    def threshold_tensor(self) -> Tensor:
+        """k * g(s), broadcastable against the weight."""
+        return self.k * THRESHOLD_FUNCTIONS[self.g_name](self.s)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return soft_threshold(weight, self.threshold_tensor().to(weight.dtype))
+
+    def threshold(self) -> float:
+        with torch.no_grad():
+            return float(self.threshold_tensor().mean())
+
+    def extra_repr(self) -> str:
+        return f"granularity={self.granularity!r}, g={self.g_name!r}, k={self.k}"
+
+    @classmethod
+    def create(
+        cls, layers: Mapping[str, nn.Module], options: SoftThresholdOptions
+    ) -> dict[str, SparsityMethod]:
+        shared = None
+        if options.granularity == "global":
+            shared = nn.Parameter(torch.tensor(float(options.init_threshold)))
+        parametrizations: dict[str, SparsityMethod] = {}
+        for name, module in layers.items():
+            p = cls(module.weight.shape, options, shared)
+            _warn_if_pruned_at_init(name, module.weight, p)
+            parametrizations[name] = p
+        return parametrizations
+
+
+@torch.no_grad()
+def _warn_if_pruned_at_init(name: str, weight: Tensor, p: SoftThreshold) -> None:
+    threshold = p.threshold_tensor().to(weight.device)
+    pruned = float((weight.abs() <= threshold).float().mean())
+    if pruned >= _INIT_PRUNED_WARNING:
+        warnings.warn(
+            f"STR layer {name!r}: the initial threshold k*g(init_threshold) = "
+            f"{float(threshold.mean()):.3g} already zeroes {pruned:.0%} of its weights "
+            f"(mean |w| = {float(weight.abs().mean()):.3g}); such a layer may never learn. "
+            "Use a more negative init_threshold (the paper uses -3200 for ResNet-50).",
+            UserWarning,
+            stacklevel=5,  # user -> sparsify -> create -> no_grad wrapper -> here
+        )
