@@ -20,6 +20,7 @@ __all__ = [
     "magnitude_mask",
     "resolve_threshold_function",
     "soft_threshold",
+    "straight_through",
 ]
 
 
@@ -143,3 +144,26 @@ def global_magnitude_masks(weights: Sequence[Tensor], sparsity: float) -> list[T
     flat = torch.cat([w.detach().abs().flatten() for w in weights])
     keep = magnitude_mask(flat, sparsity)
     return [m.view_as(w) for m, w in zip(keep.split([w.numel() for w in weights]), weights)]
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward ``transform(w)``; backward passes the gradient to ``w`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, transform: Callable[[Tensor], Tensor]) -> Tensor:
+        return transform(weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:
+        return grad_out, None
+
+
+def straight_through(weight: Tensor, transform: Callable[[Tensor], Tensor]) -> Tensor:
+    """``transform(weight)`` in the forward pass, identity in the backward pass.
+
+    The straight-through estimator of DNW (Wortsman et al., 2019) and ST-3 (Vanderschueren &
+    De Vleeschouwer, 2023): every raw weight, pruned or not, receives dL/d(transform(w)), so
+    pruned weights can grow back. Same gradients as ``w + (transform(w) - w).detach()`` with
+    one elementwise pass fewer in forward and backward. ``transform`` runs without autograd.
+    """
+    return _StraightThrough.apply(weight, transform)

@@ -77,7 +77,9 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 def _check_patterns(patterns: Sequence[str], names: list[str], option: str) -> None:
     if isinstance(patterns, str):
-        raise ValueError(f"{option}={patterns!r} must be a list of glob patterns, e.g. [{patterns!r}]")
+        raise ValueError(
+            f"{option}={patterns!r} must be a list of glob patterns, e.g. [{patterns!r}]"
+        )
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")

@@ -1,6 +1,12 @@
 """Sparsity methods, each a ``torch.nn.utils.parametrize`` parametrization in a registry."""
 
-from strsparse.methods import soft_threshold  # noqa: F401  (registers "str")
+from strsparse.methods import (
+    dnw,  # noqa: F401  (registers "dnw")
+    gmp,  # noqa: F401  (registers "gmp")
+    magnitude,  # noqa: F401  (registers "magnitude")
+    soft_threshold,  # noqa: F401  (registers "str")
+    st3,  # noqa: F401  (registers "st3")
+)
 from strsparse.methods.base import (
     SparsityMethod,
     get_method,

@@ -1,0 +1,871 @@
+"""The ``strsparse`` command line: parse arguments, call the library, print the results.
+
+Every command is a thin wrapper over library functions (``strsparse.training``,
+``strsparse.export``, ``strsparse.flops``, ``strsparse.plots``); nothing here is needed to use
+the library from Python. Errors a user can fix (a bad config key, a missing file, a foreign
+checkpoint) end the command with exit status 2 and one ``strsparse: error: ...`` line on
+stderr; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+PROG = "strsparse"
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+_LIST_KINDS = ("configs", "models", "methods", "budgets")
+_CLI_HANDLER_FLAG = "_strsparse_cli_handler"
+
+
+# -- small output helpers -------------------------------------------------------------------
+
+
+def _human(value: float) -> str:
+    """4089284608 -> '4.09G'; NaN -> 'n/a'."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def _count(value: Any) -> str:
+    """An exact count with thousands separators ('4,089,284,608'); 'n/a' when unknown."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{round(value):,}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """Fixed-width text table; the first ``left`` columns are left-aligned, the rest right."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            str(c).ljust(w) if i < left else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "-" * max(len(line(header)), *(len(line(r)) for r in rows)) if rows else ""
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def _write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _percent(fraction: Any) -> str:
+    if fraction is None or (isinstance(fraction, float) and not math.isfinite(fraction)):
+        return "n/a"
+    return f"{100 * float(fraction):.2f}%"
+
+
+# -- shared library glue ------------------------------------------------------------------
+
+
+def _default_input_shape(model_name: str) -> tuple[int, int, int]:
+    """The input shape (C, H, W) a registered model is meant for: ImageNet models
+    3x224x224, CIFAR models 3x32x32, the 28x28 models 1x28x28."""
+    from strsparse import models
+
+    finder = getattr(models, "default_input_shape", None)
+    if callable(finder):
+        return tuple(int(d) for d in finder(model_name))  # type: ignore[return-value]
+    options = models.model_options(model_name)  # validates the name
+    channels = int(options.get("in_channels", 3))
+    builder_module = getattr(
+        getattr(models.registry, "_MODELS", {}).get(model_name), "__module__", ""
+    )
+    if "cifar" in builder_module:
+        return (channels, 32, 32)
+    if "image_size" in options:  # the 28x28 models
+        return (channels, int(options["image_size"]), int(options["image_size"]))
+    return (channels, 224, 224)
+
+
+def _profile(model: Any, input_shape: Sequence[int]) -> Any:
+    from strsparse.flops import profile
+
+    return profile(model, tuple(int(d) for d in input_shape))
+
+
+def _layer_flops(profile: Any) -> dict[str, Any]:
+    """Layer name -> the profile's per-layer record (anything with flops/sparse_flops)."""
+    layers = getattr(profile, "layers", None)
+    if isinstance(layers, Mapping):
+        return dict(layers)
+    if isinstance(layers, Sequence):
+        return {getattr(r, "name", str(i)): r for i, r in enumerate(layers)}
+    return {}
+
+
+def _totals_lines(profile: Any) -> list[str]:
+    """'overall'/'backbone' rows: params and FLOPs, dense and sparse."""
+    lines = []
+    for label in ("overall", "backbone"):
+        part = getattr(profile, label, None)
+        if part is None:
+            continue
+        params = getattr(part, "params", None)
+        nonzero = getattr(part, "nonzero_params", getattr(part, "nonzero", None))
+        flops = getattr(part, "flops", None)
+        sparse = getattr(part, "sparse_flops", None)
+        text = f"{label:<9} params {_count(params)}"
+        if nonzero is not None and nonzero != params:
+            text += f" (nonzero {_count(nonzero)})"
+        text += f"   FLOPs dense {_count(flops)} ({_human(flops)})"
+        text += f"   sparse {_count(sparse)} ({_human(sparse)})"
+        lines.append(text)
+    return lines
+
+
+def _restore(checkpoint: str) -> tuple[Any, Any, Any]:
+    from strsparse.training import restore_model
+
+    return restore_model(checkpoint)
+
+
+def _input_shape_of(cfg: Any) -> tuple[int, ...]:
+    from strsparse.training.build import dataset_info
+
+    return tuple(int(d) for d in dataset_info(cfg).input_shape)
+
+
+def _layer_rows(model: Any, profile: Any) -> tuple[list[str], list[list[str]], list[list[Any]]]:
+    """Per-layer rows of a sparsity report joined with a FLOPs profile: (header, text rows,
+    raw rows for CSV), with a total row."""
+    from strsparse import sparsity_report
+
+    report = sparsity_report(model)
+    flops = _layer_flops(profile) if profile is not None else {}
+    header = [
+        "layer",
+        "shape",
+        "params",
+        "nonzero",
+        "sparsity_%",
+        "threshold",
+        "flops",
+        "sparse_flops",
+    ]
+    text_rows: list[list[str]] = []
+    raw_rows: list[list[Any]] = []
+    total_flops = total_sparse = 0.0
+    for row in report.layers:
+        lp = flops.get(row.name)
+        f = getattr(lp, "flops", None)
+        sf = getattr(lp, "sparse_flops", None)
+        total_flops += f or 0
+        total_sparse += sf or 0
+        threshold = "" if row.threshold is None else f"{row.threshold:.4g}"
+        shape = "x".join(map(str, row.shape))
+        text_rows.append(
+            [
+                row.name,
+                shape,
+                _count(row.params),
+                _count(row.nonzero),
+                f"{100 * row.sparsity:.2f}",
+                threshold,
+                _count(f) if lp else "",
+                _count(sf) if lp else "",
+            ]
+        )
+        raw_rows.append(
+            [
+                row.name,
+                shape,
+                row.params,
+                row.nonzero,
+                f"{100 * row.sparsity:.4f}",
+                "" if row.threshold is None else repr(row.threshold),
+                "" if f is None else int(f),
+                "" if sf is None else int(sf),
+            ]
+        )
+    text_rows.append(
+        [
+            "total",
+            "",
+            _count(report.params),
+            _count(report.nonzero),
+            f"{100 * report.sparsity:.2f}",
+            "",
+            _count(total_flops) if flops else "",
+            _count(total_sparse) if flops else "",
+        ]
+    )
+    raw_rows.append(
+        [
+            "total",
+            "",
+            report.params,
+            report.nonzero,
+            f"{100 * report.sparsity:.4f}",
+            "",
+            int(total_flops) if flops else "",
+            int(total_sparse) if flops else "",
+        ]
+    )
+    return header, text_rows, raw_rows
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from strsparse.config import load_config
+    from strsparse.training import train
+
+    overrides = list(args.overrides)
+    if args.budget is not None:
+        overrides.append(f"sparsity.budget={json.dumps(str(args.budget))}")
+    cfg = load_config(args.config, overrides)
+    if args.quiet and hasattr(getattr(cfg, "train", None), "quiet"):
+        cfg = _replace(cfg, {"train": _replace(cfg.train, {"quiet": True}, "train")}, "")
+    result = train(cfg, resume=args.resume)
+    _print_train_summary(result)
+    return EXIT_OK
+
+
+def _print_train_summary(result: Any) -> None:
+    summary: dict[str, Any] = {}
+    summary_path = Path(result.summary_path)
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+    layers = summary.get("layers") or []
+    if layers:
+        header = [
+            "layer",
+            "shape",
+            "params",
+            "nonzero",
+            "sparsity_%",
+            "threshold",
+            "flops",
+            "sparse_flops",
+        ]
+        rows = []
+        for r in layers:
+            t = r.get("threshold")
+            rows.append(
+                [
+                    r["name"],
+                    "x".join(map(str, r.get("shape", []))),
+                    _count(r.get("params")),
+                    _count(r.get("nonzero")),
+                    f"{100 * r.get('sparsity', 0.0):.2f}",
+                    "" if t is None else f"{t:.4g}",
+                    _count(r["flops"]) if r.get("flops") is not None else "",
+                    _count(r["sparse_flops"]) if r.get("sparse_flops") is not None else "",
+                ]
+            )
+        print(_table(header, rows, left=2))
+        print()
+    final = result.final
+    best = result.best or {}
+    top1 = final.get("top1")
+    line = f"top-1 {top1:.2f}%" if top1 is not None else "top-1 n/a"
+    if best.get("top1") is not None:
+        line += f" (best {best['top1']:.2f}%)"
+    if final.get("top5") is not None:
+        line += f"   top-5 {final['top5']:.2f}%"
+    if final.get("loss") is not None:
+        line += f"   loss {final['loss']:.4f}"
+    print(line)
+    print(f"sparsity {_percent(final.get('sparsity'))}")
+    flops, sparse = final.get("flops"), final.get("sparse_flops")
+    print(
+        f"FLOPs dense {_count(flops)} ({_human(flops)}), sparse {_count(sparse)} ({_human(sparse)})"
+    )
+    run_dir = Path(result.run_dir)
+    print(f"run directory: {run_dir}")
+    plots = run_dir / "plots"
+    if plots.is_dir():
+        print(f"plots: {plots}")
+    print(f"summary: {summary_path}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from strsparse import data as data_module
+    from strsparse import sparsity_report
+    from strsparse.training import evaluate
+
+    model, cfg, _ = _restore(args.checkpoint)
+    data_cfg = cfg.data
+    changes: dict[str, Any] = {}
+    if args.data_root is not None:
+        changes["root"] = str(args.data_root)
+    if args.batch_size is not None:
+        changes["batch_size"] = args.batch_size
+    if changes:
+        data_cfg = _replace(data_cfg, changes, "data")
+    _, val_ds, info = data_module.build_datasets(data_cfg)
+    batch_size = int(args.batch_size or getattr(data_cfg, "batch_size", 256))
+    loader = DataLoader(
+        val_ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=int(getattr(data_cfg, "num_workers", 0) or 0),
+    )
+    metrics = evaluate(model, loader, device="cpu")
+    report = sparsity_report(model)
+    profile = _profile(model, info.input_shape)
+    print(
+        f"checkpoint {args.checkpoint}: {cfg.model.name} on {getattr(data_cfg, 'name', '?')} "
+        f"({len(val_ds)} validation samples)"
+    )
+    print(
+        f"top-1 {metrics['top1']:.2f}%   top-5 {metrics['top5']:.2f}%   loss {metrics['loss']:.4f}"
+    )
+    print(
+        f"sparsity {_percent(report.sparsity)} ({_count(report.nonzero)} of "
+        f"{_count(report.params)} weights nonzero)"
+    )
+    for line in _totals_lines(profile):
+        print(line)
+    return EXIT_OK
+
+
+def _replace(section: Any, changes: Mapping[str, Any], where: str) -> Any:
+    """A copy of a config dataclass section with ``changes`` (a clear error for a key the
+    section lacks)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(section):
+        names = {f.name for f in dataclasses.fields(section)}
+        for key in changes:
+            if key not in names:
+                raise ValueError(f"the {where} configuration has no '{key}' option")
+        return dataclasses.replace(section, **changes)
+    for key, value in changes.items():
+        setattr(section, key, value)
+    return section
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from strsparse import sparsity_report
+    from strsparse.export import export_dense
+
+    model, cfg, _ = _restore(args.checkpoint)
+    out = export_dense(model, cfg, args.output, force=args.force)
+    report = sparsity_report(model)
+    print(f"wrote a dense {cfg.model.name} (sparsity {_percent(report.sparsity)}) to {out}")
+    print(
+        "load it with strsparse.export.load_dense(path), or create_model + "
+        "safetensors.torch.load_file + load_state_dict(strict=True)"
+    )
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    model, cfg, _ = _restore(args.checkpoint)
+    profile = _profile(model, _input_shape_of(cfg))
+    header, rows, raw = _layer_rows(model, profile)
+    print(_table(header, rows, left=2))
+    print()
+    for line in _totals_lines(profile):
+        print(line)
+    if args.csv is not None:
+        path = _write_text_atomic(Path(args.csv), _csv_text(header, raw))
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _cmd_budget(args: argparse.Namespace) -> int:
+    from strsparse import Budget
+
+    model, _, _ = _restore(args.checkpoint)
+    budget = Budget.from_model(model)
+    path = budget.to_csv(args.output)
+    print(
+        f"wrote the budget of {len(budget)} layers (overall sparsity "
+        f"{_percent(budget.overall(model))}) to {path}"
+    )
+    return EXIT_OK
+
+
+def _cmd_flops(args: argparse.Namespace) -> int:
+    from strsparse.flops import profile
+    from strsparse.models import create_model
+    from strsparse.training import resolve_budget
+
+    shape = tuple(args.input_shape) if args.input_shape else _default_input_shape(args.model)
+    model = create_model(args.model, num_classes=args.num_classes)
+    budget = resolve_budget(args.budget, model) if args.budget is not None else None
+    result = profile(model, shape, budget=budget)
+    title = f"{args.model}, input {'x'.join(map(str, shape))}"
+    if budget is not None:
+        title += f", budget {args.budget} (sparsity {_percent(budget.overall(model))})"
+    print(title)
+    print(result.to_table())
+    print()
+    for line in _totals_lines(result):
+        print(line)
+    if args.csv is not None:
+        result.to_csv(args.csv)
+        print(f"wrote {args.csv}")
+    return EXIT_OK
+
+
+def _budget_label(spec: str) -> str:
+    """A legend label: a paper name as is, a CSV's stem, a run directory's name (also for
+    ``RUN/checkpoints/*.pt``)."""
+    path = Path(spec)
+    if not path.exists():
+        return spec
+    if path.is_dir():
+        return path.resolve().name
+    if path.suffix == ".pt" and path.parent.name == "checkpoints":
+        return f"{path.resolve().parent.parent.name}/{path.stem}"
+    return path.stem
+
+
+def _cmd_plot_budgets(args: argparse.Namespace) -> int:
+    from strsparse import plots
+    from strsparse.models import create_model
+    from strsparse.training import resolve_budget
+
+    model = create_model(args.model)
+    budgets = {}
+    for spec in args.budgets:
+        label = _budget_label(spec)
+        while label in budgets:
+            label += "'"
+        budgets[label] = resolve_budget(spec, model)
+    profile = _profile(model, _default_input_shape(args.model))
+    out = plots.plot_budgets(budgets, Path(args.output), flops_profile=profile)
+    print(f"wrote {out if out is not None else args.output}")
+    return EXIT_OK
+
+
+def _names(kind: str) -> list[str]:
+    if kind == "configs":
+        from strsparse.config import list_configs
+
+        return list(list_configs())
+    if kind == "models":
+        from strsparse.models import list_models
+
+        return list(list_models())
+    if kind == "methods":
+        from strsparse import list_methods
+        from strsparse.training.build import DENSE
+
+        return [*list_methods(), DENSE]
+    from strsparse.budgets import list_paper_budgets
+
+    return list(list_paper_budgets())
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    if args.kind is not None:
+        for name in _names(args.kind):
+            print(name)
+        return EXIT_OK
+    for i, kind in enumerate(_LIST_KINDS):
+        print(("\n" if i else "") + f"{kind}:")
+        for name in _names(kind):
+            print(f"  {name}")
+    return EXIT_OK
+
+
+# -- the parser -----------------------------------------------------------------------------
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the descriptions' and epilogs' line breaks; show defaults where set."""
+
+
+def _command(
+    sub: Any,
+    name: str,
+    handler: Callable[[argparse.Namespace], int],
+    summary: str,
+    description: str,
+    examples: str,
+) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog="examples:\n" + examples,
+        formatter_class=_Formatter,
+        allow_abbrev=False,
+    )
+    parser.set_defaults(handler=handler)
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of an error",
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``strsparse`` argument parser with one subparser per command."""
+    from strsparse import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Train sparse-by-design networks with STR (Soft Threshold weight "
+            "Reparameterization,\nKusupati et al., ICML 2020) and its peers (ST-3, GMP, DNW, "
+            "magnitude pruning);\nevaluate, report, export and compare their budgets and FLOPs."
+        ),
+        epilog=(
+            "examples:\n"
+            "  strsparse list configs\n"
+            "  strsparse train --config fashion_mnist_str train.epochs=5\n"
+            "  strsparse report runs/fashion_mnist_str\n"
+            "  strsparse flops --model resnet50\n\n"
+            "run 'strsparse COMMAND --help' for the options of a command"
+        ),
+        formatter_class=_Formatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    p = _command(
+        sub,
+        "train",
+        _cmd_train,
+        "train a model from a YAML config",
+        "Train a model from a YAML config (a file or a shipped config name, see\n"
+        "'strsparse list configs'), with dotted key=value overrides. The run directory\n"
+        "(output_dir/name) receives checkpoints, metrics.csv, TensorBoard logs, plots and\n"
+        "summary.json; a run directory holding checkpoints/last.pt is resumed. At the end\n"
+        "the per-layer sparsity table, accuracy, sparsity and FLOPs are printed.",
+        "  strsparse train --config fashion_mnist_str\n"
+        "  strsparse train --config my.yaml train.epochs=10 sparsity.options.init_threshold=-3200\n"
+        "  strsparse train --config cifar_gmp.yaml --budget runs/cifar_str/checkpoints/last.pt\n"
+        "  strsparse train --config my.yaml --resume runs/my_run\n",
+    )
+    p.add_argument(
+        "--config",
+        "-c",
+        required=True,
+        metavar="FILE_OR_NAME",
+        help="YAML config file, or the name of a shipped config ('strsparse list configs')",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override a config value by its dotted key, e.g. optim.lr=0.1 or "
+        "sparsity.options.init_threshold=-3200 (the value is parsed as YAML)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="resume the run in RUN_DIR from its checkpoints/last.pt (a run whose "
+        "directory already holds a checkpoint resumes without this flag)",
+    )
+    p.add_argument(
+        "--budget",
+        metavar="FILE|CHECKPOINT|PAPER_NAME",
+        help="per-layer sparsity budget for gmp/dnw/magnitude/st3 (sets "
+        "sparsity.budget): a layer,sparsity CSV, a checkpoint or run directory "
+        "whose learned sparsities to transfer, or a paper budget name "
+        "('strsparse list budgets')",
+    )
+    p.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="log only warnings and errors while training (the final summary is still printed)",
+    )
+
+    p = _command(
+        sub,
+        "eval",
+        _cmd_eval,
+        "evaluate a checkpoint on its validation set",
+        "Evaluate a checkpoint (file or run directory) on the validation set of the dataset\n"
+        "its config names: top-1/top-5 accuracy, loss, sparsity and FLOPs (dense and sparse).",
+        "  strsparse eval runs/fashion_mnist_str\n"
+        "  strsparse eval runs/imagenet_str/checkpoints/best.pt --data-root /data/imagenet "
+        "--batch-size 128\n",
+    )
+    p.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="checkpoint file (.pt) or run directory (uses checkpoints/last.pt)",
+    )
+    p.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="dataset directory, if it moved since training (sets data.root)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="evaluation batch size (default: the config's data.batch_size)",
+    )
+
+    p = _command(
+        sub,
+        "convert",
+        _cmd_convert,
+        "export a checkpoint as a plain dense model",
+        "Bake the sparse weights of a checkpoint into a plain dense model whose state_dict\n"
+        "loads with strict=True into the unmodified architecture. OUT (a directory) gets\n"
+        "model.safetensors and config.yaml (model name, num_classes, in_channels, options).\n"
+        "Load it with strsparse.export.load_dense(OUT). An existing non-empty OUT is never\n"
+        "overwritten unless --force is given and it holds a previous export.",
+        "  strsparse convert runs/fashion_mnist_str -o exported/fashion_mnist_str\n"
+        "  strsparse convert runs/r50/checkpoints/best.pt -o r50_dense --force\n",
+    )
+    p.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt) or run directory"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="output directory (created; must be empty or absent without --force)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace OUT if it already holds a previous export"
+    )
+
+    p = _command(
+        sub,
+        "report",
+        _cmd_report,
+        "per-layer sparsity, thresholds and FLOPs of a checkpoint",
+        "Print one row per sparsified layer of a checkpoint: shape, params, nonzero weights,\n"
+        "sparsity, threshold and FLOPs (dense and sparse), then the totals.",
+        "  strsparse report runs/fashion_mnist_str\n"
+        "  strsparse report runs/r50/checkpoints/best.pt --csv r50_layers.csv\n",
+    )
+    p.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt) or run directory"
+    )
+    p.add_argument("--csv", metavar="FILE", help="also write the table as CSV to FILE")
+
+    p = _command(
+        sub,
+        "budget",
+        _cmd_budget,
+        "write the per-layer sparsity budget a checkpoint learned",
+        "Write the per-layer sparsities of a checkpoint's model as a layer,sparsity CSV:\n"
+        "the learned budget, to reuse with 'strsparse train --budget' (budget transfer,\n"
+        "STR paper Section 4.1) or to plot with 'strsparse plot-budgets'.",
+        "  strsparse budget runs/cifar_str -o cifar_str_budget.csv\n"
+        "  strsparse train --config cifar_gmp.yaml --budget cifar_str_budget.csv\n",
+    )
+    p.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt) or run directory"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="CSV file to write (columns layer,sparsity)",
+    )
+
+    p = _command(
+        sub,
+        "flops",
+        _cmd_flops,
+        "per-layer FLOPs of a model, dense or at a budget",
+        "Print the per-layer parameters and FLOPs (multiply-accumulates, the paper's\n"
+        "convention) of a registered model and the totals (overall and backbone, dense and\n"
+        "sparse). With --budget, each layer costs (1 - sparsity) of its dense FLOPs.",
+        "  strsparse flops --model resnet50\n"
+        "  strsparse flops --model resnet50 --budget resnet50-str-90.23\n"
+        "  strsparse flops --model resnet20 --input-shape 3 32 32 --num-classes 100 "
+        "--csv r20.csv\n",
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        metavar="NAME",
+        help="registered model name ('strsparse list models')",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=_positive_int,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        help="input shape without the batch dimension (default: the model's own: "
+        "3 224 224 for ImageNet models, 3 32 32 for CIFAR, 1 28 28 for lenet)",
+    )
+    p.add_argument(
+        "--budget",
+        metavar="FILE|CHECKPOINT|PAPER_NAME",
+        help="per-layer sparsity budget to cost the sparse FLOPs: a CSV, a "
+        "checkpoint or a paper budget name ('strsparse list budgets')",
+    )
+    p.add_argument(
+        "--num-classes",
+        type=_positive_int,
+        metavar="N",
+        help="number of classes of the classifier (default: the model's own)",
+    )
+    p.add_argument("--csv", metavar="FILE", help="also write the per-layer table as CSV to FILE")
+
+    p = _command(
+        sub,
+        "plot-budgets",
+        _cmd_plot_budgets,
+        "plot and compare per-layer sparsity budgets",
+        "Plot per-layer sparsity bars (and each layer's FLOPs) for one or more budgets of\n"
+        "one architecture, in the style of the STR paper's Figures 8 and 9.",
+        "  strsparse plot-budgets resnet50-str-90.23 resnet50-str-98.05 --model resnet50 "
+        "-o r50.png\n"
+        "  strsparse plot-budgets runs/cifar_str budget.csv --model resnet20 -o budgets.png\n",
+    )
+    p.add_argument(
+        "budgets",
+        nargs="+",
+        metavar="BUDGET",
+        help="a layer,sparsity CSV, a checkpoint or run directory, or a paper "
+        "budget name ('strsparse list budgets')",
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        metavar="NAME",
+        help="the architecture the budgets are for ('strsparse list models')",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="FILE",
+        help="image file to write (.png, .pdf or .svg)",
+    )
+
+    p = _command(
+        sub,
+        "list",
+        _cmd_list,
+        "list shipped configs, models, methods or paper budgets",
+        "List the names the other commands accept: shipped configs (train --config),\n"
+        "registered models (--model), sparsity methods (sparsity.method) and the paper's\n"
+        "budgets (--budget). Without KIND, everything, grouped.",
+        "  strsparse list\n  strsparse list configs\n  strsparse list budgets\n",
+    )
+    p.add_argument(
+        "kind",
+        nargs="?",
+        choices=_LIST_KINDS,
+        metavar="KIND",
+        help=f"what to list: {', '.join(_LIST_KINDS)} (default: all)",
+    )
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+def _setup_logging(quiet: bool) -> None:
+    """Log strsparse's messages to stderr (INFO, or WARNING with --quiet); a previous
+    handler from an earlier in-process call is replaced."""
+    logger = logging.getLogger("strsparse")
+    for handler in list(logger.handlers):
+        if getattr(handler, _CLI_HANDLER_FLAG, False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    setattr(handler, _CLI_HANDLER_FLAG, True)
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) and text.startswith("'") and text.endswith("'"):
+        text = text[1:-1]
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``strsparse`` command line with ``argv`` (default ``sys.argv[1:]``); returns
+    the exit status (0 success, 2 a usage or input error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # key=value overrides after an option (`--config x --quiet a=1`) land here
+            overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+            unknown = [e for e in extra if e not in overrides]
+            if args.command != "train" or unknown:
+                parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+            args.overrides = [*args.overrides, *overrides]
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_ERROR)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    debug = bool(getattr(args, "debug", False))
+    _setup_logging(quiet=bool(getattr(args, "quiet", False)))
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, KeyError, OSError, ImportError) as exc:
+        if debug:
+            raise
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR

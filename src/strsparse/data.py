@@ -1,0 +1,620 @@
+"""Datasets and loaders for training: Fashion-MNIST, ImageFolder (ImageNet) and synthetic.
+
+``build_datasets(cfg.data)`` returns ``(train, val, info)``; ``build_loaders`` wraps them in
+seeded ``DataLoader``s. Fashion-MNIST is read from its IDX files (parsed here with NumPy, no
+torchvision), kept in memory as uint8 and normalized batch by batch: a whole epoch needs no
+per-image Python work. ImageFolder needs the optional torchvision extra
+(``pip install 'strsparse[vision]'``), imported only when used.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import os
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from strsparse.functional import closest
+
+__all__ = [
+    "FASHION_MNIST_FILES",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_ROOT",
+    "FASHION_MNIST_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DatasetError",
+    "DatasetInfo",
+    "ShardSampler",
+    "SyntheticDataset",
+    "TensorImageDataset",
+    "build_datasets",
+    "build_loaders",
+    "dataset_info",
+    "load_fashion_mnist",
+    "read_idx",
+]
+
+logger = logging.getLogger(__name__)
+
+# Debian's package ``dataset-fashion-mnist`` installs the four gzipped IDX files here.
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "val_images": "t10k-images-idx3-ubyte",
+    "val_labels": "t10k-labels-idx1-ubyte",
+}
+# per-channel statistics of the training images on the [0, 1] scale
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# A synthetic dataset up to this many float32 elements (128 MiB) is generated once at
+# construction; a bigger one (ImageNet-shaped benchmarks) generates each sample on demand.
+_SYNTHETIC_MATERIALIZE_LIMIT = 2**25
+
+
+class DatasetError(ValueError):
+    """A dataset file is corrupt or does not hold what it should; names the file."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about its data: classes, input channels, one input's
+    shape (C, H, W)."""
+
+    num_classes: int
+    in_channels: int
+    input_shape: tuple[int, ...]
+
+
+# -- IDX files -------------------------------------------------------------------------------
+
+# IDX type codes (LeCun's MNIST format): the third byte of the magic number
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """The array stored in an IDX file (gzipped or plain, detected from its first bytes).
+
+    Format: magic ``00 00 <type> <ndim>``, then ``ndim`` big-endian uint32 sizes, then the
+    data in C order, big-endian. Raises ``DatasetError`` naming the file when the magic
+    number is wrong, the gzip stream is corrupt or the data is shorter/longer than the
+    header says.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DatasetError(f"{path}: corrupt or truncated gzip data ({exc})") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DatasetError(
+            f"{path}: not an IDX file (magic number {raw[:4].hex() or 'missing'}; expected "
+            "00 00 <type 08/09/0b/0c/0d/0e> <ndim>)"
+        )
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    count = math.prod(dims)
+    expected = count * dtype.itemsize
+    found = len(raw) - header
+    if found != expected:
+        kind = "truncated" if found < expected else "corrupt (trailing data)"
+        raise DatasetError(
+            f"{path}: {kind}: the header declares shape {tuple(dims)} ({expected} bytes of "
+            f"data) but the file holds {found}"
+        )
+    array = np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
+    return array.astype(dtype.newbyteorder("="))  # native byte order, writable copy
+
+
+# -- in-memory image datasets ----------------------------------------------------------------
+
+
+def random_crop_flip(images: Tensor, padding: int = 2) -> Tensor:
+    """Random crop after zero padding by ``padding`` pixels, then a random horizontal flip,
+    for a whole batch at once: images (B, C, H, W) -> (B, C, H, W).
+
+    Draws from torch's default generator, so a seeded run is reproducible (in a loader
+    worker: the worker's generator, which the DataLoader seeds from its own generator).
+    """
+    b, _, h, w = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))  # (B, C, H+2p, W+2p)
+    dy = torch.randint(0, 2 * padding + 1, (b,))
+    dx = torch.randint(0, 2 * padding + 1, (b,))
+    rows = dy[:, None] + torch.arange(h)  # (B, H)
+    cols = dx[:, None] + torch.arange(w)  # (B, W)
+    batch = torch.arange(b)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    out = out.permute(0, 3, 1, 2)
+    flip = torch.rand(b) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(-1), out).contiguous()
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as uint8 (N, C, H, W) with int64 labels (N,), normalized to
+    float on access: ``(x / 255 - mean) / std``.
+
+    ``__getitems__`` (used by ``DataLoader`` for a whole batch) indexes, augments and
+    normalizes the batch with tensor ops, then returns per-sample pairs for the default
+    collate. With ``augment``, training batches get ``random_crop_flip``.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_classes: int,
+        augment: bool = False,
+        padding: int = 2,
+    ) -> None:
+        if images.dim() != 4 or images.dtype != torch.uint8:
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        if labels.shape != (images.shape[0],):
+            raise ValueError(
+                f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}"
+            )
+        channels = images.shape[1]
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean and std need {channels} values each, got {mean}, {std}")
+        self.images = images
+        self.labels = labels.long()
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.num_classes = int(num_classes)
+        self.augment = bool(augment)
+        self.padding = int(padding)
+        self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(-1, 1, 1)
+        self._shift = torch.tensor([m / s for m, s in zip(self.mean, self.std, strict=True)]).view(
+            -1, 1, 1
+        )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def batch(self, indices: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
+        """Normalized (and, when enabled, augmented) images (B, C, H, W) and labels (B,)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = self.images[index]  # (B, C, H, W) uint8
+        if self.augment:
+            images = random_crop_flip(images, self.padding)
+        return images.float() * self._scale - self._shift, self.labels[index]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x, y = self.batch([index])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
+        x, y = self.batch(indices)
+        return list(zip(x.unbind(0), y.unbind(0), strict=True))
+
+    def take(self, n: int | None) -> TensorImageDataset:
+        """The first ``n`` samples (all when ``n`` is None or larger than the dataset)."""
+        if n is None or n >= len(self):
+            return self
+        return TensorImageDataset(
+            self.images[:n],
+            self.labels[:n],
+            mean=self.mean,
+            std=self.std,
+            num_classes=self.num_classes,
+            augment=self.augment,
+            padding=self.padding,
+        )
+
+
+# -- Fashion-MNIST ---------------------------------------------------------------------------
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for name in (stem, f"{stem}.gz"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def load_fashion_mnist(
+    root: str | os.PathLike[str] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fashion-MNIST as uint8 images (N, 1, 28, 28) and int64 labels (N,):
+    (train_images, train_labels, val_images, val_labels), 60,000 / 10,000 samples.
+
+    ``root`` holds the four IDX files (each optionally ``.gz``); default: where Debian's
+    ``dataset-fashion-mnist`` package puts them. The official test split is the validation
+    set, as in the literature.
+    """
+    root = Path(root if root is not None else FASHION_MNIST_ROOT)
+    paths = {key: _find_idx(root, stem) for key, stem in FASHION_MNIST_FILES.items()}
+    missing = [FASHION_MNIST_FILES[k] for k, p in paths.items() if p is None]
+    if missing:
+        wanted = ", ".join(f"{stem}[.gz]" for stem in FASHION_MNIST_FILES.values())
+        what = "not found" if len(missing) == 4 else f"incomplete (missing {', '.join(missing)})"
+        raise FileNotFoundError(
+            f"Fashion-MNIST {what} in {root}: install Debian's package with "
+            f"'apt-get install dataset-fashion-mnist', or set data.root to a directory "
+            f"holding {wanted}"
+        )
+    arrays = {key: read_idx(path) for key, path in paths.items() if path is not None}
+    out = []
+    for split in ("train", "val"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        image_path, label_path = paths[f"{split}_images"], paths[f"{split}_labels"]
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+            raise DatasetError(
+                f"{image_path}: expected uint8 images of shape (N, 28, 28), got "
+                f"{images.dtype} {images.shape}"
+            )
+        if labels.shape != (images.shape[0],):
+            raise DatasetError(
+                f"{label_path}: expected {images.shape[0]} labels to match {image_path}, "
+                f"got shape {labels.shape}"
+            )
+        if labels.size and (labels.min() < 0 or labels.max() > 9):
+            raise DatasetError(
+                f"{label_path}: labels must lie in 0..9, found {labels.min()}..{labels.max()}"
+            )
+        out.append(torch.from_numpy(images).unsqueeze(1))  # (N, 1, 28, 28)
+        out.append(torch.from_numpy(labels.astype(np.int64)))
+    return out[0], out[1], out[2], out[3]
+
+
+def _fashion_mnist(data_cfg: Any) -> tuple[TensorImageDataset, TensorImageDataset]:
+    root = getattr(data_cfg, "root", None)
+    train_x, train_y, val_x, val_y = load_fashion_mnist(root)
+    common = {"mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD, "num_classes": 10}
+    train = TensorImageDataset(
+        train_x, train_y, augment=bool(getattr(data_cfg, "augment", False)), **common
+    )
+    val = TensorImageDataset(val_x, val_y, augment=False, **common)
+    logger.info(
+        "Fashion-MNIST from %s: %d train, %d val",
+        root or FASHION_MNIST_ROOT,
+        len(train),
+        len(val),
+    )
+    return train, val
+
+
+# -- synthetic -------------------------------------------------------------------------------
+
+_MASK63 = (1 << 63) - 1
+_TRAIN, _VAL, _TEMPLATE, _LABELS = 1, 2, 3, 4
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64-style mixing), for per-sample generators."""
+    state = 0x9E3779B97F4A7C15
+    for v in values:
+        state = (state ^ (v & ((1 << 64) - 1))) * 0xBF58476D1CE4E5B9 & ((1 << 64) - 1)
+        state ^= state >> 31
+    return state & _MASK63
+
+
+class SyntheticDataset(Dataset):
+    """Seeded random data a model can learn: sample i of class y_i is
+    ``template[y_i] + noise_i``, with a unit-Gaussian template per class and unit-Gaussian
+    noise, each drawn from its own generator seeded by (seed, split, index).
+
+    A sample depends only on (seed, split, index), never on the batch it is drawn in, on the
+    loader or on ``take``. The train and val splits share the templates and differ in
+    noise and labels.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        shape: Sequence[int],
+        num_classes: int,
+        *,
+        seed: int = 0,
+        split: str = "train",
+    ) -> None:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.shape = tuple(int(d) for d in shape)
+        self.num_classes = int(num_classes)
+        self.seed = int(seed)
+        self.split = split
+        self._split_id = _TRAIN if split == "train" else _VAL
+        gen = torch.Generator().manual_seed(_mix(self.seed, self._split_id, _LABELS))
+        self.labels = torch.randint(self.num_classes, (int(num_samples),), generator=gen)
+        self._templates: dict[int, Tensor] = {}
+        self._data: Tensor | None = None
+        if len(self) * math.prod(self.shape) <= _SYNTHETIC_MATERIALIZE_LIMIT:
+            self._data = torch.stack([self._sample(i) for i in range(len(self))])
+
+    def _template(self, label: int) -> Tensor:
+        if label not in self._templates:
+            gen = torch.Generator().manual_seed(_mix(self.seed, _TEMPLATE, label))
+            self._templates[label] = torch.randn(self.shape, generator=gen)
+        return self._templates[label]
+
+    def _sample(self, index: int) -> Tensor:
+        gen = torch.Generator().manual_seed(_mix(self.seed, self._split_id, index))
+        return self._template(int(self.labels[index])) + torch.randn(self.shape, generator=gen)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index %= len(self)
+        x = self._data[index] if self._data is not None else self._sample(index)
+        return x, self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
+        if self._data is not None:
+            index = torch.as_tensor(indices, dtype=torch.long)
+            return list(zip(self._data[index].unbind(0), self.labels[index].unbind(0), strict=True))
+        return [self[i] for i in indices]
+
+    def take(self, n: int | None) -> SyntheticDataset:
+        """The first ``n`` samples (all when ``n`` is None or larger than the dataset)."""
+        if n is None or n >= len(self):
+            return self
+        out = SyntheticDataset.__new__(SyntheticDataset)
+        out.__dict__.update(self.__dict__)
+        out.labels = self.labels[:n]
+        out._data = self._data[:n] if self._data is not None else None
+        return out
+
+
+def _synthetic(data_cfg: Any) -> tuple[SyntheticDataset, SyntheticDataset]:
+    syn = data_cfg.synthetic
+    shape, classes, seed = tuple(syn.shape), int(syn.num_classes), int(syn.seed)
+    train = SyntheticDataset(int(syn.num_train), shape, classes, seed=seed, split="train")
+    val = SyntheticDataset(int(syn.num_val), shape, classes, seed=seed, split="val")
+    return train, val
+
+
+# -- ImageFolder -----------------------------------------------------------------------------
+
+
+def _imagefolder_root(data_cfg: Any) -> Path:
+    root = getattr(data_cfg, "root", None)
+    if not root:
+        raise ValueError(
+            "data.name=imagefolder needs data.root: set data.root=/path/to/imagenet "
+            "(a directory holding train/ and val/, one sub-directory per class)"
+        )
+    root = Path(root)
+    missing = [split for split in ("train", "val") if not (root / split).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"ImageFolder data not found: {root} has no {' or '.join(f'{m}/' for m in missing)} "
+            "directory; data.root must hold train/ and val/, one sub-directory per class"
+        )
+    return root
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+
+
+def _import_torchvision() -> Any:
+    try:
+        import torchvision  # noqa: F401
+        from torchvision import datasets, transforms
+    except ImportError as exc:
+        raise ImportError(
+            "data.name=imagefolder needs torchvision, an optional extra: "
+            "pip install 'strsparse[vision]'"
+        ) from exc
+    return datasets, transforms
+
+
+def _imagefolder(data_cfg: Any) -> tuple[Dataset, Dataset, int]:
+    """torchvision ImageFolder train/val with the standard ImageNet augmentations:
+    RandomResizedCrop + flip for training, Resize(size / 0.875) + CenterCrop for val."""
+    root = _imagefolder_root(data_cfg)
+    datasets, transforms = _import_torchvision()
+    size = int(data_cfg.image_size)
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    val_tf = transforms.Compose(
+        [
+            transforms.Resize(int(size / 0.875)),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+    train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    val = datasets.ImageFolder(str(root / "val"), transform=val_tf)
+    if train.classes != val.classes:
+        raise DatasetError(
+            f"{root}: train/ and val/ hold different classes ({len(train.classes)} vs "
+            f"{len(val.classes)} sub-directories)"
+        )
+    num_classes = len(train.classes)
+    expected = getattr(data_cfg, "num_classes", None)
+    if expected is not None and expected != num_classes:
+        raise DatasetError(
+            f"{root}: data.num_classes={expected} but train/ holds {num_classes} classes"
+        )
+    logger.info(
+        "ImageFolder %s: %d train, %d val, %d classes", root, len(train), len(val), num_classes
+    )
+    return train, val, num_classes
+
+
+def _limit(dataset: Dataset, n: int | None) -> Dataset:
+    """The first ``n`` samples of ``dataset`` (a deterministic slice)."""
+    if n is None:
+        return dataset
+    take = getattr(dataset, "take", None)
+    if callable(take):
+        return take(int(n))
+    if n >= len(dataset):  # type: ignore[arg-type]
+        return dataset
+    return torch.utils.data.Subset(dataset, range(int(n)))
+
+
+# -- public entry points ---------------------------------------------------------------------
+
+
+def dataset_info(data_cfg: Any) -> DatasetInfo:
+    """num_classes, in_channels and input shape of ``data_cfg``'s dataset, without loading
+    it (ImageFolder: from ``data.num_classes`` or by counting ``root/train``'s classes)."""
+    name = data_cfg.name
+    if name == "fashion_mnist":
+        return DatasetInfo(num_classes=10, in_channels=1, input_shape=(1, 28, 28))
+    if name == "synthetic":
+        syn = data_cfg.synthetic
+        shape = tuple(int(d) for d in syn.shape)
+        return DatasetInfo(
+            num_classes=int(syn.num_classes), in_channels=shape[0], input_shape=shape
+        )
+    if name == "imagefolder":
+        size = int(data_cfg.image_size)
+        classes = getattr(data_cfg, "num_classes", None)
+        if classes is None:
+            classes = len(_class_dirs(_imagefolder_root(data_cfg) / "train"))
+        return DatasetInfo(num_classes=int(classes), in_channels=3, input_shape=(3, size, size))
+    raise _unknown_dataset(name)
+
+
+def _unknown_dataset(name: str) -> ValueError:
+    valid = ("fashion_mnist", "imagefolder", "synthetic")
+    return ValueError(f"unknown dataset {name!r}{closest(name, valid)}; valid: {', '.join(valid)}")
+
+
+def build_datasets(data_cfg: Any) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """(train, val, info) for ``data_cfg`` (a ``strsparse.config.DataConfig``), with
+    ``train_limit`` / ``val_limit`` applied as "the first N samples"."""
+    name = data_cfg.name
+    if name == "fashion_mnist":
+        train, val = _fashion_mnist(data_cfg)
+        info = dataset_info(data_cfg)
+    elif name == "synthetic":
+        train, val = _synthetic(data_cfg)
+        info = dataset_info(data_cfg)
+    elif name == "imagefolder":
+        train, val, classes = _imagefolder(data_cfg)
+        size = int(data_cfg.image_size)
+        info = DatasetInfo(num_classes=classes, in_channels=3, input_shape=(3, size, size))
+    else:
+        raise _unknown_dataset(name)
+    train = _limit(train, getattr(data_cfg, "train_limit", None))
+    val = _limit(val, getattr(data_cfg, "val_limit", None))
+    return train, val, info
+
+
+class ShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...`` in order: a distributed evaluation shard
+    without the padding of ``DistributedSampler`` (which repeats samples to even out the
+    shards and would count them twice). Shards may differ in size by one."""
+
+    def __init__(self, length: int, *, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world size {world_size}")
+        self.length, self.rank, self.world_size = int(length), int(rank), int(world_size)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(range(self.rank, self.length, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))
+
+
+def build_loaders(
+    train_ds: Dataset,
+    val_ds: Dataset,
+    data_cfg: Any,
+    *,
+    seed: int,
+    distributed: bool = False,
+) -> tuple[DataLoader, DataLoader]:
+    """(train_loader, val_loader) with ``data.batch_size`` / ``data.eval_batch_size`` and
+    ``data.num_workers``; the last partial batch is kept (drop_last=False).
+
+    The training order is drawn from a ``torch.Generator`` seeded with ``seed`` (the
+    sampler's ``generator``): reseed it per epoch (``seed + epoch``) to make each epoch's
+    order a function of (seed, epoch) whatever happened before, e.g. on resume. When
+    ``distributed`` (an initialized process group), training uses a ``DistributedSampler``
+    seeded with ``seed``; the trainer must call ``train_loader.sampler.set_epoch(epoch)``
+    before every epoch, or all epochs see the same order. Validation is sharded across ranks
+    without padding (``ShardSampler``): sum the metrics over ranks.
+    """
+    batch_size = int(data_cfg.batch_size)
+    eval_batch_size = int(getattr(data_cfg, "eval_batch_size", batch_size))
+    workers = int(getattr(data_cfg, "num_workers", 0) or 0)
+    common: dict[str, Any] = {
+        "num_workers": workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": workers > 0,
+    }
+    generator = torch.Generator().manual_seed(int(seed))
+    if distributed:
+        import torch.distributed as dist
+        from torch.utils.data.distributed import DistributedSampler
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "build_loaders(distributed=True) needs an initialized process group "
+                "(torch.distributed.init_process_group, e.g. under torchrun)"
+            )
+        rank, world = dist.get_rank(), dist.get_world_size()
+        train_sampler: Sampler[int] = DistributedSampler(
+            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=int(seed), drop_last=False
+        )
+        val_sampler = ShardSampler(len(val_ds), rank=rank, world_size=world)  # type: ignore[arg-type]
+        train_loader = DataLoader(
+            train_ds,
+            batch_size=batch_size,
+            sampler=train_sampler,
+            drop_last=False,
+            generator=generator,
+            **common,
+        )
+        val_loader = DataLoader(val_ds, batch_size=eval_batch_size, sampler=val_sampler, **common)
+        return train_loader, val_loader
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=False,
+        generator=generator,
+        **common,
+    )
+    val_loader = DataLoader(val_ds, batch_size=eval_batch_size, shuffle=False, **common)
+    return train_loader, val_loader

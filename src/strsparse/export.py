@@ -1,0 +1,312 @@
+"""Export a sparsified model as a plain dense model: safetensors weights plus a rebuild spec.
+
+The exported ``state_dict`` is what ``strsparse.finalize`` would leave: each sparse layer's
+effective weight (zeros included) stored as a plain ``weight``, with no parametrization, STR
+threshold ``s`` or mask. It loads with ``strict=True`` into the unmodified architecture
+(``strsparse.models.create_model``), like the STR authors' ``--dense-conv-model`` export, so
+the result runs anywhere PyTorch does, without strsparse's methods.
+
+An export directory holds two files:
+
+- ``model.safetensors``: the dense ``state_dict`` (safetensors: nothing is unpickled on load);
+- ``config.yaml``: what rebuilds the architecture (model name, ``num_classes``,
+  ``in_channels``, model keyword arguments) and, for information, where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from strsparse.report import sparsity_report
+
+__all__ = [
+    "CONFIG_FILE",
+    "EXPORT_FORMAT",
+    "WEIGHTS_FILE",
+    "DenseModelSpec",
+    "dense_state_dict",
+    "export_dense",
+    "load_dense",
+    "read_spec",
+]
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "strsparse-dense-model"
+EXPORT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+
+# "<module>.parametrizations.<tensor>.original" (the raw tensor) and
+# "<module>.parametrizations.<tensor>.<index>.<name>" (the parametrization's own state).
+_PARAMETRIZED_KEY = re.compile(
+    r"^(?:(?P<module>.*)\.)?parametrizations\.(?P<tensor>[^.]+)\.(?P<rest>.+)$"
+)
+
+
+@dataclass(frozen=True)
+class DenseModelSpec:
+    """What rebuilds an exported architecture: ``create_model(name, num_classes=...,
+    in_channels=..., **kwargs)``."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def create(self) -> nn.Module:
+        """A freshly initialised (dense, unmodified) model of this architecture."""
+        from strsparse.models import create_model
+
+        return create_model(
+            self.name,
+            num_classes=self.num_classes,
+            in_channels=self.in_channels,
+            **self.kwargs,
+        )
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> DenseModelSpec:
+        """The spec of the model a training configuration builds (its dataset sets
+        ``num_classes`` and ``in_channels``)."""
+        from strsparse.training.build import dataset_info
+
+        info = dataset_info(cfg)
+        return cls(
+            name=str(cfg.model.name),
+            num_classes=int(info.num_classes),
+            in_channels=int(info.in_channels),
+            kwargs=_plain(dict(getattr(cfg.model, "kwargs", None) or {})),
+        )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as YAML-safe plain data (tuples become lists)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(
+        f"model option value {value!r} ({type(value).__name__}) cannot be exported; "
+        "model options must be numbers, strings, booleans or lists of them"
+    )
+
+
+@torch.no_grad()
+def dense_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The ``state_dict`` ``strsparse.finalize(model)`` would leave, without changing ``model``.
+
+    Every parametrized tensor is replaced by its effective value (``module.weight``: the
+    sparse weight) under its plain name; the parametrizations' own state (STR's ``s``,
+    masks, schedule buffers) is dropped. Tensors are detached, contiguous CPU copies.
+    """
+    state: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        match = _PARAMETRIZED_KEY.match(key)
+        if match is None:
+            state[key] = value.detach().cpu().contiguous().clone()
+            continue
+        if match["rest"] != "original":
+            continue  # the parametrization's own state
+        module_name, tensor_name = match["module"] or "", match["tensor"]
+        module = model.get_submodule(module_name)
+        plain_key = f"{module_name}.{tensor_name}" if module_name else tensor_name
+        state[plain_key] = getattr(module, tensor_name).detach().cpu().contiguous().clone()
+    return state
+
+
+def _check_loads(spec: DenseModelSpec, state: Mapping[str, Tensor]) -> None:
+    """Raise ``ValueError`` unless ``state`` loads strictly into ``spec.create()``."""
+    target = spec.create()
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"the model's weights do not fit {spec.name!r} with num_classes={spec.num_classes}, "
+            f"in_channels={spec.in_channels}, kwargs={spec.kwargs}: {exc}"
+        ) from exc
+
+
+def _is_previous_export(path: Path) -> bool:
+    return (path / WEIGHTS_FILE).is_file() or (path / CONFIG_FILE).is_file()
+
+
+def _check_destination(out_dir: Path, force: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(
+            f"{str(out_dir)!r} exists and is not a directory; choose another output path"
+        )
+    if not any(out_dir.iterdir()):
+        return
+    if not force:
+        raise FileExistsError(
+            f"{str(out_dir)!r} exists and is not empty; choose another output directory "
+            "or pass force=True (--force) to replace a previous export"
+        )
+    if not _is_previous_export(out_dir):
+        raise FileExistsError(
+            f"{str(out_dir)!r} is not empty and holds no previous export ({WEIGHTS_FILE} or "
+            f"{CONFIG_FILE}); refusing to replace it even with force: choose another directory"
+        )
+
+
+def export_dense(
+    model: nn.Module,
+    cfg: Any,
+    out_dir: str | os.PathLike,
+    *,
+    force: bool = False,
+) -> Path:
+    """Write ``model`` as a plain dense model to ``out_dir``; returns ``out_dir``.
+
+    ``cfg`` describes the architecture: a ``DenseModelSpec`` or a training configuration
+    (``strsparse.config.Config``, e.g. from ``restore_model``). ``model`` may be sparsified
+    or plain; it is not changed. The weights are checked to load strictly into the
+    unmodified architecture before anything is written. The directory is written atomically
+    (a temporary directory renamed into place). An existing non-empty ``out_dir`` is an error
+    unless ``force`` is set and it holds a previous export, which is then replaced.
+    """
+    out_dir = Path(out_dir)
+    spec = cfg if isinstance(cfg, DenseModelSpec) else DenseModelSpec.from_config(cfg)
+    _check_destination(out_dir, force)
+    state = dense_state_dict(model)
+    _check_loads(spec, state)
+
+    from safetensors.torch import save_file
+
+    report = sparsity_report(model)
+    source: dict[str, Any] = {
+        "sparse_layers": len(report.layers),
+        "params": report.params,
+        "nonzero": report.nonzero,
+        "sparsity": round(report.sparsity, 6) if report.layers else 0.0,
+    }
+    if not report.layers:  # a plain model: measure the zeros of its >= 2-dim weights
+        total = sum(v.numel() for k, v in state.items() if k.endswith("weight") and v.dim() >= 2)
+        zeros = sum(
+            int((v == 0).sum()) for k, v in state.items() if k.endswith("weight") and v.dim() >= 2
+        )
+        source.update(params=total, nonzero=total - zeros, sparsity=zeros / total if total else 0.0)
+    document = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "model": {
+            "name": spec.name,
+            "num_classes": spec.num_classes,
+            "in_channels": spec.in_channels,
+            "kwargs": _plain(spec.kwargs),
+        },
+        "source": source,
+    }
+
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    old_dir: Path | None = None
+    try:
+        save_file(
+            state,
+            str(tmp_dir / WEIGHTS_FILE),
+            metadata={"format": EXPORT_FORMAT, "model": json.dumps(document["model"])},
+        )
+        (tmp_dir / CONFIG_FILE).write_text(yaml.safe_dump(document, sort_keys=False))
+        if out_dir.exists() and any(out_dir.iterdir()):
+            # force: move the previous export aside, put the new one in place, then delete it
+            old_dir = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.", suffix=".old"))
+            os.replace(out_dir, old_dir)
+        elif out_dir.exists():
+            out_dir.rmdir()  # empty: rename cannot replace a directory on every platform
+        os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if old_dir is not None and not out_dir.exists():
+            os.replace(old_dir, out_dir)  # put the previous export back
+        raise
+    if old_dir is not None:
+        shutil.rmtree(old_dir, ignore_errors=True)
+    logger.info(
+        "exported %s (%d tensors, sparsity %.2f%%) to %s",
+        spec.name,
+        len(state),
+        100 * source["sparsity"],
+        out_dir,
+    )
+    return out_dir
+
+
+def read_spec(out_dir: str | os.PathLike) -> DenseModelSpec:
+    """The architecture spec of an export directory (its ``config.yaml``)."""
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist; pass a directory written by export_dense "
+            "(`strsparse convert`)"
+        )
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a strsparse dense-model config (format)")
+    version = document.get("version")
+    if not isinstance(version, int) or version > EXPORT_VERSION:
+        raise ValueError(
+            f"{str(path)!r} has version {version!r}; this strsparse reads versions up to "
+            f"{EXPORT_VERSION}: upgrade strsparse"
+        )
+    model = document.get("model")
+    if not isinstance(model, dict):
+        raise ValueError(f"{str(path)!r} lacks the 'model' section")
+    missing = [k for k in ("name", "num_classes", "in_channels") if k not in model]
+    if missing:
+        raise ValueError(f"{str(path)!r}: model section lacks {', '.join(missing)}")
+    kwargs = model.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{str(path)!r}: model.kwargs must be a mapping, got {kwargs!r}")
+    return DenseModelSpec(
+        name=str(model["name"]),
+        num_classes=int(model["num_classes"]),
+        in_channels=int(model["in_channels"]),
+        kwargs=kwargs,
+    )
+
+
+def load_dense(out_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an exported model (``create_model`` from ``config.yaml``) and load its
+    safetensors weights with ``strict=True``; returned in eval mode on ``device``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    spec = read_spec(out_dir)
+    weights = Path(out_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{str(weights)!r} does not exist; the export is incomplete")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"cannot read {str(weights)!r}: {exc}") from exc
+    model = spec.create()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{str(weights)!r} does not match the architecture in {CONFIG_FILE}: {exc}"
+        ) from exc
+    return model.to(device).eval()

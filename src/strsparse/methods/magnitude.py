@@ -1,0 +1,129 @@
+"""One-shot magnitude pruning: the baseline every other method is compared with.
+
+At ``sparsify`` time the smallest-magnitude weights are masked out, per layer or by one
+ranking over all layers (Han et al., 2015) - what ``torch.nn.utils.prune.l1_unstructured``
+and ``global_unstructured`` offer. The mask is a buffer and never changes afterwards; the
+forward pass is ``weight * mask``, so pruned weights stay zero during fine-tuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from strsparse.functional import closest, global_magnitude_masks, magnitude_mask
+from strsparse.methods.base import (
+    SparsityMethod,
+    check_fraction,
+    register_method,
+    resolve_targets,
+)
+
+__all__ = ["Magnitude", "MagnitudeOptions", "check_target_options", "pruned_cutoff"]
+
+SCOPES = ("layer", "global")
+
+
+def check_target_options(
+    method: str, sparsity: float | None, budget: Mapping[str, float] | None, scope: str = "layer"
+) -> None:
+    """Validate the options shared by the mask-based methods: one of ``sparsity`` (a fraction)
+    or ``budget`` (layer -> fraction), and a ``scope`` that a budget allows."""
+    if sparsity is None and budget is None:
+        raise ValueError(
+            f"method {method!r} needs a target: give sparsity=<fraction in [0, 1)>, e.g. 0.9, "
+            "or budget=<layer -> sparsity>, e.g. Budget.erk(model, 0.9)"
+        )
+    if sparsity is not None and budget is not None:
+        raise ValueError(
+            f"method {method!r} got both sparsity={sparsity!r} and a budget; give only one"
+        )
+    if sparsity is not None:
+        check_fraction(sparsity, "sparsity")
+    if budget is not None and not isinstance(budget, Mapping):
+        raise ValueError(
+            f"budget must map layer names to sparsities (a strsparse.Budget or a dict), "
+            f"got {type(budget).__name__}; read a CSV with Budget.from_csv(path)"
+        )
+    if scope not in SCOPES:
+        raise ValueError(
+            f"unknown scope {scope!r}{closest(scope, SCOPES)}; valid: {', '.join(SCOPES)}"
+        )
+    if budget is not None and scope != "layer":
+        raise ValueError(
+            f"scope={scope!r} ranks all layers together and cannot follow a per-layer budget; "
+            "use scope='layer' with a budget, or sparsity=<fraction> with scope='global'"
+        )
+
+
+@torch.no_grad()
+def pruned_cutoff(weight: Tensor, mask: Tensor) -> float | None:
+    """The largest magnitude among the pruned (``mask == False``) entries, None if none."""
+    pruned = weight.detach().abs()[~mask]
+    return float(pruned.max()) if pruned.numel() else None
+
+
+@dataclass(frozen=True)
+class MagnitudeOptions:
+    """Options of ``sparsify(model, "magnitude", ...)``.
+
+    sparsity: the fraction of weights to drop, in every layer (scope 'layer') or over all
+        sparsified layers together (scope 'global').
+    budget: per-layer sparsities (layer name -> fraction) instead of ``sparsity``.
+    scope: 'layer' ranks each layer's magnitudes on its own (``l1_unstructured``); 'global'
+        ranks all layers' together (``global_unstructured``), so layers end up with
+        different sparsities. A budget needs 'layer'.
+    """
+
+    sparsity: float | None = None
+    budget: Mapping[str, float] | None = None
+    scope: str = "layer"
+
+    def __post_init__(self) -> None:
+        check_target_options("magnitude", self.sparsity, self.budget, self.scope)
+
+
+@register_method
+class Magnitude(SparsityMethod):
+    """Fixed magnitude mask computed once: effective weight = weight * mask.
+
+    ``threshold()`` is the largest magnitude that was pruned when the mask was computed
+    (weights with |w| <= it were dropped), or None when nothing was pruned.
+    """
+
+    name = "magnitude"
+    Options = MagnitudeOptions
+
+    def __init__(self, mask: Tensor, cutoff: float | None) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.clone())  # same shape as the weight, bool
+        self.register_buffer(
+            "cutoff", torch.tensor(float("nan") if cutoff is None else cutoff)
+        )  # scalar; NaN when nothing is pruned
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.mask
+
+    def threshold(self) -> float | None:
+        value = float(self.cutoff)
+        return None if value != value else value  # NaN -> None
+
+    @classmethod
+    @torch.no_grad()
+    def create(
+        cls, layers: Mapping[str, nn.Module], options: MagnitudeOptions
+    ) -> dict[str, SparsityMethod]:
+        names = list(layers)
+        weights = [layers[n].weight.detach() for n in names]
+        if options.scope == "global":
+            masks = global_magnitude_masks(weights, options.sparsity)
+        else:
+            targets = resolve_targets(names, options.sparsity, options.budget)
+            masks = [magnitude_mask(w, targets[n]) for n, w in zip(names, weights, strict=True)]
+        return {
+            n: cls(mask, pruned_cutoff(w, mask))
+            for n, w, mask in zip(names, weights, masks, strict=True)
+        }

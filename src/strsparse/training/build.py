@@ -1,0 +1,107 @@
+"""From a configuration to a sparsified model: ``build_model`` and ``resolve_budget``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from strsparse.budget import Budget
+from strsparse.functional import closest
+from strsparse.sparsify import SparsityHandle, eligible_layers, sparsify
+
+__all__ = ["DENSE", "build_model", "dataset_info", "resolve_budget"]
+
+logger = logging.getLogger(__name__)
+
+DENSE = "dense"  # sparsity.method for a dense baseline: no parametrization at all
+
+
+def dataset_info(cfg: Any) -> Any:
+    """num_classes / in_channels / input_shape of ``cfg.data`` without loading the data
+    where the data module can tell; otherwise builds the datasets."""
+    from strsparse import data
+
+    if hasattr(data, "dataset_info"):
+        return data.dataset_info(cfg.data)
+    _, _, info = data.build_datasets(cfg.data)
+    return info
+
+
+def build_model(cfg: Any, info: Any = None) -> tuple[nn.Module, SparsityHandle | None, Any]:
+    """Create ``cfg.model`` for the dataset of ``cfg.data`` and sparsify it per ``cfg.sparsity``.
+
+    ``info`` (num_classes, in_channels, input_shape) is taken from ``cfg.data`` when not
+    given. A ``cfg.sparsity.budget`` (CSV path, checkpoint or paper budget name) is resolved
+    with ``resolve_budget`` and passed to the method as ``budget=``. Method ``"dense"``
+    leaves the model dense (handle None). Returns (model, handle, info).
+    """
+    from strsparse.models import create_model
+
+    if info is None:
+        info = dataset_info(cfg)
+    model_cfg = cfg.model
+    model = create_model(
+        model_cfg.name,
+        num_classes=getattr(model_cfg, "num_classes", None) or info.num_classes,
+        in_channels=getattr(model_cfg, "in_channels", None) or info.in_channels,
+        **dict(getattr(model_cfg, "kwargs", None) or {}),
+    )
+    sp = cfg.sparsity
+    if sp.method == DENSE:
+        return model, None, info
+    options = dict(getattr(sp, "options", None) or {})
+    budget_spec = getattr(sp, "budget", None)
+    if budget_spec:
+        if "budget" in options or "sparsity" in options:
+            raise ValueError(
+                "sparsity.budget is set together with sparsity.options.budget/sparsity; "
+                "give the target once"
+            )
+        options["budget"] = resolve_budget(budget_spec, model)
+    handle = sparsify(
+        model,
+        sp.method,
+        include=getattr(sp, "include", None) or None,
+        exclude=getattr(sp, "exclude", None) or None,
+        **options,
+    )
+    return model, handle, info
+
+
+def resolve_budget(spec: str | os.PathLike, model: nn.Module) -> Budget:
+    """A per-layer budget from ``spec``: a CSV file (``layer,sparsity``), a strsparse
+    checkpoint or run directory (the budget its model reached: the paper's budget transfer,
+    Section 4.1), or a paper budget name (``strsparse.budgets.list_paper_budgets()``).
+
+    The budget must name layers of ``model``; anything else is a ``ValueError``.
+    """
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        budget = Budget.from_csv(path)
+    elif path.exists():
+        from strsparse.training.checkpoint import restore_model
+
+        source, _, _ = restore_model(path)
+        budget = Budget.from_model(source)
+    else:
+        from strsparse.budgets import list_paper_budgets
+
+        names = list_paper_budgets()
+        if str(spec) not in names:
+            raise ValueError(
+                f"budget {str(spec)!r} is neither a CSV file, a checkpoint nor a paper budget"
+                f"{closest(str(spec), names)}; paper budgets: {', '.join(names)}"
+            )
+        budget = Budget.from_paper(str(spec))
+    layers = list(eligible_layers(model))
+    if not set(budget) & set(layers):
+        raise ValueError(
+            f"budget {str(spec)!r} names none of this model's layers (it has e.g. "
+            f"{', '.join(list(budget)[:3])}; the model has {', '.join(layers[:3])} ...): "
+            "is it for another architecture?"
+        )
+    return budget

@@ -1,0 +1,204 @@
+"""Training checkpoints: plain dicts of tensors and numbers, written atomically, loaded safely.
+
+A checkpoint is what ``torch.save`` writes for a dict holding only tensors, numbers, strings
+and containers of them, so it loads with ``torch.load(path, weights_only=True)``: nothing is
+unpickled but data. Keys:
+
+- ``format``: ``"strsparse-checkpoint"``; ``version``: ``CHECKPOINT_VERSION``;
+- ``config``: the run's configuration as a plain dict (``strsparse.config.config_to_dict``);
+- ``model``: ``state_dict`` of the *sparsified* model (raw weights, STR ``s``, masks and
+  schedule buffers of the parametrizations);
+- ``optimizer``: the optimizer's ``state_dict``; ``scaler``: the fp16 GradScaler's or None;
+- ``epoch``: completed epochs; ``step``: completed optimizer steps; ``batch``: batches of
+  epoch ``epoch`` already trained (0 at an epoch boundary; > 0 after an interruption);
+- ``epoch_state``: running train-loss sums of that partial epoch;
+- ``metrics``: the latest validation metrics; ``best``: the best ones;
+- ``history``: per-epoch lists (what ``metrics.csv`` and the plots are drawn from);
+- ``rng``: torch (CPU and CUDA), Python and NumPy random states.
+
+There is no LR-scheduler state: the learning rate is a pure function of ``step``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "CheckpointError",
+    "capture_rng_state",
+    "copy_atomic",
+    "find_checkpoint",
+    "load_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "strsparse-checkpoint"
+CHECKPOINT_VERSION = 1
+_REQUIRED_KEYS = ("config", "model", "epoch", "step")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupt, foreign or from a newer version."""
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over
+    ``path``: readers see the old file or the new one, never a half-written one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` (with ``format``/``version`` added) to ``path`` atomically."""
+    path = Path(path)
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return path
+
+
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a file atomically (e.g. ``last.pt`` to ``best.pt``)."""
+    dst = Path(dst)
+    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+    return dst
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file from a file path or a run directory (``RUN/checkpoints/last.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(
+            f"{str(path)!r} is a directory without checkpoints/last.pt; pass a run directory "
+            "of `strsparse train` or a checkpoint file"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load and validate a strsparse checkpoint (file or run directory) with
+    ``torch.load(weights_only=True)``.
+
+    Raises ``CheckpointError`` for a missing, truncated or corrupt file, a file that holds
+    anything but plain data, a file that is not a strsparse checkpoint, or a newer version.
+    """
+    path = find_checkpoint(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, unpickling refused, bad magic number, ...
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r}: the file is truncated, corrupt or holds "
+            f"more than plain tensors and numbers ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        keys = sorted(map(str, state))[:6] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{str(path)!r} is not a strsparse checkpoint (no format={CHECKPOINT_FORMAT!r}; "
+            f"found {keys}); checkpoints come from `strsparse train`"
+        )
+    version = state.get("version")
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has version {version!r}; this strsparse reads versions "
+            f"up to {CHECKPOINT_VERSION}: upgrade strsparse"
+        )
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks the keys {missing}")
+    return state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Torch (CPU, CUDA), Python and NumPy random states as plain data."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the random states captured by ``capture_rng_state``."""
+    torch.set_rng_state(state["torch"])
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            logger.warning("checkpoint has CUDA RNG states for a different number of GPUs")
+
+
+def restore_model(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Any, Any]:
+    """Rebuild the sparsified model of a checkpoint (file or run directory).
+
+    The model is created from the checkpoint's own configuration, sparsified the same way,
+    loaded strictly and put in eval mode on ``device``. Returns (model, config, handle);
+    the handle is None for a dense run.
+    """
+    from strsparse.config import config_from_dict
+    from strsparse.training.build import build_model
+
+    state = load_checkpoint(path)
+    try:
+        cfg = config_from_dict(state["config"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {exc}") from exc
+    model, handle, _ = build_model(cfg)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match the model its config describes: {exc}"
+        ) from exc
+    model.to(device).eval()
+    return model, cfg, handle

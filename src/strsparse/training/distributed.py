@@ -1,0 +1,131 @@
+"""Multi-process data-parallel training launched by ``torchrun``.
+
+``torchrun --nproc_per_node=N -m strsparse train ...`` sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK`` in each process; ``setup_distributed`` reads them, joins the process group
+(gloo on CPU, NCCL on CUDA) and picks the process's device. Sparsity state stays identical
+on every rank without extra communication: DistributedDataParallel broadcasts rank 0's
+parameters and buffers (raw weights, STR ``s``, masks) at construction and buffers before
+each forward, and ``SparsityHandle.step`` is a deterministic function of the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistributedEnv",
+    "all_reduce_sum",
+    "broadcast_buffers",
+    "cleanup_distributed",
+    "setup_distributed",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    """Where this process sits in a data-parallel job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes files, logs and progress bars."""
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def setup_distributed(device: str) -> tuple[DistributedEnv, torch.device]:
+    """Join the process group described by torchrun's environment, if any.
+
+    ``device`` is the configured device ('auto', 'cpu', 'cuda', 'cuda:1', ...); in a
+    distributed CUDA job each process takes ``cuda:LOCAL_RANK``. Returns the environment and
+    the device this process trains on.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    resolved = resolve_device(device)
+    if world_size <= 1:
+        return DistributedEnv(), resolved
+    if resolved.type == "cuda":
+        resolved = torch.device("cuda", local_rank)
+        torch.cuda.set_device(resolved)
+    initialized_here = False
+    if not dist.is_initialized():
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        initialized_here = True
+        logger.info("joined process group: rank %d of %d (%s)", rank, world_size, backend)
+    env = DistributedEnv(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        initialized_here=initialized_here,
+    )
+    return env, resolved
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; anything else as torch understands it."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asked for CUDA, but no CUDA device is available")
+    return resolved
+
+
+def cleanup_distributed(env: DistributedEnv) -> None:
+    """Leave the process group if ``setup_distributed`` joined it."""
+    if env.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum ``values`` over all ranks (identity when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers to every rank.
+
+    DistributedDataParallel broadcasts buffers *before* each forward, so after the last
+    training step each rank holds BatchNorm running statistics updated by its own batch;
+    this makes them (and every mask) identical before evaluation and checkpointing.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=src)

@@ -1,0 +1,254 @@
+"""GMP and ST-3 schedules: targets at given steps, exact final counts, budgets, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import strsparse
+from strsparse import Budget, cubic_sparsity
+from strsparse.methods import get_parametrization, raw_weight
+from strsparse.methods.gmp import schedule_window, update_point
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 10)
+    )
+
+
+NAMES = ["0", "2", "4"]
+
+
+def _zeros(module: nn.Module) -> int:
+    return int((module.weight == 0).sum())
+
+
+def _sparsity_at(handle: strsparse.SparsityHandle, step: int, total: int) -> dict[str, int]:
+    handle.step(step, total)
+    return {name: _zeros(m) for name, m in handle.layers.items()}
+
+
+# -- pure schedule helpers --------------------------------------------------------------------
+def test_update_points() -> None:
+    assert update_point(4, 5, 30, 10) is None
+    assert [update_point(t, 5, 30, 10) for t in (5, 14, 15, 24, 25, 29)] == [5, 5, 15, 15, 25, 25]
+    assert update_point(30, 5, 30, 10) == 30  # always an update at the end
+    assert update_point(99, 5, 30, 10) == 30
+
+
+def test_schedule_window_resolves_fractions_and_ints() -> None:
+    assert schedule_window(0.1, 0.5, 200) == (20, 100)
+    assert schedule_window(0, 1.0, 200) == (0, 199)  # "at the last step"
+    assert schedule_window(10, 199, 200) == (10, 199)
+
+
+# -- GMP ----------------------------------------------------------------------------------
+def test_gmp_layer_scope_follows_the_cubic_schedule_and_ends_exactly() -> None:
+    model = _model()
+    handle = strsparse.sparsify(model, "gmp", sparsity=0.8, start=10, end=30, frequency=1)
+    numel = {n: m.weight.numel() for n, m in handle.layers.items()}
+
+    assert _sparsity_at(handle, 9, 100) == dict.fromkeys(NAMES, 0)  # dense before t0
+    assert _sparsity_at(handle, 10, 100) == dict.fromkeys(NAMES, 0)  # s_i = 0 at t0
+    mid = 0.8 * (1 - 0.5**3)  # s_f + (s_i - s_f) (1 - 1/2)^3
+    assert cubic_sparsity(20, 10, 30, 0.8) == pytest.approx(mid)
+    assert _sparsity_at(handle, 20, 100) == {n: round(mid * numel[n]) for n in NAMES}
+    for module in handle.layers.values():
+        assert float(get_parametrization(module).target) == pytest.approx(mid)
+    final = {n: round(0.8 * numel[n]) for n in NAMES}
+    assert _sparsity_at(handle, 30, 100) == final
+    assert _sparsity_at(handle, 70, 100) == final
+
+
+def test_gmp_initial_sparsity_applies_from_start() -> None:
+    handle = strsparse.sparsify(_model(), "gmp", sparsity=0.9, initial_sparsity=0.2, end=0.5)
+    numel = {n: m.weight.numel() for n, m in handle.layers.items()}
+    assert _sparsity_at(handle, 0, 100) == {n: round(0.2 * numel[n]) for n in NAMES}
+    # end=0.5 of 100 steps is step 50: the last update is exactly there
+    assert _sparsity_at(handle, 50, 100) == {n: round(0.9 * numel[n]) for n in NAMES}
+
+
+def test_gmp_masks_only_change_at_update_points() -> None:
+    model = _model()
+    handle = strsparse.sparsify(model, "gmp", sparsity=0.7, start=0, end=20, frequency=7)
+    handle.step(7, 100)
+    masks = {n: get_parametrization(m).mask.clone() for n, m in handle.layers.items()}
+    with torch.no_grad():
+        for module in handle.layers.values():
+            raw_weight(module).copy_(torch.randn_like(raw_weight(module)))
+    for step in (8, 10, 13):  # same update point (7): masks are fixed
+        handle.step(step, 100)
+        for name, module in handle.layers.items():
+            assert torch.equal(get_parametrization(module).mask, masks[name])
+    expected = cubic_sparsity(14, 0, 20, 0.7)
+    handle.step(14, 100)
+    for module in handle.layers.values():
+        assert _zeros(module) == round(expected * module.weight.numel())
+    handle.step(20, 100)  # end is always an update, though 20 is not 0 + k * 7
+    for module in handle.layers.values():
+        assert _zeros(module) == round(0.7 * module.weight.numel())
+
+
+def test_gmp_skipped_calls_give_the_same_masks() -> None:
+    every = strsparse.sparsify(_model(), "gmp", sparsity=0.6, end=40, frequency=5)
+    skipping = strsparse.sparsify(_model(), "gmp", sparsity=0.6, end=40, frequency=5)
+    for step in range(28):
+        every.step(step, 100)
+    skipping.step(27, 100)
+    for name in NAMES:
+        assert torch.equal(
+            get_parametrization(every.layers[name]).mask,
+            get_parametrization(skipping.layers[name]).mask,
+        )
+
+
+def test_gmp_target_is_resumed_from_the_state_dict() -> None:
+    model = _model()
+    handle = strsparse.sparsify(model, "gmp", sparsity=0.5, end=40, frequency=10)
+    handle.step(25, 100)
+    resumed = _model(seed=3)
+    strsparse.sparsify(resumed, "gmp", sparsity=0.5, end=40, frequency=10)
+    resumed.load_state_dict(model.state_dict())
+    for name in NAMES:
+        p = get_parametrization(resumed.get_submodule(name))
+        assert float(p.target) == pytest.approx(cubic_sparsity(20, 0, 40, 0.5))
+        assert int(p.update_step) == 20
+
+
+def test_gmp_global_scope_hits_the_global_target_exactly() -> None:
+    model = _model()
+    with torch.no_grad():
+        model[4].weight.mul_(0.1)  # a small-magnitude layer loses more in a global ranking
+    handle = strsparse.sparsify(model, "gmp", sparsity=0.75, scope="global", end=10, frequency=3)
+    total = sum(m.weight.numel() for m in handle.layers.values())
+    mid = cubic_sparsity(6, 0, 10, 0.75)
+    assert sum(_sparsity_at(handle, 6, 20).values()) == round(mid * total)
+    zeros = _sparsity_at(handle, 10, 20)
+    assert sum(zeros.values()) == round(0.75 * total)
+    assert zeros["4"] / model[4].weight.numel() > zeros["0"] / model[0].weight.numel()
+    report = strsparse.sparsity_report(model)
+    assert report.sparsity == pytest.approx(round(0.75 * total) / total)
+
+
+def test_gmp_budget_scales_each_layers_schedule() -> None:
+    budget = Budget({"0": 0.3, "2": 0.6, "4": 0.95})
+    handle = strsparse.sparsify(_model(), "gmp", budget=budget, start=0, end=10, frequency=1)
+    numel = {n: m.weight.numel() for n, m in handle.layers.items()}
+    assert _sparsity_at(handle, 5, 20) == {
+        n: round(cubic_sparsity(5, 0, 10, budget[n]) * numel[n]) for n in NAMES
+    }
+    assert _sparsity_at(handle, 10, 20) == {n: round(budget[n] * numel[n]) for n in NAMES}
+
+
+def test_budget_transfer_from_str_to_gmp() -> None:
+    learned = _model()
+    handle = strsparse.sparsify(learned, "str", init_threshold=-3200.0)
+    with torch.no_grad():  # give each layer its own threshold, as training would
+        for s, value in zip(handle.threshold_parameters(), (-2.5, -3.5, -3.0), strict=True):
+            s.fill_(value)
+    budget = Budget.from_model(learned)
+    assert len(set(budget.values())) == 3 and all(0 < v < 1 for v in budget.values())
+
+    fresh = _model(seed=7)
+    gmp = strsparse.sparsify(fresh, "gmp", budget=budget, end=1.0, frequency=25)
+    for step in range(100):
+        gmp.step(step, 100)
+    for name, module in gmp.layers.items():
+        assert _zeros(module) == _zeros(learned.get_submodule(name))
+    assert Budget.from_model(fresh) == budget
+
+
+# -- ST-3 ---------------------------------------------------------------------------------
+def _global_quantile(handle: strsparse.SparsityHandle, sparsity: float) -> float:
+    flat = torch.cat([raw_weight(m).detach().abs().flatten() for m in handle.layers.values()])
+    return float(flat.kthvalue(round(sparsity * flat.numel())).values)
+
+
+def test_st3_schedule_values_and_exact_final_sparsity() -> None:
+    model = _model()
+    handle = strsparse.sparsify(model, "st3", sparsity=0.9, start=10, end=30)
+    total = sum(m.weight.numel() for m in handle.layers.values())
+
+    handle.step(5, 100)  # dense before t_start: the forward weight is the raw weight
+    for module in handle.layers.values():
+        assert torch.equal(module.weight, raw_weight(module))
+        assert get_parametrization(module).threshold() == 0.0
+
+    for step in (10, 20, 29):
+        target = cubic_sparsity(step, 10, 30, 0.9)
+        handle.step(step, 100)
+        expected = _global_quantile(handle, target) if target > 0 else 0.0
+        for module in handle.layers.values():
+            p = get_parametrization(module)
+            assert float(p.target) == pytest.approx(target)
+            assert p.threshold() == pytest.approx(expected)
+        zeros = sum(_zeros(m) for m in handle.layers.values())
+        assert zeros == round(target * total)
+    assert float(get_parametrization(model[0]).target) == pytest.approx(0.9 * (1 - 0.05**3))
+
+    handle.step(30, 100)  # p_max exactly, then the fix
+    assert sum(_zeros(m) for m in handle.layers.values()) == round(0.9 * total)
+    assert all(bool(get_parametrization(m).frozen) for m in handle.layers.values())
+
+
+def test_st3_normalized_variant_scales_the_layer_thresholds() -> None:
+    model = _model()
+    handle = strsparse.sparsify(model, "st3", sparsity=0.6, normalize=True, end=10)
+    total = sum(m.weight.numel() for m in handle.layers.values())
+    handle.step(10, 20)
+    thresholds = {}
+    for name, module in handle.layers.items():
+        shape = raw_weight(module).shape
+        thresholds[name] = get_parametrization(module).threshold() * sum(shape) ** 0.5
+    # one quantile q of |w| * sqrt(sum(shape)) over all layers; th_l = q / sqrt(sum(shape))
+    assert len({round(v, 5) for v in thresholds.values()}) == 1
+    assert sum(_zeros(m) for m in handle.layers.values()) == round(0.6 * total)
+
+
+def test_st3_budget_uses_per_layer_quantiles() -> None:
+    budget = {"0": 0.2, "2": 0.5, "4": 0.9}
+    handle = strsparse.sparsify(_model(), "st3", budget=budget, start=0, end=10, rescale=False)
+    numel = {n: m.weight.numel() for n, m in handle.layers.items()}
+    handle.step(5, 20)
+    for name in NAMES:
+        target = cubic_sparsity(5, 0, 10, budget[name])
+        assert _zeros(handle.layers[name]) == round(target * numel[name])
+    handle.step(10, 20)
+    assert {n: _zeros(m) for n, m in handle.layers.items()} == {
+        n: round(budget[n] * numel[n]) for n in NAMES
+    }
+
+
+def test_st3_resume_before_the_fix_continues_identically() -> None:
+    def mlp(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def train(m: nn.Module, h: strsparse.SparsityHandle, o: torch.optim.Optimizer, step: int):
+        h.step(step, 40)
+        o.zero_grad()
+        m(x).square().mean().backward()
+        o.step()
+
+    x = torch.randn(5, 12)
+    model = mlp(0)
+    handle = strsparse.sparsify(model, "st3", sparsity=0.7, end=20)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(8):
+        train(model, handle, opt, step)
+    resumed = mlp(5)
+    resumed_handle = strsparse.sparsify(resumed, "st3", sparsity=0.7, end=20)
+    resumed.load_state_dict(model.state_dict())
+    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.05)
+    for step in range(8, 24):  # through the fix at step 20 and beyond
+        train(model, handle, opt, step)
+        train(resumed, resumed_handle, resumed_opt, step)
+    torch.testing.assert_close(resumed(x), model(x))
+    for name in ("0", "2"):
+        assert torch.equal(
+            get_parametrization(resumed.get_submodule(name)).mask,
+            get_parametrization(model.get_submodule(name)).mask,
+        )
