@@ -32,7 +32,9 @@ METHOD_OPTIONS: dict[str, dict] = {
 }
 
 
-def make_step(model_name: str, method: str, batch_size: int, total_steps: int) -> Callable[[], None]:
+def make_step(
+    model_name: str, method: str, batch_size: int, total_steps: int
+) -> Callable[[], None]:
     torch.manual_seed(0)
     model = create_model(model_name)
     handle = None

@@ -17,6 +17,8 @@ import torch
 
 from strsparse.cli import build_parser, main
 
+pytestmark = pytest.mark.filterwarnings("ignore:STR layer:UserWarning")  # restored runs
+
 COMMANDS = ("train", "eval", "convert", "report", "budget", "flops", "plot-budgets", "list")
 
 

@@ -1,23 +1,47 @@
 """strsparse: sparse-by-design PyTorch training with STR and its peers."""
 
+from strsparse import flops, models
 from strsparse.budget import Budget
+from strsparse.budgets import list_paper_budgets
 from strsparse.functional import cubic_sparsity, soft_threshold
 from strsparse.methods import get_parametrization, list_methods
+from strsparse.models import create_model, list_models
 from strsparse.report import SparsityReport, sparsity_report
 from strsparse.sparsify import SparsityHandle, finalize, sparse_layers, sparsify
+from strsparse.training import (
+    CheckpointError,
+    TrainingDiverged,
+    TrainResult,
+    evaluate,
+    load_checkpoint,
+    restore_model,
+    train,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Budget",
+    "CheckpointError",
     "SparsityHandle",
     "SparsityReport",
+    "TrainResult",
+    "TrainingDiverged",
+    "create_model",
     "cubic_sparsity",
+    "evaluate",
     "finalize",
+    "flops",
     "get_parametrization",
     "list_methods",
+    "list_models",
+    "list_paper_budgets",
+    "load_checkpoint",
+    "models",
+    "restore_model",
     "soft_threshold",
     "sparse_layers",
     "sparsify",
     "sparsity_report",
+    "train",
 ]

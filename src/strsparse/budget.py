@@ -10,13 +10,13 @@ import csv
 import io
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from strsparse.atomic import write_atomic
 from strsparse.methods.base import check_fraction, zero_fraction
 from strsparse.sparsify import eligible_layers, sparse_layers
 
@@ -139,15 +139,7 @@ class Budget(Mapping[str, float]):
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["layer", "sparsity"])
         writer.writerows([name, repr(value)] for name, value in self.items())
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(buf.getvalue())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomic(path, buf.getvalue())
 
     def overall(self, model_or_shapes: nn.Module | Mapping[str, tuple[int, ...]]) -> float:
         """Parameter-weighted sparsity of the budget's layers in ``model_or_shapes``."""

@@ -10,6 +10,7 @@ stderr; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -295,6 +296,21 @@ def _print_train_summary(result: Any) -> None:
                     _count(r["sparse_flops"]) if r.get("sparse_flops") is not None else "",
                 ]
             )
+        params = sum(r.get("params") or 0 for r in layers)
+        nonzero = sum(r.get("nonzero") or 0 for r in layers)
+        has_flops = all(r.get("flops") is not None for r in layers)
+        rows.append(
+            [
+                "total",
+                "",
+                _count(params),
+                _count(nonzero),
+                f"{100 * (1 - nonzero / params) if params else 0.0:.2f}",
+                "",
+                _count(sum(r["flops"] for r in layers)) if has_flops else "",
+                _count(sum(r["sparse_flops"] for r in layers)) if has_flops else "",
+            ]
+        )
         print(_table(header, rows, left=2))
         print()
     final = result.final
@@ -334,11 +350,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.data_root is not None:
         changes["root"] = str(args.data_root)
     if args.batch_size is not None:
-        changes["batch_size"] = args.batch_size
+        changes["eval_batch_size"] = args.batch_size
     if changes:
         data_cfg = _replace(data_cfg, changes, "data")
     _, val_ds, info = data_module.build_datasets(data_cfg)
-    batch_size = int(args.batch_size or getattr(data_cfg, "batch_size", 256))
+    batch_size = int(args.batch_size or data_cfg.eval_batch_size)
     loader = DataLoader(
         val_ds,
         batch_size=batch_size,
@@ -817,17 +833,23 @@ def _positive_int(text: str) -> int:
 
 
 def _setup_logging(quiet: bool) -> None:
-    """Log strsparse's messages to stderr (INFO, or WARNING with --quiet); a previous
-    handler from an earlier in-process call is replaced."""
-    logger = logging.getLogger("strsparse")
-    for handler in list(logger.handlers):
+    """Show strsparse's log records on stderr: INFO and up, or only warnings with --quiet.
+
+    The handler sits on the root logger (the application's place for it), so records the
+    library forwards there are shown too; a handler from an earlier in-process call is
+    replaced.
+    """
+    level = logging.WARNING if quiet else logging.INFO
+    root = logging.getLogger()
+    for handler in list(root.handlers):
         if getattr(handler, _CLI_HANDLER_FLAG, False):
-            logger.removeHandler(handler)
+            root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setLevel(level)
     setattr(handler, _CLI_HANDLER_FLAG, True)
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.addHandler(handler)
+    logging.getLogger("strsparse").setLevel(level)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -856,9 +878,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
     debug = bool(getattr(args, "debug", False))
-    _setup_logging(quiet=bool(getattr(args, "quiet", False)))
+    # train narrates its progress; the other commands only print their result
+    _setup_logging(quiet=args.command != "train" or bool(getattr(args, "quiet", False)))
     try:
         return int(args.handler(args))
+    except BrokenPipeError:  # `strsparse list | head`: the reader left; not an error
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes
+        return EXIT_OK
     except KeyboardInterrupt:
         if debug:
             raise

@@ -38,13 +38,13 @@ import difflib
 import io
 import logging
 import os
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from strsparse.atomic import write_atomic
 
 __all__ = ["FlopsProfile", "FlopsSummary", "LayerFlops", "apply_budget", "profile"]
 
@@ -237,23 +237,11 @@ class FlopsProfile:
         writer.writerows(self._total_rows())
         text = buf.getvalue()
         if path is not None:
-            _write_atomic(Path(path), text)
+            write_atomic(path, text)
         return text
 
     def __str__(self) -> str:
         return self.to_table()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # A unique name opened with mode "x" (not mkstemp): the file gets umask permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _hint(name: str, choices: Sequence[str]) -> str:

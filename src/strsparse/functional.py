@@ -91,7 +91,8 @@ def resolve_threshold_function(name: str) -> Callable[[Tensor], Tensor]:
     except KeyError:
         valid = sorted(THRESHOLD_FUNCTIONS)
         raise ValueError(
-            f"unknown threshold function g={name!r}{closest(name, valid)}; valid: {', '.join(valid)}"
+            f"unknown threshold function g={name!r}{closest(name, valid)}; "
+            f"valid: {', '.join(valid)}"
         ) from None
 
 
@@ -143,7 +144,9 @@ def global_magnitude_masks(weights: Sequence[Tensor], sparsity: float) -> list[T
     of all ``weights`` together are dropped, exactly that many (ties broken by position)."""
     flat = torch.cat([w.detach().abs().flatten() for w in weights])
     keep = magnitude_mask(flat, sparsity)
-    return [m.view_as(w) for m, w in zip(keep.split([w.numel() for w in weights]), weights)]
+    return [
+        m.view_as(w) for m, w in zip(keep.split([w.numel() for w in weights]), weights, strict=True)
+    ]
 
 
 class _StraightThrough(torch.autograd.Function):

@@ -65,11 +65,12 @@ class SparsityReport:
         """A fixed-width text table with a total row."""
         rows = self._rows()
         total = ["total", "", str(self.params), str(self.nonzero), f"{100 * self.sparsity:.2f}", ""]
-        widths = [max(len(x) for x in col) for col in zip(self._HEADER, *rows, total)]
+        widths = [max(len(x) for x in col) for col in zip(self._HEADER, *rows, total, strict=True)]
 
         def line(cells: list[str] | tuple[str, ...]) -> str:
             return "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
             ).rstrip()
 
         rule = "-" * len(line(total))

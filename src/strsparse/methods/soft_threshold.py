@@ -14,7 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from strsparse.functional import THRESHOLD_FUNCTIONS, closest, soft_threshold
+from strsparse.functional import (
+    THRESHOLD_FUNCTIONS,
+    closest,
+    resolve_threshold_function,
+    soft_threshold,
+)
 from strsparse.methods.base import SparsityMethod, register_method
 
 __all__ = ["SoftThreshold", "SoftThresholdOptions"]
@@ -47,14 +52,10 @@ class SoftThresholdOptions:
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise ValueError(
-                f"unknown granularity {self.granularity!r}{closest(self.granularity, GRANULARITIES)}"
-                f"; valid: {', '.join(GRANULARITIES)}"
+                f"unknown granularity {self.granularity!r}"
+                f"{closest(self.granularity, GRANULARITIES)}; valid: {', '.join(GRANULARITIES)}"
             )
-        if self.g not in THRESHOLD_FUNCTIONS:
-            raise ValueError(
-                f"unknown threshold function g={self.g!r}{closest(self.g, THRESHOLD_FUNCTIONS)}; "
-                f"valid: {', '.join(THRESHOLD_FUNCTIONS)}"
-            )
+        resolve_threshold_function(self.g)
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or self.k <= 0:
             raise ValueError(f"k={self.k!r} must be a positive number")
         if isinstance(self.init_threshold, bool) or not isinstance(

@@ -25,12 +25,13 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from strsparse.atomic import write_atomic
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -55,32 +56,18 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupt, foreign or from a newer version."""
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over
-    ``path``: readers see the old file or the new one, never a half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` (with ``format``/``version`` added) to ``path`` atomically."""
     path = Path(path)
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy a file atomically (e.g. ``last.pt`` to ``best.pt``)."""
     dst = Path(dst)
-    _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+    write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
     return dst
 
 

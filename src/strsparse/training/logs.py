@@ -12,10 +12,11 @@ import io
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from strsparse.atomic import write_atomic
 
 __all__ = ["CSV_COLUMNS", "RunLogger", "write_metrics_csv"]
 
@@ -50,15 +51,7 @@ def write_metrics_csv(history: Mapping[str, Sequence[Any]], path: str | os.PathL
     writer.writerow(CSV_COLUMNS)
     for i in range(len(history.get("epoch", ()))):
         writer.writerow([_format(history[c][i]) if c in history else "" for c in CSV_COLUMNS])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, buf.getvalue())
 
 
 class RunLogger:

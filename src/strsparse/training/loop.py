@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from strsparse.atomic import write_atomic
 from strsparse.budget import Budget
 from strsparse.methods.base import get_parametrization
 from strsparse.report import sparsity_report
@@ -907,9 +908,7 @@ class _Trainer:
             "layers": layers,
         }
         text = json.dumps(clean(summary), indent=2)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, text + "\n")
 
     def _plot(self, state: _State, profile: Any) -> None:
         try:
