@@ -345,11 +345,9 @@ def test_budget_transfer_from_str_to_gmp(str_run: tuple[Path, str], tmp_path: Pa
         [
             "train",
             "--config",
-            "fashion_mnist_str",
+            "fashion_mnist_gmp",  # its uniform 90% target gives way to the budget
             f"output_dir={tmp_path}",
             "name=gmp_run",
-            "sparsity.method=gmp",
-            "sparsity.options={}",
             *SYNTHETIC,
             "--budget",
             str(run),
@@ -364,3 +362,10 @@ def test_budget_transfer_from_str_to_gmp(str_run: tuple[Path, str], tmp_path: Pa
     for name, module in layers.items():
         zeros = int((module.weight == 0).sum())
         assert abs(zeros - budget[name] * module.weight.numel()) <= 1, name
+
+
+def test_budget_needs_a_method_that_takes_one(tmp_path: Path, capsys) -> None:
+    code = main(["train", "--config", "fashion_mnist_str", "--budget", "resnet50-str-90.23"])
+    assert code == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--budget" in line and "'str'" in line and "sparsity.method=gmp" in line

@@ -257,11 +257,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.budget is not None:
         overrides.append(f"sparsity.budget={json.dumps(str(args.budget))}")
     cfg = load_config(args.config, overrides)
+    if args.budget is not None:
+        _check_budget_method(cfg.sparsity.method)
+        options = dict(cfg.sparsity.options)
+        if options.pop("sparsity", None) is not None:  # the budget replaces a uniform target
+            logging.getLogger(__name__).info("--budget replaces sparsity.options.sparsity")
+            cfg = _replace(cfg, {"sparsity": _replace(cfg.sparsity, {"options": options}, "")}, "")
     if args.quiet and hasattr(getattr(cfg, "train", None), "quiet"):
         cfg = _replace(cfg, {"train": _replace(cfg.train, {"quiet": True}, "train")}, "")
     result = train(cfg, resume=args.resume)
     _print_train_summary(result)
     return EXIT_OK
+
+
+def _check_budget_method(method: str) -> None:
+    """--budget is a per-layer target: only for methods with a ``budget`` option."""
+    import dataclasses
+
+    from strsparse.methods import get_method
+    from strsparse.training.build import DENSE
+
+    fields = () if method == DENSE else dataclasses.fields(get_method(method).Options)
+    if "budget" not in {f.name for f in fields}:
+        raise ValueError(
+            f"--budget sets per-layer targets, but the config's sparsity.method is {method!r}, "
+            "which takes none (STR learns its own budget); train with a method that follows "
+            "one, e.g. add sparsity.method=gmp 'sparsity.options={}'"
+        )
 
 
 def _print_train_summary(result: Any) -> None:
@@ -621,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget",
         metavar="FILE|CHECKPOINT|PAPER_NAME",
         help="per-layer sparsity budget for gmp/dnw/magnitude/st3 (sets "
-        "sparsity.budget): a layer,sparsity CSV, a checkpoint or run directory "
+        "sparsity.budget; replaces a uniform sparsity.options.sparsity): a "
+        "layer,sparsity CSV, a checkpoint or run directory "
         "whose learned sparsities to transfer, or a paper budget name "
         "('strsparse list budgets')",
     )

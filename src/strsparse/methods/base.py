@@ -19,7 +19,9 @@ from torch.nn.utils import parametrize
 from strsparse.functional import closest
 
 __all__ = [
+    "SCOPES",
     "SparsityMethod",
+    "check_target_options",
     "get_method",
     "get_parametrization",
     "list_methods",
@@ -140,17 +142,49 @@ def check_fraction(value: float, option: str, *, allow_one: bool = False) -> flo
     return float(value)
 
 
+SCOPES = ("layer", "global")
+
+
+def check_target_options(
+    method: str, sparsity: float | None, budget: Mapping[str, float] | None, scope: str = "layer"
+) -> None:
+    """Validate the options shared by the mask-based methods: one of ``sparsity`` (a fraction)
+    or ``budget`` (layer -> fraction), and a ``scope`` that a budget allows."""
+    if sparsity is None and budget is None:
+        raise ValueError(
+            f"method {method!r} needs a target: give sparsity=<fraction in [0, 1)>, e.g. 0.9, "
+            "or budget=<layer -> sparsity>, e.g. Budget.erk(model, 0.9)"
+        )
+    if sparsity is not None and budget is not None:
+        raise ValueError(
+            f"method {method!r} got both sparsity={sparsity!r} and a budget; give only one"
+        )
+    if sparsity is not None:
+        check_fraction(sparsity, "sparsity")
+    if budget is not None and not isinstance(budget, Mapping):
+        raise ValueError(
+            f"budget must map layer names to sparsities (a strsparse.Budget or a dict), "
+            f"got {type(budget).__name__}; read a CSV with Budget.from_csv(path)"
+        )
+    if scope not in SCOPES:
+        raise ValueError(
+            f"unknown scope {scope!r}{closest(scope, SCOPES)}; valid: {', '.join(SCOPES)}"
+        )
+    if budget is not None and scope != "layer":
+        raise ValueError(
+            f"scope={scope!r} ranks all layers together and cannot follow a per-layer budget; "
+            "use scope='layer' with a budget, or sparsity=<fraction> with scope='global'"
+        )
+
+
+@torch.no_grad()
 def resolve_targets(
     names: list[str], sparsity: float | None, budget: Mapping[str, float] | None
 ) -> dict[str, float]:
-    """Per-layer target sparsity from one ``sparsity`` or a per-layer ``budget``."""
-    if (sparsity is None) == (budget is None):
-        raise ValueError(
-            "give exactly one of sparsity=<fraction in [0, 1)> or budget=<layer -> sparsity>"
-        )
+    """Per-layer target sparsity from one ``sparsity`` or a per-layer ``budget`` (options
+    already checked by ``check_target_options``)."""
     if budget is None:
-        value = check_fraction(sparsity, "sparsity")
-        return dict.fromkeys(names, value)
+        return dict.fromkeys(names, float(sparsity))
     missing = [n for n in names if n not in budget]
     extra = [n for n in budget if n not in names]
     if extra:

@@ -15,8 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from strsparse.functional import magnitude_mask, straight_through
-from strsparse.methods.base import SparsityMethod, register_method, resolve_targets
-from strsparse.methods.magnitude import check_target_options, pruned_cutoff
+from strsparse.methods.base import (
+    SparsityMethod,
+    check_target_options,
+    register_method,
+    resolve_targets,
+)
+from strsparse.methods.magnitude import pruned_cutoff
 
 __all__ = ["DiscoveringNeuralWirings", "DiscoveringNeuralWiringsOptions"]
 

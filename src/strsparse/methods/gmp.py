@@ -23,13 +23,14 @@ from strsparse.functional import cubic_sparsity, global_magnitude_masks, magnitu
 from strsparse.methods.base import (
     SparsityMethod,
     check_fraction,
+    check_target_options,
     get_parametrization,
     raw_weight,
     register_method,
     resolve_step,
     resolve_targets,
 )
-from strsparse.methods.magnitude import check_target_options, pruned_cutoff
+from strsparse.methods.magnitude import pruned_cutoff
 
 __all__ = [
     "GradualMagnitude",

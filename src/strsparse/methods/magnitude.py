@@ -14,52 +14,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from strsparse.functional import closest, global_magnitude_masks, magnitude_mask
+from strsparse.functional import global_magnitude_masks, magnitude_mask
 from strsparse.methods.base import (
     SparsityMethod,
-    check_fraction,
+    check_target_options,
     register_method,
     resolve_targets,
 )
 
-__all__ = ["Magnitude", "MagnitudeOptions", "check_target_options", "pruned_cutoff"]
-
-SCOPES = ("layer", "global")
+__all__ = ["Magnitude", "MagnitudeOptions", "pruned_cutoff"]
 
 
-def check_target_options(
-    method: str, sparsity: float | None, budget: Mapping[str, float] | None, scope: str = "layer"
-) -> None:
-    """Validate the options shared by the mask-based methods: one of ``sparsity`` (a fraction)
-    or ``budget`` (layer -> fraction), and a ``scope`` that a budget allows."""
-    if sparsity is None and budget is None:
-        raise ValueError(
-            f"method {method!r} needs a target: give sparsity=<fraction in [0, 1)>, e.g. 0.9, "
-            "or budget=<layer -> sparsity>, e.g. Budget.erk(model, 0.9)"
-        )
-    if sparsity is not None and budget is not None:
-        raise ValueError(
-            f"method {method!r} got both sparsity={sparsity!r} and a budget; give only one"
-        )
-    if sparsity is not None:
-        check_fraction(sparsity, "sparsity")
-    if budget is not None and not isinstance(budget, Mapping):
-        raise ValueError(
-            f"budget must map layer names to sparsities (a strsparse.Budget or a dict), "
-            f"got {type(budget).__name__}; read a CSV with Budget.from_csv(path)"
-        )
-    if scope not in SCOPES:
-        raise ValueError(
-            f"unknown scope {scope!r}{closest(scope, SCOPES)}; valid: {', '.join(SCOPES)}"
-        )
-    if budget is not None and scope != "layer":
-        raise ValueError(
-            f"scope={scope!r} ranks all layers together and cannot follow a per-layer budget; "
-            "use scope='layer' with a budget, or sparsity=<fraction> with scope='global'"
-        )
-
-
-@torch.no_grad()
 def pruned_cutoff(weight: Tensor, mask: Tensor) -> float | None:
     """The largest magnitude among the pruned (``mask == False``) entries, None if none."""
     pruned = weight.detach().abs()[~mask]

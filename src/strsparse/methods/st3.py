@@ -27,13 +27,13 @@ from torch import Tensor, nn
 from strsparse.functional import cubic_sparsity, straight_through
 from strsparse.methods.base import (
     SparsityMethod,
+    check_target_options,
     get_parametrization,
     raw_weight,
     register_method,
     resolve_targets,
 )
 from strsparse.methods.gmp import check_schedule_options, schedule_window
-from strsparse.methods.magnitude import check_target_options
 
 __all__ = ["StraightThroughSoftThreshold", "StraightThroughSoftThresholdOptions", "st3_weight"]
 
