@@ -93,6 +93,14 @@ def test_list_models_and_methods(capsys: pytest.CaptureFixture) -> None:
     assert {"str", "dense"} <= set(capsys.readouterr().out.split())
 
 
+def test_list_everything_grouped(capsys: pytest.CaptureFixture) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for kind in ("configs:", "models:", "methods:", "budgets:"):
+        assert f"\n{kind}\n" in f"\n{out}"
+    assert "  fashion_mnist_str\n" in out and "  resnet50-str-90.23\n" in out
+
+
 def test_list_rejects_an_unknown_kind(capsys: pytest.CaptureFixture) -> None:
     assert main(["list", "modles"]) == 2
     assert "invalid choice: 'modles'" in capsys.readouterr().err
@@ -139,6 +147,11 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
         main(["--debug", "report", str(tmp_path / "nope.pt")])
     with pytest.raises(CheckpointError):
         main(["report", str(tmp_path / "nope.pt"), "--debug"])
+
+
+def test_a_bad_device_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", "run", "--device", "gpu"]) == 2
+    assert "'gpu' is not a device" in capsys.readouterr().err
 
 
 def test_unknown_model_names_the_closest(capsys: pytest.CaptureFixture) -> None:

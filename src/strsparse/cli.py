@@ -18,10 +18,11 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from strsparse.atomic import write_atomic
 
 __all__ = ["build_parser", "main"]
 
@@ -68,20 +69,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) 
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -97,26 +84,6 @@ def _percent(fraction: Any) -> str:
 
 
 # -- shared library glue ------------------------------------------------------------------
-
-
-def _default_input_shape(model_name: str) -> tuple[int, int, int]:
-    """The input shape (C, H, W) a registered model is meant for: ImageNet models
-    3x224x224, CIFAR models 3x32x32, the 28x28 models 1x28x28."""
-    from strsparse import models
-
-    finder = getattr(models, "default_input_shape", None)
-    if callable(finder):
-        return tuple(int(d) for d in finder(model_name))  # type: ignore[return-value]
-    options = models.model_options(model_name)  # validates the name
-    channels = int(options.get("in_channels", 3))
-    builder_module = getattr(
-        getattr(models.registry, "_MODELS", {}).get(model_name), "__module__", ""
-    )
-    if "cifar" in builder_module:
-        return (channels, 32, 32)
-    if "image_size" in options:  # the 28x28 models
-        return (channels, int(options["image_size"]), int(options["image_size"]))
-    return (channels, 224, 224)
 
 
 def _profile(model: Any, input_shape: Sequence[int]) -> Any:
@@ -155,10 +122,10 @@ def _totals_lines(profile: Any) -> list[str]:
     return lines
 
 
-def _restore(checkpoint: str) -> tuple[Any, Any, Any]:
+def _restore(checkpoint: str, device: str = "cpu") -> tuple[Any, Any, Any]:
     from strsparse.training import restore_model
 
-    return restore_model(checkpoint)
+    return restore_model(checkpoint, device=device)
 
 
 def _input_shape_of(cfg: Any) -> tuple[int, ...]:
@@ -366,7 +333,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from strsparse import sparsity_report
     from strsparse.training import evaluate
 
-    model, cfg, _ = _restore(args.checkpoint)
+    model, cfg, _ = _restore(args.checkpoint, args.device)
     data_cfg = cfg.data
     changes: dict[str, Any] = {}
     if args.data_root is not None:
@@ -383,7 +350,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         shuffle=False,
         num_workers=int(getattr(data_cfg, "num_workers", 0) or 0),
     )
-    metrics = evaluate(model, loader, device="cpu")
+    metrics = evaluate(model, loader, device=args.device)
     report = sparsity_report(model)
     profile = _profile(model, info.input_shape)
     print(
@@ -442,7 +409,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for line in _totals_lines(profile):
         print(line)
     if args.csv is not None:
-        path = _write_text_atomic(Path(args.csv), _csv_text(header, raw))
+        path = write_atomic(Path(args.csv), _csv_text(header, raw))
         print(f"wrote {path}")
     return EXIT_OK
 
@@ -462,10 +429,10 @@ def _cmd_budget(args: argparse.Namespace) -> int:
 
 def _cmd_flops(args: argparse.Namespace) -> int:
     from strsparse.flops import profile
-    from strsparse.models import create_model
+    from strsparse.models import create_model, default_input_shape
     from strsparse.training import resolve_budget
 
-    shape = tuple(args.input_shape) if args.input_shape else _default_input_shape(args.model)
+    shape = tuple(args.input_shape) if args.input_shape else default_input_shape(args.model)
     model = create_model(args.model, num_classes=args.num_classes)
     budget = resolve_budget(args.budget, model) if args.budget is not None else None
     result = profile(model, shape, budget=budget)
@@ -498,7 +465,7 @@ def _budget_label(spec: str) -> str:
 
 def _cmd_plot_budgets(args: argparse.Namespace) -> int:
     from strsparse import plots
-    from strsparse.models import create_model
+    from strsparse.models import create_model, default_input_shape
     from strsparse.training import resolve_budget
 
     model = create_model(args.model)
@@ -508,7 +475,7 @@ def _cmd_plot_budgets(args: argparse.Namespace) -> int:
         while label in budgets:
             label += "'"
         budgets[label] = resolve_budget(spec, model)
-    profile = _profile(model, _default_input_shape(args.model))
+    profile = _profile(model, default_input_shape(args.model))
     out = plots.plot_budgets(budgets, Path(args.output), flops_profile=profile)
     print(f"wrote {out if out is not None else args.output}")
     return EXIT_OK
@@ -616,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the per-layer sparsity table, accuracy, sparsity and FLOPs are printed.",
         "  strsparse train --config fashion_mnist_str\n"
         "  strsparse train --config my.yaml train.epochs=10 sparsity.options.init_threshold=-3200\n"
-        "  strsparse train --config cifar_gmp.yaml --budget runs/cifar_str/checkpoints/last.pt\n"
+        "  strsparse train --config fashion_mnist_gmp --budget runs/fashion_mnist_str\n"
         "  strsparse train --config my.yaml --resume runs/my_run\n",
     )
     p.add_argument(
@@ -680,7 +647,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=_positive_int,
         metavar="N",
-        help="evaluation batch size (default: the config's data.batch_size)",
+        help="evaluation batch size (default: the config's data.eval_batch_size)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        type=_device,
+        metavar="DEV",
+        help="device to evaluate on: cpu (default), cuda or cuda:N",
     )
 
     p = _command(
@@ -733,8 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Write the per-layer sparsities of a checkpoint's model as a layer,sparsity CSV:\n"
         "the learned budget, to reuse with 'strsparse train --budget' (budget transfer,\n"
         "STR paper Section 4.1) or to plot with 'strsparse plot-budgets'.",
-        "  strsparse budget runs/cifar_str -o cifar_str_budget.csv\n"
-        "  strsparse train --config cifar_gmp.yaml --budget cifar_str_budget.csv\n",
+        "  strsparse budget runs/fashion_mnist_str -o str_budget.csv\n"
+        "  strsparse train --config fashion_mnist_gmp --budget str_budget.csv\n",
     )
     p.add_argument(
         "checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt) or run directory"
@@ -798,7 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
         "one architecture, in the style of the STR paper's Figures 8 and 9.",
         "  strsparse plot-budgets resnet50-str-90.23 resnet50-str-98.05 --model resnet50 "
         "-o r50.png\n"
-        "  strsparse plot-budgets runs/cifar_str budget.csv --model resnet20 -o budgets.png\n",
+        "  strsparse plot-budgets runs/fashion_mnist_str str_budget.csv --model lenet5 "
+        "-o budgets.png\n",
     )
     p.add_argument(
         "budgets",
@@ -840,6 +815,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"what to list: {', '.join(_LIST_KINDS)} (default: all)",
     )
     return parser
+
+
+def _device(text: str) -> str:
+    """A torch device string that this machine has (cpu, cuda, cuda:N, mps)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device; use cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here; use cpu")
+    return text
 
 
 def _positive_int(text: str) -> int:

@@ -84,12 +84,18 @@ class DenseModelSpec:
         ``num_classes`` and ``in_channels``)."""
         from strsparse.training.build import dataset_info
 
-        info = dataset_info(cfg)
+        model_cfg = cfg.model
+        num_classes = getattr(model_cfg, "num_classes", None)
+        in_channels = getattr(model_cfg, "in_channels", None)
+        if num_classes is None or in_channels is None:  # as build_model: the data decides
+            info = dataset_info(cfg)
+            num_classes = num_classes or info.num_classes
+            in_channels = in_channels or info.in_channels
         return cls(
-            name=str(cfg.model.name),
-            num_classes=int(info.num_classes),
-            in_channels=int(info.in_channels),
-            kwargs=_plain(dict(getattr(cfg.model, "kwargs", None) or {})),
+            name=str(model_cfg.name),
+            num_classes=int(num_classes),
+            in_channels=int(in_channels),
+            kwargs=_plain(dict(getattr(model_cfg, "kwargs", None) or {})),
         )
 
 

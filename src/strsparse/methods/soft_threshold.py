@@ -22,7 +22,7 @@ from strsparse.functional import (
 )
 from strsparse.methods.base import SparsityMethod, register_method
 
-__all__ = ["SoftThreshold", "SoftThresholdOptions"]
+__all__ = ["InitThresholdWarning", "SoftThreshold", "SoftThresholdOptions"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,14 @@ GRANULARITIES = ("layer", "channel", "weight", "global")
 # A layer whose initial threshold already zeroes this fraction of its weights gets a warning:
 # such a layer may be all zeros from the first step and never learn.
 _INIT_PRUNED_WARNING = 0.1
+
+
+class InitThresholdWarning(UserWarning):
+    """The initial STR threshold already zeroes many weights of a freshly built layer.
+
+    Meaningless when trained weights are loaded right after ``sparsify`` (a restore or a
+    resume), which filter it out.
+    """
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,6 @@ def _warn_if_pruned_at_init(name: str, weight: Tensor, p: SoftThreshold) -> None
             f"{float(threshold.mean()):.3g} already zeroes {pruned:.0%} of its weights "
             f"(mean |w| = {float(weight.abs().mean()):.3g}); such a layer may never learn. "
             "Use a more negative init_threshold (the paper uses -3200 for ResNet-50).",
-            UserWarning,
+            InitThresholdWarning,
             stacklevel=5,  # user -> sparsify -> create -> no_grad wrapper -> here
         )

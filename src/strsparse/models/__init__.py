@@ -11,13 +11,22 @@ Every model class declares its classifier's module name as the class attribute
 ``classifier_name`` (``"fc"`` for the ResNets and MobileNetV1, ``"fc3"`` for the LeNets); use
 :func:`classifier_name` to read it for any model, which falls back to the last weighted layer
 for models from elsewhere. FLOPs accounting calls everything else the "backbone".
+Each model also carries ``input_shape`` (C, H, W), the per-sample input it is built for;
+:func:`default_input_shape` reads it by name.
 """
 
 from . import cifar_resnet, lenet, mobilenet, resnet
 from .cifar_resnet import CifarResNet
 from .lenet import LeNet5, LeNet300100
 from .mobilenet import MobileNetV1
-from .registry import classifier_name, create_model, list_models, model_options, register_model
+from .registry import (
+    classifier_name,
+    create_model,
+    default_input_shape,
+    list_models,
+    model_options,
+    register_model,
+)
 from .resnet import ResNet
 
 __all__ = [
@@ -29,6 +38,7 @@ __all__ = [
     "cifar_resnet",
     "classifier_name",
     "create_model",
+    "default_input_shape",
     "lenet",
     "list_models",
     "mobilenet",

@@ -49,6 +49,7 @@ class LeNet5(nn.Module):
         check_positive_int(num_classes, "num_classes")
         check_positive_int(in_channels, "in_channels")
         check_positive_int(image_size, "image_size")
+        self.input_shape = (in_channels, image_size, image_size)
         # conv1 keeps the size (padding 2) then pools; conv2 (no padding) removes 4 then pools.
         side = (image_size // 2 - 4) // 2
         if side < 1:
@@ -84,6 +85,7 @@ class LeNet300100(nn.Module):
         check_positive_int(num_classes, "num_classes")
         check_positive_int(in_channels, "in_channels")
         check_positive_int(image_size, "image_size")
+        self.input_shape = (in_channels, image_size, image_size)
         self.fc1 = nn.Linear(in_channels * image_size * image_size, 300)
         self.fc2 = nn.Linear(300, 100)
         self.fc3 = nn.Linear(100, num_classes)

@@ -77,6 +77,7 @@ class MobileNetV1(nn.Module):
         super().__init__()
         check_positive_int(num_classes, "num_classes")
         check_positive_int(in_channels, "in_channels")
+        self.input_shape = (in_channels, 224, 224)
         width = check_positive_float(width_multiplier, "width_multiplier")
         self.width_multiplier = width
         channels = _scaled(32, width)

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "check_positive_int",
     "classifier_name",
     "create_model",
+    "default_input_shape",
     "list_models",
     "model_options",
     "register_model",
@@ -154,3 +156,11 @@ def classifier_name(model: nn.Module) -> str:
         "%s declares no classifier_name; using last weighted layer %r", type(target).__name__, last
     )
     return last
+
+
+def default_input_shape(name: str, **kwargs: Any) -> tuple[int, ...]:
+    """The per-sample input shape (C, H, W) model ``name`` is built for (its ``input_shape``):
+    3x224x224 for the ImageNet models, 3x32x32 for the CIFAR ones, 1x28x28 for the LeNets."""
+    with torch.device("meta"):  # no memory, no initialisation cost
+        model = create_model(name, **kwargs)
+    return tuple(model.input_shape)

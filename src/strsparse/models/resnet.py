@@ -117,6 +117,7 @@ class ResNet(nn.Module):
         super().__init__()
         check_positive_int(num_classes, "num_classes")
         check_positive_int(in_channels, "in_channels")
+        self.input_shape = (in_channels, 224, 224)
         if len(layers) != 4 or any(
             isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers
         ):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from strsparse.budget import Budget
 from strsparse.functional import closest
+from strsparse.methods.soft_threshold import InitThresholdWarning
 from strsparse.sparsify import SparsityHandle, eligible_layers, sparsify
 
 __all__ = ["DENSE", "build_model", "dataset_info", "resolve_budget"]
@@ -31,13 +33,17 @@ def dataset_info(cfg: Any) -> Any:
     return info
 
 
-def build_model(cfg: Any, info: Any = None) -> tuple[nn.Module, SparsityHandle | None, Any]:
+def build_model(
+    cfg: Any, info: Any = None, *, loading_weights: bool = False
+) -> tuple[nn.Module, SparsityHandle | None, Any]:
     """Create ``cfg.model`` for the dataset of ``cfg.data`` and sparsify it per ``cfg.sparsity``.
 
     ``info`` (num_classes, in_channels, input_shape) is taken from ``cfg.data`` when not
     given. A ``cfg.sparsity.budget`` (CSV path, checkpoint or paper budget name) is resolved
     with ``resolve_budget`` and passed to the method as ``budget=``. Method ``"dense"``
     leaves the model dense (handle None). Returns (model, handle, info).
+    ``loading_weights``: trained weights are loaded next (a restore or a resume), so warnings
+    about the freshly initialised weights are left out.
     """
     from strsparse.models import create_model
 
@@ -62,13 +68,16 @@ def build_model(cfg: Any, info: Any = None) -> tuple[nn.Module, SparsityHandle |
                 "give the target once"
             )
         options["budget"] = resolve_budget(budget_spec, model)
-    handle = sparsify(
-        model,
-        sp.method,
-        include=getattr(sp, "include", None) or None,
-        exclude=getattr(sp, "exclude", None) or None,
-        **options,
-    )
+    with warnings.catch_warnings():
+        if loading_weights:
+            warnings.simplefilter("ignore", InitThresholdWarning)
+        handle = sparsify(
+            model,
+            sp.method,
+            include=getattr(sp, "include", None) or None,
+            exclude=getattr(sp, "exclude", None) or None,
+            **options,
+        )
     return model, handle, info
 
 

@@ -180,7 +180,7 @@ def restore_model(
         cfg = config_from_dict(state["config"])
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {exc}") from exc
-    model, handle, _ = build_model(cfg)
+    model, handle, _ = build_model(cfg, loading_weights=True)
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as exc:

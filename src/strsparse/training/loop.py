@@ -440,7 +440,7 @@ class _Trainer:
             logger.info("CPU threads: %d", int(threads))
             torch.set_num_threads(int(threads))
 
-    def _build(self) -> None:
+    def _build(self, *, loading_weights: bool) -> None:
         from strsparse.data import build_datasets, build_loaders
 
         cfg = self.cfg
@@ -449,7 +449,7 @@ class _Trainer:
         self.train_loader, self.val_loader = build_loaders(
             train_ds, val_ds, cfg.data, seed=int(cfg.seed), distributed=self.env.enabled
         )
-        model, handle, _ = build_model(cfg, info)
+        model, handle, _ = build_model(cfg, info, loading_weights=loading_weights)
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -586,7 +586,7 @@ class _Trainer:
         with _log_file(self.run_dir / "train.log", self.env.is_main):
             self._configure_torch()
             _seed_everything(int(cfg.seed))
-            self._build()
+            self._build(loading_weights=ckpt is not None)
             self._configure_threads()
             if ckpt is not None:
                 state = self._restore(ckpt)
