@@ -53,8 +53,6 @@ def test_defaults_match_the_documented_schema() -> None:
     assert cfg.optim.name == "sgd" and cfg.optim.lr == 0.1 and cfg.optim.betas == (0.9, 0.999)
     assert cfg.optim.threshold_weight_decay is None
     assert cfg.schedule.name == "cosine" and cfg.train.amp == "off"
-    assert cfg.train.precision == "fp32"
-    assert dataclasses.replace(cfg.train, amp="bf16").precision == "bf16"
 
 
 def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:

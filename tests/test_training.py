@@ -205,8 +205,9 @@ def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     original = training_loop.build_model
     calls = {"n": 0}
 
-    def build_with_hook(cfg, info=None):
-        model, handle, info = original(cfg, info)
+    def build_with_hook(cfg, info=None, *, loading_weights=False):
+        assert not loading_weights  # a fresh run: nothing to resume from
+        model, handle, info = original(cfg, info, loading_weights=loading_weights)
 
         def hook(module, inputs, output):
             if module.training:
@@ -305,8 +306,18 @@ def test_resume_after_ctrl_c_equals_uninterrupted(
     saved = load_checkpoint(tmp_path / "resumed")
     assert saved["step"] == interrupt_step
     assert saved["batch"] == interrupt_step % 8
-    # picks up checkpoints/last.pt of the run directory
-    resumed = train(synthetic_config(tmp_path, "resumed", **method))
+    # picks up checkpoints/last.pt of the run directory, building the model to load it into
+    loading = []
+    original = training_loop.build_model
+
+    def build_recording(cfg, info=None, *, loading_weights=False):
+        loading.append(loading_weights)
+        return original(cfg, info, loading_weights=loading_weights)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training_loop, "build_model", build_recording)
+        resumed = train(synthetic_config(tmp_path, "resumed", **method))
+    assert loading == [True]
 
     expected, got = _model_state(tmp_path / "full"), _model_state(tmp_path / "resumed")
     assert expected.keys() == got.keys()
@@ -326,8 +337,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     snapshot: dict[str, bytes] = {}
     last = tmp_path / "run" / "checkpoints" / "last.pt"
 
-    def build_with_nan(cfg, info=None):
-        model, handle, info = original(cfg, info)
+    def build_with_nan(cfg, info=None, *, loading_weights=False):
+        model, handle, info = original(cfg, info, loading_weights=loading_weights)
         calls = {"n": 0}
 
         def hook(module, inputs, output):
@@ -350,6 +361,88 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     assert state["epoch"] == 1 and state["step"] == steps_per_epoch
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_max_steps_per_epoch_caps_epochs_and_the_schedules(tmp_path: Path) -> None:
+    # 8 batches per epoch, cut to 3: the cosine LR and GMP's sparsity ramp span 2 x 3 steps
+    cfg = synthetic_config(
+        tmp_path, **GMP, **{"train.max_steps_per_epoch": 3, "train.tensorboard": False}
+    )
+    result = train(cfg)
+    state = load_checkpoint(tmp_path / "run")
+    assert state["step"] == 6 and state["history"]["step"] == [3, 6]
+    expected_lr = [
+        learning_rate(step - 1, base_lr=0.05, total_steps=6, steps_per_epoch=3) for step in (3, 6)
+    ]
+    assert state["history"]["lr"] == pytest.approx(expected_lr)
+    # GMP reaches its final sparsity (at 75% of the run) only if total_steps is the capped 6
+    assert result.final["sparsity"] == pytest.approx(0.8, abs=0.01)
+
+
+def test_grad_clip_bounds_the_gradient_norm_at_each_optimizer_step(tmp_path: Path) -> None:
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    def grad_norms(**changes) -> list[float]:
+        norms: list[float] = []
+
+        def record(optimizer, args, kwargs):
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
+            norms.append(
+                float(
+                    torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(g) for g in grads if g is not None])
+                    )
+                )
+            )
+
+        hook = register_optimizer_step_pre_hook(record)
+        try:
+            train(
+                synthetic_config(
+                    tmp_path,
+                    f"clip-{changes.get('train.grad_clip')}",
+                    **{"train.epochs": 1, "train.max_steps_per_epoch": 3},
+                    **{"train.tensorboard": False},
+                    **changes,
+                )
+            )
+        finally:
+            hook.remove()
+        return norms
+
+    clip = 0.01
+    unclipped = grad_norms()
+    assert len(unclipped) == 3 and min(unclipped) > 10 * clip
+    clipped = grad_norms(**{"train.grad_clip": clip})
+    assert clipped == pytest.approx([clip] * 3, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("amp", "dtype"), [("off", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
+def test_train_amp_sets_the_autocast_dtype_on_cuda_only(
+    tmp_path: Path, amp: str, dtype: torch.dtype | None
+) -> None:
+    from strsparse.training.distributed import DistributedEnv
+
+    cfg = synthetic_config(tmp_path, **{"train.amp": amp})
+    # the constructor only reads the config: no CUDA is touched
+    on_cuda = training_loop._Trainer(cfg, DistributedEnv(), torch.device("cuda"))
+    assert (on_cuda.amp, on_cuda.autocast_dtype) == (amp, dtype)
+    on_cpu = training_loop._Trainer(cfg, DistributedEnv(), torch.device("cpu"))
+    assert (on_cpu.amp, on_cpu.autocast_dtype) == ("off", None)
+
+
+def test_model_num_classes_and_in_channels_override_the_dataset(tmp_path: Path) -> None:
+    from strsparse.training import build_model
+
+    model, _, info = build_model(synthetic_config(tmp_path))
+    assert (info.num_classes, info.in_channels) == (10, 1)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    cfg = synthetic_config(tmp_path, **{"model.num_classes": 12, "model.in_channels": 3})
+    model, handle, _ = build_model(cfg)
+    assert model(torch.zeros(2, 3, 28, 28)).shape == (2, 12)
+    assert handle is not None and handle.method == "str"
 
 
 def test_resolve_budget_from_csv_checkpoint_and_errors(tmp_path: Path) -> None:

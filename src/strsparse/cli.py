@@ -12,17 +12,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from strsparse.atomic import write_atomic
+
+if TYPE_CHECKING:  # the commands import the library lazily, so that --help starts fast
+    from torch import nn
+
+    from strsparse.config import Config
+    from strsparse.flops import FlopsProfile, LayerFlops
+    from strsparse.sparsify import SparsityHandle
+    from strsparse.training import TrainResult
 
 __all__ = ["build_parser", "main"]
 
@@ -86,35 +95,25 @@ def _percent(fraction: Any) -> str:
 # -- shared library glue ------------------------------------------------------------------
 
 
-def _profile(model: Any, input_shape: Sequence[int]) -> Any:
+def _profile(model: nn.Module, input_shape: Sequence[int]) -> FlopsProfile:
     from strsparse.flops import profile
 
     return profile(model, tuple(int(d) for d in input_shape))
 
 
-def _layer_flops(profile: Any) -> dict[str, Any]:
-    """Layer name -> the profile's per-layer record (anything with flops/sparse_flops)."""
-    layers = getattr(profile, "layers", None)
-    if isinstance(layers, Mapping):
-        return dict(layers)
-    if isinstance(layers, Sequence):
-        return {getattr(r, "name", str(i)): r for i, r in enumerate(layers)}
-    return {}
+def _layer_flops(profile: FlopsProfile) -> dict[str, LayerFlops]:
+    """Layer name -> the profile's per-layer record."""
+    return {record.name: record for record in profile.layers}
 
 
-def _totals_lines(profile: Any) -> list[str]:
+def _totals_lines(profile: FlopsProfile) -> list[str]:
     """'overall'/'backbone' rows: params and FLOPs, dense and sparse."""
     lines = []
-    for label in ("overall", "backbone"):
-        part = getattr(profile, label, None)
-        if part is None:
-            continue
-        params = getattr(part, "params", None)
-        nonzero = getattr(part, "nonzero_params", getattr(part, "nonzero", None))
-        flops = getattr(part, "flops", None)
-        sparse = getattr(part, "sparse_flops", None)
+    for label, part in (("overall", profile.overall), ("backbone", profile.backbone)):
+        params, nonzero = part.params, part.nonzero_params
+        flops, sparse = part.flops, part.sparse_flops
         text = f"{label:<9} params {_count(params)}"
-        if nonzero is not None and nonzero != params:
+        if nonzero != params:
             text += f" (nonzero {_count(nonzero)})"
         text += f"   FLOPs dense {_count(flops)} ({_human(flops)})"
         text += f"   sparse {_count(sparse)} ({_human(sparse)})"
@@ -122,19 +121,23 @@ def _totals_lines(profile: Any) -> list[str]:
     return lines
 
 
-def _restore(checkpoint: str, device: str = "cpu") -> tuple[Any, Any, Any]:
+def _restore(
+    checkpoint: str, device: str = "cpu"
+) -> tuple[nn.Module, Config, SparsityHandle | None]:
     from strsparse.training import restore_model
 
     return restore_model(checkpoint, device=device)
 
 
-def _input_shape_of(cfg: Any) -> tuple[int, ...]:
+def _input_shape_of(cfg: Config) -> tuple[int, ...]:
     from strsparse.training.build import dataset_info
 
     return tuple(int(d) for d in dataset_info(cfg).input_shape)
 
 
-def _layer_rows(model: Any, profile: Any) -> tuple[list[str], list[list[str]], list[list[Any]]]:
+def _layer_rows(
+    model: nn.Module, profile: FlopsProfile | None
+) -> tuple[list[str], list[list[str]], list[list[Any]]]:
     """Per-layer rows of a sparsity report joined with a FLOPs profile: (header, text rows,
     raw rows for CSV), with a total row."""
     from strsparse import sparsity_report
@@ -156,8 +159,8 @@ def _layer_rows(model: Any, profile: Any) -> tuple[list[str], list[list[str]], l
     total_flops = total_sparse = 0.0
     for row in report.layers:
         lp = flops.get(row.name)
-        f = getattr(lp, "flops", None)
-        sf = getattr(lp, "sparse_flops", None)
+        f = lp.flops if lp is not None else None
+        sf = lp.sparse_flops if lp is not None else None
         total_flops += f or 0
         total_sparse += sf or 0
         threshold = "" if row.threshold is None else f"{row.threshold:.4g}"
@@ -229,9 +232,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         options = dict(cfg.sparsity.options)
         if options.pop("sparsity", None) is not None:  # the budget replaces a uniform target
             logging.getLogger(__name__).info("--budget replaces sparsity.options.sparsity")
-            cfg = _replace(cfg, {"sparsity": _replace(cfg.sparsity, {"options": options}, "")}, "")
-    if args.quiet and hasattr(getattr(cfg, "train", None), "quiet"):
-        cfg = _replace(cfg, {"train": _replace(cfg.train, {"quiet": True}, "train")}, "")
+            sparsity = dataclasses.replace(cfg.sparsity, options=options)
+            cfg = dataclasses.replace(cfg, sparsity=sparsity)
+    if args.quiet:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, quiet=True))
     result = train(cfg, resume=args.resume)
     _print_train_summary(result)
     return EXIT_OK
@@ -239,8 +243,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _check_budget_method(method: str) -> None:
     """--budget is a per-layer target: only for methods with a ``budget`` option."""
-    import dataclasses
-
     from strsparse.methods import get_method
     from strsparse.training.build import DENSE
 
@@ -253,7 +255,7 @@ def _check_budget_method(method: str) -> None:
         )
 
 
-def _print_train_summary(result: Any) -> None:
+def _print_train_summary(result: TrainResult) -> None:
     summary: dict[str, Any] = {}
     summary_path = Path(result.summary_path)
     if summary_path.is_file():
@@ -335,26 +337,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     model, cfg, _ = _restore(args.checkpoint, args.device)
     data_cfg = cfg.data
-    changes: dict[str, Any] = {}
     if args.data_root is not None:
-        changes["root"] = str(args.data_root)
+        data_cfg = dataclasses.replace(data_cfg, root=str(args.data_root))
     if args.batch_size is not None:
-        changes["eval_batch_size"] = args.batch_size
-    if changes:
-        data_cfg = _replace(data_cfg, changes, "data")
+        data_cfg = dataclasses.replace(data_cfg, eval_batch_size=args.batch_size)
     _, val_ds, info = data_module.build_datasets(data_cfg)
-    batch_size = int(args.batch_size or data_cfg.eval_batch_size)
     loader = DataLoader(
         val_ds,
-        batch_size=batch_size,
+        batch_size=data_cfg.eval_batch_size,
         shuffle=False,
-        num_workers=int(getattr(data_cfg, "num_workers", 0) or 0),
+        num_workers=data_cfg.num_workers,
     )
     metrics = evaluate(model, loader, device=args.device)
     report = sparsity_report(model)
     profile = _profile(model, info.input_shape)
     print(
-        f"checkpoint {args.checkpoint}: {cfg.model.name} on {getattr(data_cfg, 'name', '?')} "
+        f"checkpoint {args.checkpoint}: {cfg.model.name} on {data_cfg.name} "
         f"({len(val_ds)} validation samples)"
     )
     print(
@@ -367,22 +365,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for line in _totals_lines(profile):
         print(line)
     return EXIT_OK
-
-
-def _replace(section: Any, changes: Mapping[str, Any], where: str) -> Any:
-    """A copy of a config dataclass section with ``changes`` (a clear error for a key the
-    section lacks)."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(section):
-        names = {f.name for f in dataclasses.fields(section)}
-        for key in changes:
-            if key not in names:
-                raise ValueError(f"the {where} configuration has no '{key}' option")
-        return dataclasses.replace(section, **changes)
-    for key, value in changes.items():
-        setattr(section, key, value)
-    return section
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

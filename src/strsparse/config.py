@@ -497,11 +497,6 @@ class TrainConfig(_Section):
     save_every: int = 0
     tensorboard: bool = True
 
-    @property
-    def precision(self) -> str:
-        """``amp`` as a precision name: 'fp32' when off, else 'bf16' / 'fp16'."""
-        return "fp32" if self.amp == "off" else self.amp
-
     def _check(self) -> None:
         _check_range(self.epochs, self._key("epochs"), ge=1)
         _check_range(self.label_smoothing, self._key("label_smoothing"), ge=0.0, lt=1.0)

@@ -6,42 +6,42 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from strsparse.budget import Budget
+from strsparse.config import DENSE, Config
 from strsparse.functional import closest
 from strsparse.methods.soft_threshold import InitThresholdWarning
 from strsparse.sparsify import SparsityHandle, eligible_layers, sparsify
+
+if TYPE_CHECKING:
+    from strsparse.data import DatasetInfo
 
 __all__ = ["DENSE", "build_model", "dataset_info", "resolve_budget"]
 
 logger = logging.getLogger(__name__)
 
-DENSE = "dense"  # sparsity.method for a dense baseline: no parametrization at all
 
-
-def dataset_info(cfg: Any) -> Any:
-    """num_classes / in_channels / input_shape of ``cfg.data`` without loading the data
-    where the data module can tell; otherwise builds the datasets."""
+def dataset_info(cfg: Config) -> DatasetInfo:
+    """num_classes / in_channels / input_shape of ``cfg.data``, without loading the data
+    (``strsparse.data.dataset_info``)."""
     from strsparse import data
 
-    if hasattr(data, "dataset_info"):
-        return data.dataset_info(cfg.data)
-    _, _, info = data.build_datasets(cfg.data)
-    return info
+    return data.dataset_info(cfg.data)
 
 
 def build_model(
-    cfg: Any, info: Any = None, *, loading_weights: bool = False
-) -> tuple[nn.Module, SparsityHandle | None, Any]:
+    cfg: Config, info: DatasetInfo | None = None, *, loading_weights: bool = False
+) -> tuple[nn.Module, SparsityHandle | None, DatasetInfo]:
     """Create ``cfg.model`` for the dataset of ``cfg.data`` and sparsify it per ``cfg.sparsity``.
 
     ``info`` (num_classes, in_channels, input_shape) is taken from ``cfg.data`` when not
-    given. A ``cfg.sparsity.budget`` (CSV path, checkpoint or paper budget name) is resolved
-    with ``resolve_budget`` and passed to the method as ``budget=``. Method ``"dense"``
-    leaves the model dense (handle None). Returns (model, handle, info).
+    given; ``cfg.model.num_classes`` / ``cfg.model.in_channels``, when set, override the
+    dataset's. A ``cfg.sparsity.budget`` (CSV path, checkpoint or paper budget name) is
+    resolved with ``resolve_budget`` and passed to the method as ``budget=``. Method
+    ``"dense"`` leaves the model dense (handle None). Returns (model, handle, info).
     ``loading_weights``: trained weights are loaded next (a restore or a resume), so warnings
     about the freshly initialised weights are left out.
     """
@@ -52,15 +52,15 @@ def build_model(
     model_cfg = cfg.model
     model = create_model(
         model_cfg.name,
-        num_classes=getattr(model_cfg, "num_classes", None) or info.num_classes,
-        in_channels=getattr(model_cfg, "in_channels", None) or info.in_channels,
-        **dict(getattr(model_cfg, "kwargs", None) or {}),
+        num_classes=info.num_classes if model_cfg.num_classes is None else model_cfg.num_classes,
+        in_channels=info.in_channels if model_cfg.in_channels is None else model_cfg.in_channels,
+        **model_cfg.kwargs,
     )
     sp = cfg.sparsity
     if sp.method == DENSE:
         return model, None, info
-    options = dict(getattr(sp, "options", None) or {})
-    budget_spec = getattr(sp, "budget", None)
+    options = dict(sp.options)
+    budget_spec = sp.budget
     if budget_spec:
         if "budget" in options or "sparsity" in options:
             raise ValueError(
@@ -74,8 +74,8 @@ def build_model(
         handle = sparsify(
             model,
             sp.method,
-            include=getattr(sp, "include", None) or None,
-            exclude=getattr(sp, "exclude", None) or None,
+            include=sp.include or None,  # [] as unset: all eligible layers
+            exclude=sp.exclude or None,
             **options,
         )
     return model, handle, info

@@ -26,12 +26,16 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from strsparse.atomic import write_atomic
+
+if TYPE_CHECKING:
+    from strsparse.config import Config
+    from strsparse.sparsify import SparsityHandle
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -165,7 +169,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def restore_model(
     path: str | os.PathLike, *, device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, Any, Any]:
+) -> tuple[torch.nn.Module, Config, SparsityHandle | None]:
     """Rebuild the sparsified model of a checkpoint (file or run directory).
 
     The model is created from the checkpoint's own configuration, sparsified the same way,

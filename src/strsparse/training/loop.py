@@ -31,8 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from strsparse import plots
 from strsparse.atomic import write_atomic
 from strsparse.budget import Budget
+from strsparse.config import Config, config_to_dict, save_config
+from strsparse.flops import FlopsProfile
+from strsparse.flops import profile as profile_flops
 from strsparse.methods.base import get_parametrization
 from strsparse.report import sparsity_report
 from strsparse.sparsify import SparsityHandle, sparse_layers
@@ -64,7 +68,8 @@ logger = logging.getLogger(__name__)
 # Below this many parameters a model trains fastest on one CPU thread (see _configure_threads).
 _SMALL_MODEL_PARAMS = 2_000_000
 
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# train.amp -> the autocast dtype (None: plain fp32)
+_AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingDiverged(RuntimeError):
@@ -81,7 +86,7 @@ class TrainResult:
     summary_path: Path
 
 
-def run_dir_of(cfg: Any) -> Path:
+def run_dir_of(cfg: Config) -> Path:
     """``output_dir / name``: where a run's files go."""
     return Path(cfg.output_dir) / cfg.name
 
@@ -153,11 +158,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _cfg_get(section: Any, name: str, default: Any) -> Any:
-    value = getattr(section, name, default)
-    return default if value is None and default is not None else value
-
-
 def _seed_everything(seed: int) -> None:
     import random
 
@@ -201,29 +201,25 @@ def _layer_stats(model: nn.Module) -> tuple[dict[str, float], dict[str, float]]:
     return sparsity, thresholds
 
 
-def _flops(model: nn.Module, input_shape: Any) -> Any:
-    """``strsparse.flops.profile(model, input_shape)`` on a CPU copy-free path; None when
-    the FLOPs module cannot profile this model."""
+def _flops(model: nn.Module, input_shape: tuple[int, ...]) -> FlopsProfile | None:
+    """``strsparse.flops.profile(model, input_shape)``; None when the FLOPs counter cannot
+    profile this model."""
     try:
-        from strsparse.flops import profile
-    except ImportError:  # pragma: no cover - the flops module ships with strsparse
-        return None
-    try:
-        return profile(model, tuple(input_shape))
+        return profile_flops(model, tuple(input_shape))
     except Exception as exc:  # a custom model the counter does not know: keep training
         logger.warning("FLOPs profile failed (%s: %s); FLOPs are left out", type(exc).__name__, exc)
         return None
 
 
-def _overall(profile: Any) -> dict[str, float]:
-    if profile is None:
+def _overall(flops_profile: FlopsProfile | None) -> dict[str, float]:
+    if flops_profile is None:
         return {"flops": math.nan, "sparse_flops": math.nan, "params": math.nan}
-    o = profile.overall
+    o = flops_profile.overall
     return {
         "flops": float(o.flops),
         "sparse_flops": float(o.sparse_flops),
         "params": float(o.params),
-        "nonzero_params": float(getattr(o, "nonzero_params", getattr(o, "nonzero", math.nan))),
+        "nonzero_params": float(o.nonzero_params),
     }
 
 
@@ -300,12 +296,6 @@ def _log_file(path: Path, enabled: bool) -> Iterator[None]:
         handler.close()
 
 
-def _config_dict(cfg: Any) -> dict[str, Any]:
-    from strsparse.config import config_to_dict
-
-    return config_to_dict(cfg)
-
-
 def _diff_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
     keys = []
     for key in sorted(set(a) | set(b)):
@@ -353,7 +343,7 @@ def _new_history() -> dict[str, Any]:
     return history
 
 
-def train(cfg: Any, *, resume: str | os.PathLike | None = None) -> TrainResult:
+def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> TrainResult:
     """Train ``cfg`` (a ``strsparse.config.Config``) and write the run directory.
 
     Run directory ``cfg.output_dir / cfg.name``: ``config.yaml``, ``checkpoints/last.pt``
@@ -365,7 +355,7 @@ def train(cfg: Any, *, resume: str | os.PathLike | None = None) -> TrainResult:
     writes files. Raises ``TrainingDiverged`` when the loss is not finite (the checkpoint of
     the last good epoch stays as it was) and re-raises ``KeyboardInterrupt`` after saving.
     """
-    env, device = setup_distributed(str(_cfg_get(cfg, "device", "auto")))
+    env, device = setup_distributed(cfg.device)
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
@@ -378,37 +368,32 @@ def train(cfg: Any, *, resume: str | os.PathLike | None = None) -> TrainResult:
 
 
 class _Trainer:
-    def __init__(self, cfg: Any, env: DistributedEnv, device: torch.device) -> None:
+    def __init__(self, cfg: Config, env: DistributedEnv, device: torch.device) -> None:
         self.cfg = cfg
         self.env = env
         self.device = device
         self.run_dir = run_dir_of(cfg)
         self.ckpt_dir = self.run_dir / "checkpoints"
         tc = cfg.train
-        self.epochs = int(tc.epochs)
-        self.quiet = bool(_cfg_get(tc, "quiet", False))
-        self.log_every = max(int(_cfg_get(tc, "log_every", 50)), 1)
-        precision = str(_cfg_get(tc, "precision", "fp32"))
-        if precision not in _PRECISIONS:
-            raise ValueError(
-                f"train.precision={precision!r} is not one of {', '.join(_PRECISIONS)}"
-            )
-        self.channels_last = bool(_cfg_get(tc, "channels_last", False))
+        self.epochs = tc.epochs
+        self.quiet = tc.quiet
+        self.log_every = tc.log_every
+        amp, self.channels_last = tc.amp, tc.channels_last
         if device.type != "cuda":
-            if precision != "fp32" or self.channels_last:
+            if amp != "off" or self.channels_last:
                 logger.info(
-                    "device %s: mixed precision (%s) and channels_last are CUDA-only; "
+                    "device %s: mixed precision (train.amp=%s) and channels_last are CUDA-only; "
                     "training in fp32, contiguous",
                     device,
-                    precision,
+                    amp,
                 )
-            precision, self.channels_last = "fp32", False
-        self.precision = precision
-        self.autocast_dtype = _PRECISIONS[precision]
+            amp, self.channels_last = "off", False
+        self.amp = amp  # the train.amp in effect: 'off' on CPU whatever the config says
+        self.autocast_dtype = _AUTOCAST_DTYPES[amp]
 
     # -- setup ----------------------------------------------------------------------------
     def _configure_torch(self) -> None:
-        deterministic = bool(_cfg_get(self.cfg.train, "deterministic", False))
+        deterministic = self.cfg.train.deterministic
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = not deterministic
             torch.backends.cudnn.deterministic = deterministic
@@ -427,7 +412,7 @@ class _Trainer:
         """
         if self.device.type != "cpu":
             return
-        threads = _cfg_get(self.cfg.train, "num_threads", None)
+        threads = self.cfg.train.num_threads
         if threads is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
             cores = cores or os.cpu_count() or 1
@@ -436,9 +421,9 @@ class _Trainer:
             params = sum(p.numel() for p in self.model.parameters())
             if params < _SMALL_MODEL_PARAMS:
                 threads = 1
-        if int(threads) != torch.get_num_threads():
-            logger.info("CPU threads: %d", int(threads))
-            torch.set_num_threads(int(threads))
+        if threads != torch.get_num_threads():
+            logger.info("CPU threads: %d", threads)
+            torch.set_num_threads(threads)
 
     def _build(self, *, loading_weights: bool) -> None:
         from strsparse.data import build_datasets, build_loaders
@@ -447,7 +432,7 @@ class _Trainer:
         train_ds, val_ds, info = build_datasets(cfg.data)
         self.info = info
         self.train_loader, self.val_loader = build_loaders(
-            train_ds, val_ds, cfg.data, seed=int(cfg.seed), distributed=self.env.enabled
+            train_ds, val_ds, cfg.data, seed=cfg.seed, distributed=self.env.enabled
         )
         model, handle, _ = build_model(cfg, info, loading_weights=loading_weights)
         model.to(self.device)
@@ -459,32 +444,30 @@ class _Trainer:
         groups = parameter_groups(
             model,
             handle.threshold_parameters() if handle is not None else (),
-            weight_decay=float(oc.weight_decay),
-            threshold_weight_decay=_cfg_get(oc, "threshold_weight_decay", None),
-            norm_bias_decay=bool(_cfg_get(oc, "norm_bias_decay", False)),
+            weight_decay=oc.weight_decay,
+            threshold_weight_decay=oc.threshold_weight_decay,
+            norm_bias_decay=oc.norm_bias_decay,
         )
-        self.base_lr = float(oc.lr)
+        self.base_lr = oc.lr
         self.optimizer = build_optimizer(
             groups,
-            _cfg_get(oc, "name", "sgd"),
+            oc.name,
             lr=self.base_lr,
-            momentum=float(_cfg_get(oc, "momentum", 0.9)),
-            nesterov=bool(_cfg_get(oc, "nesterov", False)),
-            betas=tuple(_cfg_get(oc, "betas", (0.9, 0.999))),
-            eps=float(_cfg_get(oc, "eps", 1e-8)),
+            momentum=oc.momentum,
+            nesterov=oc.nesterov,
+            betas=oc.betas,
+            eps=oc.eps,
         )
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
-        smoothing = float(
-            _cfg_get(oc, "label_smoothing", _cfg_get(cfg.train, "label_smoothing", 0.0))
-        )
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=smoothing)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
         self.steps_per_epoch = len(self.train_loader)
-        max_steps = _cfg_get(cfg.train, "max_steps_per_epoch", None)
-        if max_steps:
-            self.steps_per_epoch = min(self.steps_per_epoch, int(max_steps))
-        self.grad_clip = _cfg_get(cfg.train, "grad_clip", None)
+        max_steps = cfg.train.max_steps_per_epoch
+        if max_steps is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, max_steps)
+        self.grad_clip = cfg.train.grad_clip
         if self.steps_per_epoch == 0:
             raise ValueError("the training loader is empty: check data.train_limit / batch_size")
+        # the LR and sparsity schedules span the steps actually taken (max_steps_per_epoch)
         self.total_steps = self.epochs * self.steps_per_epoch
         if self.env.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -501,12 +484,12 @@ class _Trainer:
             base_lr=self.base_lr,
             total_steps=self.total_steps,
             steps_per_epoch=self.steps_per_epoch,
-            name=_cfg_get(sc, "name", "cosine"),
-            warmup_epochs=float(_cfg_get(sc, "warmup_epochs", 0.0)),
-            min_lr=float(_cfg_get(sc, "min_lr", 0.0)),
-            step_size=int(_cfg_get(sc, "step_size", 30)),
-            gamma=float(_cfg_get(sc, "gamma", 0.1)),
-            milestones=tuple(_cfg_get(sc, "milestones", ())),
+            name=sc.name,
+            warmup_epochs=sc.warmup_epochs,
+            min_lr=sc.min_lr,
+            step_size=sc.step_size,
+            gamma=sc.gamma,
+            milestones=sc.milestones,
         )
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -537,7 +520,7 @@ class _Trainer:
         )
         if is_best:
             copy_atomic(last, self.ckpt_dir / "best.pt")
-        every = int(_cfg_get(self.cfg.train, "save_every", 0) or 0)
+        every = self.cfg.train.save_every
         if every and state.batch == 0 and state.epoch % every == 0:
             copy_atomic(last, self.ckpt_dir / f"epoch_{state.epoch:03d}.pt")
 
@@ -569,10 +552,8 @@ class _Trainer:
 
     # -- the run --------------------------------------------------------------------------
     def run(self, resume: str | os.PathLike | None) -> TrainResult:
-        from strsparse.config import save_config
-
         cfg = self.cfg
-        self.config_dict = _config_dict(cfg)
+        self.config_dict = config_to_dict(cfg)
         ckpt_path: Path | None = None
         if resume is not None:
             ckpt_path = find_checkpoint(resume)
@@ -585,7 +566,7 @@ class _Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         with _log_file(self.run_dir / "train.log", self.env.is_main):
             self._configure_torch()
-            _seed_everything(int(cfg.seed))
+            _seed_everything(cfg.seed)
             self._build(loading_weights=ckpt is not None)
             self._configure_threads()
             if ckpt is not None:
@@ -596,12 +577,12 @@ class _Trainer:
             else:
                 state = _State(history=_new_history())
                 # each rank draws its own dropout/augmentation randomness from here on
-                _seed_everything(int(cfg.seed) + self.env.rank)
+                _seed_everything(cfg.seed + self.env.rank)
             purge = state.step if ckpt is not None else None
             self.run_logger = RunLogger(
                 self.run_dir,
                 enabled=self.env.is_main,
-                tensorboard=bool(_cfg_get(cfg.train, "tensorboard", True)),
+                tensorboard=cfg.train.tensorboard,
                 purge_step=purge,
             )
             try:
@@ -620,7 +601,7 @@ class _Trainer:
             "training %s (%s) on %s for %d epochs x %d steps, device %s%s",
             self.cfg.model.name,
             self.handle.method if self.handle is not None else "dense",
-            getattr(self.cfg.data, "name", "data"),
+            self.cfg.data.name,
             self.epochs,
             self.steps_per_epoch,
             self.device,
@@ -639,7 +620,7 @@ class _Trainer:
         from tqdm.auto import tqdm
 
         epoch = state.epoch
-        _set_loader_epoch(self.train_loader, epoch, int(self.cfg.seed))
+        _set_loader_epoch(self.train_loader, epoch, self.cfg.seed)
         if resume is not None and "rng_epoch_start" in resume:
             restore_rng_state(resume["rng_epoch_start"])
         rng_epoch_start = capture_rng_state() if interrupt.active else None
@@ -740,15 +721,15 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            if self.grad_clip:
+            if self.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), float(self.grad_clip))
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            if self.grad_clip:
-                nn.utils.clip_grad_norm_(self.model.parameters(), float(self.grad_clip))
+            if self.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
         return loss, logits
 
@@ -861,7 +842,7 @@ class _Trainer:
         )
 
     def _write_summary(
-        self, path: Path, state: _State, final: dict[str, float], profile: Any
+        self, path: Path, state: _State, final: dict[str, float], profile: FlopsProfile | None
     ) -> None:
         report = sparsity_report(self.model)
         layers = [
@@ -896,7 +877,7 @@ class _Trainer:
             "name": self.cfg.name,
             "model": self.cfg.model.name,
             "method": self.handle.method if self.handle is not None else "dense",
-            "dataset": getattr(self.cfg.data, "name", None),
+            "dataset": self.cfg.data.name,
             "epochs": state.epoch,
             "steps": state.step,
             "final": final,
@@ -910,11 +891,7 @@ class _Trainer:
         text = json.dumps(clean(summary), indent=2)
         write_atomic(path, text + "\n")
 
-    def _plot(self, state: _State, profile: Any) -> None:
-        try:
-            from strsparse import plots
-        except ImportError:  # pragma: no cover - plots ship with strsparse
-            return
+    def _plot(self, state: _State, profile: FlopsProfile | None) -> None:
         out = self.run_dir / "plots"
         out.mkdir(exist_ok=True)
         history = state.history
