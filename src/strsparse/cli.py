@@ -47,6 +47,19 @@ _CLI_HANDLER_FLAG = "_strsparse_cli_handler"
 # -- small output helpers -------------------------------------------------------------------
 
 
+# Columns of the per-layer table that train, report and eval print.
+LAYER_TABLE_HEADER = (
+    "layer",
+    "shape",
+    "params",
+    "nonzero",
+    "sparsity_%",
+    "threshold",
+    "flops",
+    "sparse_flops",
+)
+
+
 def _human(value: float) -> str:
     """4089284608 -> '4.09G'; NaN -> 'n/a'."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -144,16 +157,7 @@ def _layer_rows(
 
     report = sparsity_report(model)
     flops = _layer_flops(profile) if profile is not None else {}
-    header = [
-        "layer",
-        "shape",
-        "params",
-        "nonzero",
-        "sparsity_%",
-        "threshold",
-        "flops",
-        "sparse_flops",
-    ]
+    header = LAYER_TABLE_HEADER
     text_rows: list[list[str]] = []
     raw_rows: list[list[Any]] = []
     total_flops = total_sparse = 0.0
@@ -262,16 +266,7 @@ def _print_train_summary(result: TrainResult) -> None:
         summary = json.loads(summary_path.read_text())
     layers = summary.get("layers") or []
     if layers:
-        header = [
-            "layer",
-            "shape",
-            "params",
-            "nonzero",
-            "sparsity_%",
-            "threshold",
-            "flops",
-            "sparse_flops",
-        ]
+        header = LAYER_TABLE_HEADER
         rows = []
         for r in layers:
             t = r.get("threshold")

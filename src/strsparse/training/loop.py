@@ -57,7 +57,7 @@ from strsparse.training.distributed import (
     cleanup_distributed,
     setup_distributed,
 )
-from strsparse.training.logs import RunLogger
+from strsparse.training.logs import CSV_COLUMNS, RunLogger
 from strsparse.training.optim import build_optimizer, parameter_groups
 from strsparse.training.schedules import learning_rate
 
@@ -324,20 +324,7 @@ class _State:
 
 
 def _new_history() -> dict[str, Any]:
-    keys = (
-        "epoch",
-        "step",
-        "lr",
-        "train_loss",
-        "train_top1",
-        "val_loss",
-        "val_top1",
-        "val_top5",
-        "sparsity",
-        "sparse_flops",
-        "time",
-    )
-    history: dict[str, Any] = {k: [] for k in keys}
+    history: dict[str, Any] = {k: [] for k in CSV_COLUMNS}
     history["layer_sparsity"] = {}
     history["layer_threshold"] = {}
     return history
