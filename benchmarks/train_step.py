@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 import strsparse
-from strsparse.models import create_model
+from strsparse.models import create_model, default_input_shape
 
 METHOD_OPTIONS: dict[str, dict] = {
     "dense": {},
-    "str": {"init_threshold": -5.0},
+    "str": {"init_threshold": -8.0},
     "st3": {"sparsity": 0.9, "start": 0.0, "end": 1.0},
     "gmp": {"sparsity": 0.9, "start": 0.0, "end": 1.0},
     "dnw": {"sparsity": 0.9},
@@ -41,7 +41,7 @@ def make_step(
     if method != "dense":
         handle = strsparse.sparsify(model, method, **METHOD_OPTIONS[method])
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x = torch.randn(batch_size, 1, 28, 28)
+    x = torch.randn(batch_size, *default_input_shape(model_name))
     y = torch.randint(0, 10, (batch_size,))
     loss_fn = nn.CrossEntropyLoss()
     state = {"step": 0}

@@ -65,9 +65,6 @@ __all__ = ["TrainResult", "TrainingDiverged", "evaluate", "run_dir_of", "train"]
 
 logger = logging.getLogger(__name__)
 
-# Below this many parameters a model trains fastest on one CPU thread (see _configure_threads).
-_SMALL_MODEL_PARAMS = 2_000_000
-
 # train.amp -> the autocast dtype (None: plain fp32)
 _AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -389,13 +386,12 @@ class _Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
     def _configure_threads(self) -> None:
-        """CPU intra-op threads: ``train.num_threads``, else a default that suits the model.
+        """CPU intra-op threads: ``train.num_threads``, else torch's default shared out
+        between the processes torchrun starts on this machine.
 
-        A small model's ops (LeNet-5: well under a millisecond each) gain little from more
-        threads, and on a busy machine a thread waiting for a core stalls every op: on a
-        loaded 2-core machine a LeNet-5 step (batch 128) took 88 ms on 1 thread and 1.2 s on
-        2. Models under ``_SMALL_MODEL_PARAMS`` therefore get one thread; larger ones keep
-        torch's default. Under torchrun the cores are shared out between the local processes.
+        On an idle 2-core machine a LeNet-5 step (batch 128) takes 31 ms on 1 thread and
+        17 ms on 2; on a machine busy with other work, fewer threads can be faster: set
+        ``train.num_threads`` then.
         """
         if self.device.type != "cpu":
             return
@@ -405,9 +401,6 @@ class _Trainer:
             cores = cores or os.cpu_count() or 1
             local = int(os.environ.get("LOCAL_WORLD_SIZE", self.env.world_size))
             threads = max(1, min(torch.get_num_threads(), cores // max(local, 1)))
-            params = sum(p.numel() for p in self.model.parameters())
-            if params < _SMALL_MODEL_PARAMS:
-                threads = 1
         if threads != torch.get_num_threads():
             logger.info("CPU threads: %d", threads)
             torch.set_num_threads(threads)
