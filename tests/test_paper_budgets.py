@@ -135,3 +135,15 @@ def test_paper_flops_column_matches_layer_table():
     assert sum(flops.values()) + 100_352 == 4_089_284_608  # the table's total, with the pool
     flops = {n: f for n, (_, f) in paper_layer_table("mobilenet_v1").items()}
     assert sum(flops.values()) == 568_740_352  # Table 8's total, without the pool
+
+
+def test_erk_budget_reproduces_the_papers_erk_column():
+    """Budget.erk on ResNet-50 gives Table 7's ERK column (published rounded to whole
+    percents): every layer within half a point, layer1.0.conv1 dense."""
+    model = create_model("resnet50")
+    ours = Budget.erk(model, 0.9)
+    paper = load_paper_budget("resnet50-erk-90")
+    assert set(ours) == set(paper)
+    assert ours["layer1.0.conv1"] == 0.0
+    for name in ours:
+        assert abs(ours[name] - paper[name]) <= 0.005 + 1e-9, name
