@@ -16,7 +16,6 @@ from strsparse.functional import (
     THRESHOLD_FUNCTIONS,
     cubic_sparsity,
     global_magnitude_masks,
-    global_magnitude_threshold,
     magnitude_mask,
     resolve_threshold_function,
     soft_threshold,
@@ -110,13 +109,12 @@ def test_magnitude_mask_exact_count_with_ties() -> None:
     assert w.abs()[~mask].max() < w.abs()[mask].min()
 
 
-def test_global_magnitude_threshold_and_masks() -> None:
+def test_global_magnitude_masks_drop_the_smallest_of_all_layers() -> None:
     torch.manual_seed(0)
     weights = [torch.randn(4, 5), 3 * torch.randn(10)]
     flat = torch.cat([w.abs().flatten() for w in weights])
-    assert global_magnitude_threshold([w.abs() for w in weights], 0.0) == 0.0
-    th = global_magnitude_threshold([w.abs() for w in weights], 0.4)
-    assert th == pytest.approx(float(flat.kthvalue(12).values))
+    th = float(flat.kthvalue(12).values)
+    assert all(bool(m.all()) for m in global_magnitude_masks(weights, 0.0))
     masks = global_magnitude_masks(weights, 0.4)
     assert sum(int((~m).sum()) for m in masks) == 12
     for w, m in zip(weights, masks, strict=True):

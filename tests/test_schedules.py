@@ -8,8 +8,9 @@ from torch import nn
 
 import strsparse
 from strsparse import Budget, cubic_sparsity
+from strsparse.functional import update_point
 from strsparse.methods import get_parametrization, raw_weight
-from strsparse.methods.gmp import schedule_window, update_point
+from strsparse.methods.base import schedule_window
 
 
 def _model(seed: int = 0) -> nn.Module:

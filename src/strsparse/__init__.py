@@ -1,8 +1,7 @@
 """strsparse: sparse-by-design PyTorch training with STR and its peers."""
 
 from strsparse import flops, models
-from strsparse.budget import Budget
-from strsparse.budgets import list_paper_budgets
+from strsparse.budgets import Budget, list_paper_budgets
 from strsparse.functional import cubic_sparsity, soft_threshold
 from strsparse.methods import get_parametrization, list_methods
 from strsparse.models import create_model, list_models

@@ -39,6 +39,8 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from strsparse.atomic import write_atomic
+from strsparse.methods import list_methods
+from strsparse.models import list_models
 
 __all__ = [
     "AMP_MODES",
@@ -302,8 +304,6 @@ class ModelConfig(_Section):
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def _check(self) -> None:
-        from strsparse.models import list_models
-
         _check_choice(self.name, list_models(), self._key("name"))
         _check_range(self.num_classes, self._key("num_classes"), ge=1)
         _check_range(self.in_channels, self._key("in_channels"), ge=1)
@@ -393,8 +393,6 @@ class SparsityConfig(_Section):
     budget: str | None = None
 
     def _check(self) -> None:
-        from strsparse.methods import list_methods
-
         _check_choice(self.method, [*list_methods(), DENSE], self._key("method"))
 
 

@@ -16,11 +16,12 @@ __all__ = [
     "closest",
     "cubic_sparsity",
     "global_magnitude_masks",
-    "global_magnitude_threshold",
     "magnitude_mask",
+    "pruned_cutoff",
     "resolve_threshold_function",
     "soft_threshold",
     "straight_through",
+    "update_point",
 ]
 
 
@@ -110,6 +111,17 @@ def cubic_sparsity(step: int, start: int, end: int, final: float, initial: float
     return final + (initial - final) * (1.0 - progress) ** 3
 
 
+def update_point(step: int, start: int, end: int, frequency: int) -> int | None:
+    """The last mask update at or before ``step``: start + k * frequency, capped at ``end``
+    (always an update there); None before ``start``. A pure function of the step, so a
+    resumed run or a loop that skips steps computes the same masks."""
+    if step < start:
+        return None
+    if step >= end:
+        return end
+    return start + (step - start) // frequency * frequency
+
+
 def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
     """Boolean mask keeping the largest-magnitude ``1 - sparsity`` fraction of ``weight``.
 
@@ -126,17 +138,10 @@ def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
     return mask.view_as(weight)
 
 
-def global_magnitude_threshold(magnitudes: Sequence[Tensor], sparsity: float) -> float:
-    """The magnitude below which a ``sparsity`` fraction of all given entries fall.
-
-    Used for one global budget over several layers (Han et al., 2015; ST-3's global quantile).
-    Returns 0.0 for ``sparsity == 0`` so that nothing is pruned.
-    """
-    flat = torch.cat([m.detach().flatten() for m in magnitudes])
-    n_pruned = round(sparsity * flat.numel())
-    if n_pruned == 0:
-        return 0.0
-    return float(torch.kthvalue(flat.float().cpu(), n_pruned).values)
+def pruned_cutoff(weight: Tensor, mask: Tensor) -> float | None:
+    """The largest magnitude among the pruned (``mask == False``) entries, None if none."""
+    pruned = weight.detach().abs()[~mask]
+    return float(pruned.max()) if pruned.numel() else None
 
 
 def global_magnitude_masks(weights: Sequence[Tensor], sparsity: float) -> list[Tensor]:

@@ -27,20 +27,14 @@ import csv
 import difflib
 import functools
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from types import MappingProxyType
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-
-    from strsparse.budget import Budget
 
 __all__ = [
     "PaperBudget",
     "list_paper_budgets",
-    "load_paper_budget",
     "paper_budget_info",
     "paper_layer_table",
 ]
@@ -130,18 +124,6 @@ def paper_budget_info(name: str) -> PaperBudget:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown paper budget {name!r}; valid names: {', '.join(valid)}{hint}")
     return catalog[name]
-
-
-def load_paper_budget(name: str) -> Budget:
-    """The published budget ``name`` as a :class:`strsparse.Budget` (fractions in [0, 1)).
-
-    >>> budget = load_paper_budget("resnet50-str-90.23")
-    >>> round(budget["fc"], 4)
-    0.645
-    """
-    from strsparse.budget import Budget  # deferred: strsparse.budget imports the core
-
-    return Budget(paper_budget_info(name).fractions)
 
 
 def paper_layer_table(model: str) -> dict[str, tuple[int, int]]:

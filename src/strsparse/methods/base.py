@@ -21,6 +21,8 @@ from strsparse.functional import closest
 __all__ = [
     "SCOPES",
     "SparsityMethod",
+    "check_fraction",
+    "check_schedule_options",
     "check_target_options",
     "get_method",
     "get_parametrization",
@@ -29,6 +31,8 @@ __all__ = [
     "register_method",
     "resolve_step",
     "resolve_targets",
+    "schedule_window",
+    "zero_fraction",
 ]
 
 _REGISTRY: dict[str, type[SparsityMethod]] = {}
@@ -130,6 +134,39 @@ def resolve_step(value: int | float, total_steps: int, option: str) -> int:
     if value < 0:
         raise ValueError(f"{option}={value} must be >= 0")
     return value
+
+
+def check_schedule_options(start: int | float, end: int | float) -> None:
+    """Validate ``start``/``end`` (a step as int, or a fraction of training as float)."""
+    resolve_step(start, 1, "start")
+    resolve_step(end, 1, "end")
+    if type(start) is type(end) and end < start:
+        raise ValueError(f"end={end!r} comes before start={start!r}; pruning must end after it")
+
+
+def schedule_window(start: int | float, end: int | float, total_steps: int) -> tuple[int, int]:
+    """The schedule's first and last step for a run of ``total_steps`` optimizer steps.
+
+    Steps count from 0, so a fraction resolves to at most the last step, ``total_steps - 1``
+    (``end=1.0`` means "at the last step"); an int beyond it is an error, since the final
+    target would never be reached.
+    """
+    last = total_steps - 1
+    first_step = min(resolve_step(start, total_steps, "start"), last)
+    last_step = resolve_step(end, total_steps, "end")
+    if isinstance(end, float):
+        last_step = min(last_step, last)
+    elif last_step > last:
+        raise ValueError(
+            f"end={end} is after the last step {last} of total_steps={total_steps}: the final "
+            "sparsity would never be reached; pass a smaller end or a fraction such as 0.75"
+        )
+    if last_step < first_step:
+        raise ValueError(
+            f"end={end!r} (step {last_step}) comes before start={start!r} (step {first_step}) "
+            f"with total_steps={total_steps}; pruning must end after it starts"
+        )
+    return first_step, last_step
 
 
 def check_fraction(value: float, option: str, *, allow_one: bool = False) -> float:

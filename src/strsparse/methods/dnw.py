@@ -14,14 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from strsparse.functional import magnitude_mask, straight_through
+from strsparse.functional import magnitude_mask, pruned_cutoff, straight_through
 from strsparse.methods.base import (
     SparsityMethod,
     check_target_options,
     register_method,
     resolve_targets,
 )
-from strsparse.methods.magnitude import pruned_cutoff
 
 __all__ = ["DiscoveringNeuralWirings", "DiscoveringNeuralWiringsOptions"]
 

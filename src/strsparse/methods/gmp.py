@@ -19,70 +19,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from strsparse.functional import cubic_sparsity, global_magnitude_masks, magnitude_mask
+from strsparse.functional import (
+    cubic_sparsity,
+    global_magnitude_masks,
+    magnitude_mask,
+    pruned_cutoff,
+    update_point,
+)
 from strsparse.methods.base import (
     SparsityMethod,
     check_fraction,
+    check_schedule_options,
     check_target_options,
     get_parametrization,
     raw_weight,
     register_method,
-    resolve_step,
     resolve_targets,
+    schedule_window,
 )
-from strsparse.methods.magnitude import pruned_cutoff
 
-__all__ = [
-    "GradualMagnitude",
-    "GradualMagnitudeOptions",
-    "check_schedule_options",
-    "schedule_window",
-    "update_point",
-]
-
-
-def check_schedule_options(start: int | float, end: int | float) -> None:
-    """Validate ``start``/``end`` (a step as int, or a fraction of training as float)."""
-    resolve_step(start, 1, "start")
-    resolve_step(end, 1, "end")
-    if type(start) is type(end) and end < start:
-        raise ValueError(f"end={end!r} comes before start={start!r}; pruning must end after it")
-
-
-def schedule_window(start: int | float, end: int | float, total_steps: int) -> tuple[int, int]:
-    """The schedule's first and last step for a run of ``total_steps`` optimizer steps.
-
-    Steps count from 0, so a fraction resolves to at most the last step, ``total_steps - 1``
-    (``end=1.0`` means "at the last step"); an int beyond it is an error, since the final
-    target would never be reached.
-    """
-    last = total_steps - 1
-    first_step = min(resolve_step(start, total_steps, "start"), last)
-    last_step = resolve_step(end, total_steps, "end")
-    if isinstance(end, float):
-        last_step = min(last_step, last)
-    elif last_step > last:
-        raise ValueError(
-            f"end={end} is after the last step {last} of total_steps={total_steps}: the final "
-            "sparsity would never be reached; pass a smaller end or a fraction such as 0.75"
-        )
-    if last_step < first_step:
-        raise ValueError(
-            f"end={end!r} (step {last_step}) comes before start={start!r} (step {first_step}) "
-            f"with total_steps={total_steps}; pruning must end after it starts"
-        )
-    return first_step, last_step
-
-
-def update_point(step: int, start: int, end: int, frequency: int) -> int | None:
-    """The last mask update at or before ``step``: start + k * frequency, capped at ``end``
-    (always an update there); None before ``start``. A pure function of the step, so a
-    resumed run or a loop that skips steps computes the same masks."""
-    if step < start:
-        return None
-    if step >= end:
-        return end
-    return start + (step - start) // frequency * frequency
+__all__ = ["GradualMagnitude", "GradualMagnitudeOptions"]
 
 
 @dataclass(frozen=True)

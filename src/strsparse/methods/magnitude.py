@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from strsparse.functional import global_magnitude_masks, magnitude_mask
+from strsparse.functional import global_magnitude_masks, magnitude_mask, pruned_cutoff
 from strsparse.methods.base import (
     SparsityMethod,
     check_target_options,
@@ -22,13 +22,7 @@ from strsparse.methods.base import (
     resolve_targets,
 )
 
-__all__ = ["Magnitude", "MagnitudeOptions", "pruned_cutoff"]
-
-
-def pruned_cutoff(weight: Tensor, mask: Tensor) -> float | None:
-    """The largest magnitude among the pruned (``mask == False``) entries, None if none."""
-    pruned = weight.detach().abs()[~mask]
-    return float(pruned.max()) if pruned.numel() else None
+__all__ = ["Magnitude", "MagnitudeOptions"]
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,14 @@ from torch import Tensor, nn
 from strsparse.functional import cubic_sparsity, straight_through
 from strsparse.methods.base import (
     SparsityMethod,
+    check_schedule_options,
     check_target_options,
     get_parametrization,
     raw_weight,
     register_method,
     resolve_targets,
+    schedule_window,
 )
-from strsparse.methods.gmp import check_schedule_options, schedule_window
 
 __all__ = ["StraightThroughSoftThreshold", "StraightThroughSoftThresholdOptions", "st3_weight"]
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from strsparse.budget import Budget
+from strsparse.budgets import Budget
 from strsparse.config import DENSE, Config
 from strsparse.functional import closest
 from strsparse.methods.soft_threshold import InitThresholdWarning

@@ -33,7 +33,7 @@ from torch import nn
 
 from strsparse import plots
 from strsparse.atomic import write_atomic
-from strsparse.budget import Budget
+from strsparse.budgets import Budget
 from strsparse.config import Config, config_to_dict, save_config
 from strsparse.flops import FlopsProfile
 from strsparse.flops import profile as profile_flops

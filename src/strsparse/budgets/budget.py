@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from strsparse.atomic import write_atomic
+from strsparse.budgets.paper import paper_budget_info
 from strsparse.methods.base import check_fraction, zero_fraction
 from strsparse.sparsify import eligible_layers, sparse_layers
 
-__all__ = ["Budget"]
+__all__ = ["Budget", "load_paper_budget"]
 
 
 def _layer_shapes(model_or_shapes: nn.Module | Mapping[str, tuple[int, ...]]) -> dict[str, tuple]:
@@ -127,9 +128,7 @@ class Budget(Mapping[str, float]):
     def from_paper(cls, name: str) -> Budget:
         """A budget published in the STR paper's appendix, e.g. ``"resnet50-str-90.23"``;
         ``strsparse.budgets.list_paper_budgets()`` lists them."""
-        from strsparse.budgets import load_paper_budget
-
-        return load_paper_budget(name)
+        return cls(paper_budget_info(name).fractions)
 
     # -- use ------------------------------------------------------------------------------
     def to_csv(self, path: str | os.PathLike) -> Path:
@@ -149,3 +148,13 @@ class Budget(Mapping[str, float]):
             raise ValueError(f"budget layers not in the model: {', '.join(missing[:5])}")
         total = sum(math.prod(shapes[n]) for n in self)
         return sum(self[n] * math.prod(shapes[n]) for n in self) / total
+
+
+def load_paper_budget(name: str) -> Budget:
+    """The published budget ``name`` as a :class:`Budget` (fractions in [0, 1)).
+
+    >>> budget = load_paper_budget("resnet50-str-90.23")
+    >>> round(budget["fc"], 4)
+    0.645
+    """
+    return Budget.from_paper(name)
