@@ -62,6 +62,7 @@ def test_unknown_command_and_option_are_usage_errors(capsys: pytest.CaptureFixtu
     assert "unrecognized arguments: stray=1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_installed_entry_point_runs() -> None:
     exe = shutil.which("strsparse") or str(Path(sys.executable).with_name("strsparse"))
     if not Path(exe).exists():
@@ -71,6 +72,7 @@ def test_installed_entry_point_runs() -> None:
     assert "usage: strsparse" in done.stdout and "plot-budgets" in done.stdout
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "strsparse", "list", "models"],
@@ -346,6 +348,7 @@ def test_config_errors_are_one_line_naming_the_key(tmp_path: Path, capsys) -> No
     assert "no_such_config" in _one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_budget_transfer_from_str_to_gmp(str_run: tuple[Path, str], tmp_path: Path) -> None:
     import strsparse
     from strsparse import Budget

@@ -1,4 +1,5 @@
-"""Every sparsity method on every layer type, plus each method's own contract and its errors."""
+"""The contract every registered method keeps (strsparse.methods.base), on every layer type,
+and the option errors the methods share."""
 
 from __future__ import annotations
 
@@ -7,15 +8,13 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 import strsparse
 from strsparse.methods import get_parametrization, raw_weight
-from strsparse.methods.st3 import StraightThroughSoftThreshold, st3_weight
+from strsparse.methods.base import schedule_window
 
 TOTAL_STEPS = 10
 
-# Options giving each method a visibly sparse model after a few steps.
 METHOD_OPTIONS: dict[str, dict] = {
     "str": {"init_threshold": -3200.0},
     "st3": {"sparsity": 0.5, "start": 0, "end": 6},
@@ -64,6 +63,8 @@ def _sparse_model(
 
 
 all_methods = pytest.mark.parametrize("method", strsparse.list_methods())
+
+
 all_architectures = pytest.mark.parametrize("arch", list(ARCHITECTURES))
 
 
@@ -71,7 +72,6 @@ def test_every_method_is_in_the_matrix() -> None:
     assert set(strsparse.list_methods()) == set(METHOD_OPTIONS)
 
 
-# -- the cross-method matrix ---------------------------------------------------------------
 @all_methods
 @all_architectures
 def test_output_shape_sparsity_and_gradients(method: str, arch: str) -> None:
@@ -141,193 +141,6 @@ def test_threshold_is_a_float_or_none(method: str) -> None:
     assert len(report.layers) == len(handle.layers)
 
 
-# -- DNW ------------------------------------------------------------------------------------
-def test_dnw_exact_layer_sparsity_and_straight_through_gradient() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 7), nn.Linear(7, 3))
-    budget = {"0": 0.3, "1": 0.62}
-    handle = strsparse.sparsify(model, "dnw", budget=budget)
-    for name, module in handle.layers.items():
-        n = module.weight.numel()
-        assert int((module.weight == 0).sum()) == round(budget[name] * n)
-        # kept weights are the largest magnitudes, unchanged
-        raw = raw_weight(module)
-        kept = module.weight != 0
-        torch.testing.assert_close(module.weight[kept], raw[kept])
-        assert raw[~kept].abs().max() <= raw[kept].abs().min()
-
-    x = torch.randn(5, 10)
-    model(x).sum().backward()
-    first = handle.layers["0"]
-    pruned = first.weight.detach() == 0
-    assert (raw_weight(first).grad[pruned] != 0).any()
-    # straight-through: the raw gradient is the gradient w.r.t. the effective weight
-    effective = first.weight.detach().requires_grad_()
-    hidden = nn.functional.linear(x, effective, first.bias)
-    handle.layers["1"](hidden).sum().backward()
-    torch.testing.assert_close(raw_weight(first).grad, effective.grad)
-
-
-def test_dnw_mask_follows_the_weights() -> None:
-    torch.manual_seed(0)
-    layer = nn.Linear(6, 4)
-    strsparse.sparsify(layer, "dnw", sparsity=0.5)
-    with torch.no_grad():
-        raw = raw_weight(layer)
-        smallest = raw.abs().flatten().argmin()
-        raw.view(-1)[smallest] = 100.0  # a pruned weight becomes the largest
-    assert layer.weight.view(-1)[smallest] == 100.0
-    assert int((layer.weight == 0).sum()) == 12
-
-
-# -- ST-3 -----------------------------------------------------------------------------------
-def test_st3_weight_matches_the_formula_channel_by_channel() -> None:
-    torch.manual_seed(0)
-    weight = torch.randn(5, 3, 2, 2)
-    th = 0.6
-    out = st3_weight(weight, th)
-    for c in range(5):
-        w = weight[c]
-        keep = w.abs() > th
-        expected = (w - w.sign() * th) * keep
-        r = ((w.abs() * keep).mean() + 1e-6) / (w.abs().mean() + 1e-6)
-        torch.testing.assert_close(out[c], expected * 1.01 / (r + 0.01))
-    torch.testing.assert_close(
-        st3_weight(weight, th, rescale=False), (weight - weight.sign() * th) * (weight.abs() > th)
-    )
-    torch.testing.assert_close(st3_weight(weight, 0.0), weight, rtol=0, atol=0)
-
-
-def _st3_linear(**options) -> tuple[nn.Linear, strsparse.SparsityHandle]:
-    torch.manual_seed(0)
-    layer = nn.Linear(9, 6)
-    return layer, strsparse.sparsify(layer, "st3", **options)
-
-
-def test_st3_is_straight_through_before_the_fix_and_masked_after() -> None:
-    layer, handle = _st3_linear(sparsity=0.5, start=0, end=5, rescale=False)
-    x = torch.randn(4, 9)
-    handle.step(3, 10)
-    pruned = layer.weight.detach() == 0
-    assert pruned.any()
-    layer(x).sum().backward()
-    expected = x.sum(0).expand(6, 9)  # d(sum(x W^T))/dW for every weight, pruned or not
-    torch.testing.assert_close(raw_weight(layer).grad, expected)
-
-    raw_weight(layer).grad = None
-    handle.step(5, 10)  # the fix
-    param = get_parametrization(layer)
-    assert bool(param.frozen)
-    mask = param.mask
-    assert int((~mask).sum()) == round(0.5 * 54)
-    layer(x).sum().backward()
-    torch.testing.assert_close(raw_weight(layer).grad, expected * mask)
-
-    # fine-tuning keeps the pruned weights at zero
-    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    for step in range(6, 9):
-        opt.zero_grad()
-        layer(x).square().sum().backward()
-        opt.step()
-        handle.step(step, 10)
-        assert torch.equal(layer.weight == 0, ~mask)
-
-
-def test_st3_fix_writes_the_forward_weights_into_the_raw_ones() -> None:
-    layer, handle = _st3_linear(sparsity=0.4, start=0, end=4)
-    handle.step(3, 10)
-    raw_before = raw_weight(layer).detach().clone()
-    handle.step(4, 10)  # threshold at p_max, then the fix
-    threshold = get_parametrization(layer).threshold()
-    assert threshold == pytest.approx(float(raw_before.abs().flatten().kthvalue(22).values))
-    w = raw_weight(layer).detach()
-    torch.testing.assert_close(w, st3_weight(raw_before, threshold))
-    assert int((w == 0).sum()) == round(0.4 * 54)
-    torch.testing.assert_close(layer.weight.detach(), w)
-
-
-def test_st3_freeze_on_demand_keeps_outputs() -> None:
-    layer, handle = _st3_linear(sparsity=0.5, start=0, end=8)
-    x = torch.randn(3, 9)
-    handle.step(4, 10)
-    before = layer(x).detach()
-    StraightThroughSoftThreshold.freeze(handle.layers)
-    torch.testing.assert_close(layer(x), before)
-    handle.step(5, 10)  # frozen layers ignore the schedule
-    torch.testing.assert_close(layer(x), before)
-    strsparse.finalize(layer)
-    torch.testing.assert_close(layer(x), before)
-
-
-def test_st3_frozen_state_survives_a_round_trip() -> None:
-    layer, handle = _st3_linear(sparsity=0.5, start=0, end=3)
-    for step in range(5):
-        handle.step(step, 10)
-    fresh, _ = _st3_linear(sparsity=0.5, start=0, end=3)
-    fresh.load_state_dict(layer.state_dict())
-    param = get_parametrization(fresh)
-    assert param._frozen and bool(param.frozen)
-    with torch.no_grad():
-        raw_weight(fresh).add_(1.0)  # frozen: the mask, not a threshold, decides
-    assert torch.equal(fresh.weight == 0, ~param.mask)
-
-
-# -- magnitude ------------------------------------------------------------------------------
-def test_magnitude_layer_scope_equals_torch_prune() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(11, 7), nn.Linear(7, 5))
-    reference = nn.Sequential(nn.Linear(11, 7), nn.Linear(7, 5))
-    reference.load_state_dict(model.state_dict())
-    handle = strsparse.sparsify(model, "magnitude", sparsity=0.37)
-    for name, module in handle.layers.items():
-        ref = reference.get_submodule(name)
-        prune.l1_unstructured(ref, "weight", amount=0.37)
-        assert torch.equal(get_parametrization(module).mask, ref.weight_mask.bool())
-        assert int((module.weight == 0).sum()) == round(0.37 * module.weight.numel())
-        torch.testing.assert_close(module.weight, ref.weight)
-
-
-def test_magnitude_global_scope_equals_torch_global_unstructured() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(11, 7), nn.Linear(7, 5))
-    with torch.no_grad():
-        model[1].weight.mul_(3.0)  # different scales: the global ranking favours layer 1
-    reference = nn.Sequential(nn.Linear(11, 7), nn.Linear(7, 5))
-    reference.load_state_dict(model.state_dict())
-    strsparse.sparsify(model, "magnitude", sparsity=0.6, scope="global")
-    prune.global_unstructured(
-        [(reference[0], "weight"), (reference[1], "weight")],
-        pruning_method=prune.L1Unstructured,
-        amount=0.6,
-    )
-    zeros = [int((model[i].weight == 0).sum()) for i in (0, 1)]
-    assert sum(zeros) == round(0.6 * (77 + 35))
-    assert zeros[0] / 77 > zeros[1] / 35
-    for i in (0, 1):
-        assert torch.equal(get_parametrization(model[i]).mask, reference[i].weight_mask.bool())
-
-
-def test_magnitude_mask_is_fixed_and_reports_its_cutoff() -> None:
-    torch.manual_seed(0)
-    layer = nn.Linear(8, 8)
-    original = layer.weight.detach().clone()
-    strsparse.sparsify(layer, "magnitude", sparsity=0.25)
-    mask = layer.weight != 0
-    cutoff = get_parametrization(layer).threshold()
-    assert cutoff == pytest.approx(float(original.abs()[~mask].max()))
-    assert cutoff < float(original.abs()[mask].min())
-    with torch.no_grad():
-        raw_weight(layer).mul_(-2.0)
-    assert torch.equal(layer.weight != 0, mask)
-    assert strsparse.sparsify(nn.Linear(3, 3), "magnitude", sparsity=0.0).layers
-    assert get_parametrization(nn.Linear(3, 3)) is None
-
-
-# -- errors ---------------------------------------------------------------------------------
-def _model() -> nn.Module:
-    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
-
-
 def test_unknown_method_lists_the_valid_names_and_the_closest() -> None:
     with pytest.raises(ValueError, match="did you mean 'gmp'") as info:
         strsparse.sparsify(_model(), "gpm", sparsity=0.5)
@@ -372,13 +185,6 @@ def test_budget_must_name_exactly_the_sparsified_layers(method: str) -> None:
     assert list(handle.layers) == ["0"]
 
 
-def test_include_or_exclude_matching_nothing() -> None:
-    with pytest.raises(ValueError, match="include pattern 'fc' matches no"):
-        strsparse.sparsify(_model(), "gmp", include=["fc"], sparsity=0.5)
-    with pytest.raises(ValueError, match="exclude pattern 'layer1.*' matches no"):
-        strsparse.sparsify(_model(), "magnitude", exclude=["layer1.*"], sparsity=0.5)
-
-
 @pytest.mark.parametrize("method", strsparse.list_methods())
 def test_sparsify_twice(method: str) -> None:
     model = _model()
@@ -417,7 +223,11 @@ def test_schedule_option_errors() -> None:
         handle.step(0, 100)
 
 
-def test_st3_freeze_rejects_other_methods() -> None:
-    handle = strsparse.sparsify(_model(), "gmp", sparsity=0.5)
-    with pytest.raises(ValueError, match="freeze expects layers sparsified with 'st3'"):
-        StraightThroughSoftThreshold.freeze(handle.layers)
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+
+
+def test_schedule_window_resolves_fractions_and_ints() -> None:
+    assert schedule_window(0.1, 0.5, 200) == (20, 100)
+    assert schedule_window(0, 1.0, 200) == (0, 199)  # "at the last step"
+    assert schedule_window(10, 199, 200) == (10, 199)

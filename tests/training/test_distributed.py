@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from strsparse.training import load_checkpoint
@@ -22,7 +23,7 @@ WORKER = textwrap.dedent(
     from strsparse.training import loop
 
     sys.path.insert(0, sys.argv[2])
-    from test_training import synthetic_config
+    from tests.training.runs import synthetic_config
 
     finish = loop._Trainer._finish
 
@@ -45,6 +46,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_identical_replicas(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -58,7 +60,7 @@ def test_two_processes_train_identical_replicas(tmp_path: Path) -> None:
         f"--master_port={_free_port()}",
         str(script),
         str(tmp_path),
-        str(Path(__file__).parent),
+        str(Path(__file__).parents[2]),  # the repository root, for tests.training.runs
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -1,4 +1,4 @@
-"""GMP and ST-3 schedules: targets at given steps, exact final counts, budgets, resume."""
+"""GMP (strsparse.methods.gmp): the cubic schedule, update points, scopes, budgets and resume."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from torch import nn
 
 import strsparse
 from strsparse import Budget, cubic_sparsity
-from strsparse.functional import update_point
 from strsparse.methods import get_parametrization, raw_weight
-from strsparse.methods.base import schedule_window
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -32,21 +30,6 @@ def _sparsity_at(handle: strsparse.SparsityHandle, step: int, total: int) -> dic
     return {name: _zeros(m) for name, m in handle.layers.items()}
 
 
-# -- pure schedule helpers --------------------------------------------------------------------
-def test_update_points() -> None:
-    assert update_point(4, 5, 30, 10) is None
-    assert [update_point(t, 5, 30, 10) for t in (5, 14, 15, 24, 25, 29)] == [5, 5, 15, 15, 25, 25]
-    assert update_point(30, 5, 30, 10) == 30  # always an update at the end
-    assert update_point(99, 5, 30, 10) == 30
-
-
-def test_schedule_window_resolves_fractions_and_ints() -> None:
-    assert schedule_window(0.1, 0.5, 200) == (20, 100)
-    assert schedule_window(0, 1.0, 200) == (0, 199)  # "at the last step"
-    assert schedule_window(10, 199, 200) == (10, 199)
-
-
-# -- GMP ----------------------------------------------------------------------------------
 def test_gmp_layer_scope_follows_the_cubic_schedule_and_ends_exactly() -> None:
     model = _model()
     handle = strsparse.sparsify(model, "gmp", sparsity=0.8, start=10, end=30, frequency=1)
@@ -160,96 +143,3 @@ def test_budget_transfer_from_str_to_gmp() -> None:
     for name, module in gmp.layers.items():
         assert _zeros(module) == _zeros(learned.get_submodule(name))
     assert Budget.from_model(fresh) == budget
-
-
-# -- ST-3 ---------------------------------------------------------------------------------
-def _global_quantile(handle: strsparse.SparsityHandle, sparsity: float) -> float:
-    flat = torch.cat([raw_weight(m).detach().abs().flatten() for m in handle.layers.values()])
-    return float(flat.kthvalue(round(sparsity * flat.numel())).values)
-
-
-def test_st3_schedule_values_and_exact_final_sparsity() -> None:
-    model = _model()
-    handle = strsparse.sparsify(model, "st3", sparsity=0.9, start=10, end=30)
-    total = sum(m.weight.numel() for m in handle.layers.values())
-
-    handle.step(5, 100)  # dense before t_start: the forward weight is the raw weight
-    for module in handle.layers.values():
-        assert torch.equal(module.weight, raw_weight(module))
-        assert get_parametrization(module).threshold() == 0.0
-
-    for step in (10, 20, 29):
-        target = cubic_sparsity(step, 10, 30, 0.9)
-        handle.step(step, 100)
-        expected = _global_quantile(handle, target) if target > 0 else 0.0
-        for module in handle.layers.values():
-            p = get_parametrization(module)
-            assert float(p.target) == pytest.approx(target)
-            assert p.threshold() == pytest.approx(expected)
-        zeros = sum(_zeros(m) for m in handle.layers.values())
-        assert zeros == round(target * total)
-    assert float(get_parametrization(model[0]).target) == pytest.approx(0.9 * (1 - 0.05**3))
-
-    handle.step(30, 100)  # p_max exactly, then the fix
-    assert sum(_zeros(m) for m in handle.layers.values()) == round(0.9 * total)
-    assert all(bool(get_parametrization(m).frozen) for m in handle.layers.values())
-
-
-def test_st3_normalized_variant_scales_the_layer_thresholds() -> None:
-    model = _model()
-    handle = strsparse.sparsify(model, "st3", sparsity=0.6, normalize=True, end=10)
-    total = sum(m.weight.numel() for m in handle.layers.values())
-    handle.step(10, 20)
-    thresholds = {}
-    for name, module in handle.layers.items():
-        shape = raw_weight(module).shape
-        thresholds[name] = get_parametrization(module).threshold() * sum(shape) ** 0.5
-    # one quantile q of |w| * sqrt(sum(shape)) over all layers; th_l = q / sqrt(sum(shape))
-    assert len({round(v, 5) for v in thresholds.values()}) == 1
-    assert sum(_zeros(m) for m in handle.layers.values()) == round(0.6 * total)
-
-
-def test_st3_budget_uses_per_layer_quantiles() -> None:
-    budget = {"0": 0.2, "2": 0.5, "4": 0.9}
-    handle = strsparse.sparsify(_model(), "st3", budget=budget, start=0, end=10, rescale=False)
-    numel = {n: m.weight.numel() for n, m in handle.layers.items()}
-    handle.step(5, 20)
-    for name in NAMES:
-        target = cubic_sparsity(5, 0, 10, budget[name])
-        assert _zeros(handle.layers[name]) == round(target * numel[name])
-    handle.step(10, 20)
-    assert {n: _zeros(m) for n, m in handle.layers.items()} == {
-        n: round(budget[n] * numel[n]) for n in NAMES
-    }
-
-
-def test_st3_resume_before_the_fix_continues_identically() -> None:
-    def mlp(seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
-
-    def train(m: nn.Module, h: strsparse.SparsityHandle, o: torch.optim.Optimizer, step: int):
-        h.step(step, 40)
-        o.zero_grad()
-        m(x).square().mean().backward()
-        o.step()
-
-    x = torch.randn(5, 12)
-    model = mlp(0)
-    handle = strsparse.sparsify(model, "st3", sparsity=0.7, end=20)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for step in range(8):
-        train(model, handle, opt, step)
-    resumed = mlp(5)
-    resumed_handle = strsparse.sparsify(resumed, "st3", sparsity=0.7, end=20)
-    resumed.load_state_dict(model.state_dict())
-    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.05)
-    for step in range(8, 24):  # through the fix at step 20 and beyond
-        train(model, handle, opt, step)
-        train(resumed, resumed_handle, resumed_opt, step)
-    torch.testing.assert_close(resumed(x), model(x))
-    for name in ("0", "2"):
-        assert torch.equal(
-            get_parametrization(resumed.get_submodule(name)).mask,
-            get_parametrization(model.get_submodule(name)).mask,
-        )

@@ -1,4 +1,4 @@
-"""Training engine: schedules, parameter groups, evaluation and end-to-end runs."""
+"""The training loop (strsparse.training.loop): evaluation and end-to-end runs."""
 
 from __future__ import annotations
 
@@ -15,136 +15,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import strsparse
 from strsparse.training import (
     TrainingDiverged,
-    build_optimizer,
     evaluate,
     learning_rate,
     load_checkpoint,
-    parameter_groups,
     train,
 )
 from strsparse.training import loop as training_loop
 from strsparse.training.logs import CSV_COLUMNS
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is fastest and immune to a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# -- learning-rate schedules --------------------------------------------------------------
-
-
-def test_warmup_is_linear_per_step_then_cosine() -> None:
-    kw = dict(base_lr=1.0, total_steps=100, steps_per_epoch=10, warmup_epochs=2)
-    assert learning_rate(0, **kw) == pytest.approx(1 / 20)
-    assert learning_rate(9, **kw) == pytest.approx(10 / 20)  # end of epoch 1: lr * 1/2
-    assert learning_rate(19, **kw) == pytest.approx(1.0)  # end of warmup
-    assert learning_rate(20, **kw) == pytest.approx(1.0)  # cosine starts at base_lr
-    assert learning_rate(60, **kw) == pytest.approx(0.5)  # half way through the cosine
-    assert learning_rate(100, **kw) == pytest.approx(0.0)
-    assert learning_rate(99, **kw) < 1e-3
-
-
-def test_cosine_ends_at_min_lr() -> None:
-    kw = dict(base_lr=0.1, total_steps=50, steps_per_epoch=5, min_lr=0.001)
-    assert learning_rate(0, **kw) == pytest.approx(0.1)
-    assert learning_rate(50, **kw) == pytest.approx(0.001)
-    values = [learning_rate(t, **kw) for t in range(51)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
-
-
-def test_step_multistep_and_constant() -> None:
-    kw = dict(base_lr=1.0, total_steps=100, steps_per_epoch=10, gamma=0.1)
-    multi = dict(kw, name="multistep", milestones=[3, 6])
-    assert learning_rate(29, **multi) == pytest.approx(1.0)
-    assert learning_rate(30, **multi) == pytest.approx(0.1)
-    assert learning_rate(59, **multi) == pytest.approx(0.1)
-    assert learning_rate(60, **multi) == pytest.approx(0.01)
-    step = dict(kw, name="step", step_size=4)
-    assert learning_rate(39, **step) == pytest.approx(1.0)
-    assert learning_rate(40, **step) == pytest.approx(0.1)
-    assert learning_rate(80, **step) == pytest.approx(0.01)
-    assert learning_rate(77, **dict(kw, name="constant")) == 1.0
-    assert learning_rate(4, **dict(kw, name="constant", warmup_epochs=1)) == pytest.approx(0.5)
-
-
-def test_unknown_schedule_names_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="did you mean 'cosine'"):
-        learning_rate(0, base_lr=1.0, total_steps=10, steps_per_epoch=1, name="cosin")
-
-
-# -- parameter groups ---------------------------------------------------------------------
-
-
-def _groups_by_name(groups: list[dict]) -> dict[str, dict]:
-    return {g["name"]: g for g in groups}
-
-
-def test_parameter_groups_by_type_include_downsample_batchnorm() -> None:
-    from strsparse.models import create_model
-
-    model = create_model("resnet18", num_classes=10)
-    handle = strsparse.sparsify(model, "str", init_threshold=-3200.0)
-    groups = _groups_by_name(
-        parameter_groups(model, handle.threshold_parameters(), weight_decay=1e-4)
-    )
-    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
-
-    downsample_bn = model.get_submodule("layer2.0.downsample.1")
-    assert isinstance(downsample_bn, nn.BatchNorm2d)
-    assert {id(downsample_bn.weight), id(downsample_bn.bias)} <= ids["norm"]
-    assert id(model.bn1.weight) in ids["norm"]
-    assert ids["thresholds"] == {id(p) for p in handle.threshold_parameters()}
-    assert id(model.fc.bias) in ids["bias"]
-    raw = strsparse.methods.raw_weight(model.get_submodule("layer2.0.downsample.0"))
-    assert id(raw) in ids["weights"]
-    # every trainable parameter exactly once
-    all_ids = [id(p) for g in groups.values() for p in g["params"]]
-    assert sorted(all_ids) == sorted(id(p) for p in model.parameters())
-    assert groups["weights"]["weight_decay"] == 1e-4
-    assert groups["thresholds"]["weight_decay"] == 1e-4  # eq. 6: decay drives s
-    assert groups["norm"]["weight_decay"] == 0.0
-    assert groups["bias"]["weight_decay"] == 0.0
-
-
-def test_parameter_groups_options() -> None:
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2, bias=False))
-    handle = strsparse.sparsify(model, "str", init_threshold=-3200.0)
-    groups = _groups_by_name(
-        parameter_groups(
-            model,
-            handle.threshold_parameters(),
-            weight_decay=0.1,
-            threshold_weight_decay=0.5,
-            norm_bias_decay=True,
-        )
-    )
-    assert groups["thresholds"]["weight_decay"] == 0.5
-    assert groups["norm"]["weight_decay"] == 0.1
-    assert groups["bias"]["weight_decay"] == 0.1
-    assert len(groups["norm"]["params"]) == 2  # LayerNorm weight and bias
-    dense = _groups_by_name(parameter_groups(nn.Linear(3, 3), weight_decay=0.1))
-    assert set(dense) == {"weights", "bias"}
-
-
-def test_build_optimizer_kinds() -> None:
-    model = nn.Linear(3, 3)
-    groups = parameter_groups(model, weight_decay=0.01)
-    sgd = build_optimizer(groups, "sgd", lr=0.1, momentum=0.875, nesterov=True)
-    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["nesterov"]
-    assert isinstance(build_optimizer(groups, "adam", lr=1e-3), torch.optim.Adam)
-    assert isinstance(build_optimizer(groups, "AdamW", lr=1e-3), torch.optim.AdamW)
-    with pytest.raises(ValueError, match="did you mean 'adam'"):
-        build_optimizer(groups, "adamx", lr=1e-3)
-    with pytest.raises(ValueError, match="momentum > 0"):
-        build_optimizer(groups, "sgd", lr=0.1, momentum=0.0, nesterov=True)
-
-
-# -- evaluation ---------------------------------------------------------------------------
+from tests.training.runs import synthetic_config
 
 
 def test_evaluate_counts_top1_top5_and_loss() -> None:
@@ -164,40 +42,6 @@ def test_evaluate_counts_top1_top5_and_loss() -> None:
     assert metrics["top5"] == pytest.approx(75.0)
     expected = nn.functional.cross_entropy(logits, targets).item()
     assert metrics["loss"] == pytest.approx(expected, rel=1e-6)
-
-
-# -- end-to-end runs ----------------------------------------------------------------------
-
-
-def synthetic_config(tmp_path: Path, name: str = "run", **changes):
-    """A seconds-long STR run of LeNet-5 on the synthetic dataset (8 steps per epoch);
-    ``changes`` are dotted keys: ``synthetic_config(tmp_path, **{"train.epochs": 1})``."""
-    from strsparse.config import config_from_dict
-
-    data = {
-        "name": name,
-        "output_dir": str(tmp_path),
-        "device": "cpu",
-        "seed": 0,
-        "model": {"name": "lenet5"},
-        "data": {
-            "name": "synthetic",
-            "batch_size": 32,
-            "eval_batch_size": 128,
-            "synthetic": {"num_train": 256, "num_val": 128, "num_classes": 10},
-        },
-        "sparsity": {"method": "str", "options": {"init_threshold": -6.0}},
-        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-        "schedule": {"name": "cosine"},
-        "train": {"epochs": 2, "quiet": True},
-    }
-    for key, value in changes.items():
-        *sections, leaf = key.split(".")
-        node = data
-        for section in sections:
-            node = node[section]
-        node[leaf] = value
-    return config_from_dict(data)
 
 
 def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
@@ -221,6 +65,7 @@ def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     monkeypatch.setattr(training_loop, "build_model", build_with_hook)
 
 
+@pytest.mark.slow
 def test_train_synthetic_writes_the_run_directory(tmp_path: Path) -> None:
     cfg = synthetic_config(tmp_path)
     result = train(cfg)
@@ -267,6 +112,7 @@ def _restored(run: Path) -> nn.Module:
     return model
 
 
+@pytest.mark.slow
 def test_train_one_epoch_on_a_fashion_mnist_slice(tmp_path: Path) -> None:
     cfg = synthetic_config(
         tmp_path,
@@ -290,6 +136,7 @@ def _model_state(run: Path) -> dict[str, torch.Tensor]:
 GMP = {"sparsity.method": "gmp", "sparsity.options": {"sparsity": 0.8, "frequency": 2}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("interrupt_step", "method"),
     [(8, {}), (11, {}), (11, GMP)],
@@ -379,6 +226,7 @@ def test_max_steps_per_epoch_caps_epochs_and_the_schedules(tmp_path: Path) -> No
     assert result.final["sparsity"] == pytest.approx(0.8, abs=0.01)
 
 
+@pytest.mark.slow
 def test_grad_clip_bounds_the_gradient_norm_at_each_optimizer_step(tmp_path: Path) -> None:
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -431,34 +279,3 @@ def test_train_amp_sets_the_autocast_dtype_on_cuda_only(
     assert (on_cuda.amp, on_cuda.autocast_dtype) == (amp, dtype)
     on_cpu = training_loop._Trainer(cfg, DistributedEnv(), torch.device("cpu"))
     assert (on_cpu.amp, on_cpu.autocast_dtype) == ("off", None)
-
-
-def test_model_num_classes_and_in_channels_override_the_dataset(tmp_path: Path) -> None:
-    from strsparse.training import build_model
-
-    model, _, info = build_model(synthetic_config(tmp_path))
-    assert (info.num_classes, info.in_channels) == (10, 1)
-    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
-    cfg = synthetic_config(tmp_path, **{"model.num_classes": 12, "model.in_channels": 3})
-    model, handle, _ = build_model(cfg)
-    assert model(torch.zeros(2, 3, 28, 28)).shape == (2, 12)
-    assert handle is not None and handle.method == "str"
-
-
-def test_resolve_budget_from_csv_checkpoint_and_errors(tmp_path: Path) -> None:
-    from strsparse.models import create_model
-    from strsparse.training import resolve_budget
-
-    model = create_model("lenet5")
-    csv_path = strsparse.Budget.uniform(model, 0.5).to_csv(tmp_path / "budget.csv")
-    assert resolve_budget(str(csv_path), model) == strsparse.Budget.uniform(model, 0.5)
-
-    train(synthetic_config(tmp_path, "source", **{"train.epochs": 1}))
-    from_run = resolve_budget(tmp_path / "source", model)
-    assert from_run == strsparse.Budget.from_model(_restored(tmp_path / "source"))
-
-    with pytest.raises(ValueError, match="neither a CSV file, a checkpoint nor a paper budget"):
-        resolve_budget("no-such-budget", model)
-    other = strsparse.Budget({"encoder.proj": 0.5}).to_csv(tmp_path / "other.csv")
-    with pytest.raises(ValueError, match="another architecture"):
-        resolve_budget(other, model)

@@ -1,0 +1,45 @@
+"""strsparse.report: the per-layer sparsity report, its totals and CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import strsparse
+
+
+def _net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+
+
+def test_sparsity_report_rows_totals_and_csv(tmp_path: Path) -> None:
+    model = _net()
+    handle = strsparse.sparsify(model, "str", init_threshold=-3200.0)
+    with torch.no_grad():
+        for s in handle.threshold_parameters():
+            s.fill_(-3.0)
+    report = strsparse.sparsity_report(model)
+    assert [r.name for r in report.layers] == ["0", "3"]
+    assert [r.shape for r in report.layers] == [(8, 3, 3, 3), (5, 128)]
+    assert [r.params for r in report.layers] == [216, 640]
+    for row, module in zip(report.layers, handle.layers.values(), strict=True):
+        assert row.nonzero == int((module.weight != 0).sum())
+        assert row.sparsity == pytest.approx(1 - row.nonzero / row.params)
+        assert row.threshold == pytest.approx(float(torch.sigmoid(torch.tensor(-3.0))))
+    assert report.params == 856
+    assert report.nonzero == sum(r.nonzero for r in report.layers)
+    assert report.sparsity == pytest.approx(1 - report.nonzero / 856)
+    assert 0 < report.sparsity < 1
+
+    text = report.to_csv(tmp_path / "report.csv")
+    lines = text.strip().splitlines()
+    assert lines[0] == "layer,shape,params,nonzero,sparsity_%,threshold"
+    assert lines[1].startswith("0,8x3x3x3,216,")
+    assert lines[-1].startswith(f"total,,856,{report.nonzero},{100 * report.sparsity:.2f}")
+    assert (tmp_path / "report.csv").read_text() == text
+    table = report.to_table()
+    assert "total" in table and "8x3x3x3" in table and str(report) == table

@@ -1,0 +1,36 @@
+"""Small, seconds-long training configurations shared by the training tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from strsparse.config import Config, config_from_dict
+
+
+def synthetic_config(tmp_path: Path, name: str = "run", **changes: object) -> Config:
+    """A seconds-long STR run of LeNet-5 on the synthetic dataset (8 steps per epoch);
+    ``changes`` are dotted keys: ``synthetic_config(tmp_path, **{"train.epochs": 1})``."""
+    data = {
+        "name": name,
+        "output_dir": str(tmp_path),
+        "device": "cpu",
+        "seed": 0,
+        "model": {"name": "lenet5"},
+        "data": {
+            "name": "synthetic",
+            "batch_size": 32,
+            "eval_batch_size": 128,
+            "synthetic": {"num_train": 256, "num_val": 128, "num_classes": 10},
+        },
+        "sparsity": {"method": "str", "options": {"init_threshold": -6.0}},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        "schedule": {"name": "cosine"},
+        "train": {"epochs": 2, "quiet": True},
+    }
+    for key, value in changes.items():
+        *sections, leaf = key.split(".")
+        node = data
+        for section in sections:
+            node = node[section]
+        node[leaf] = value
+    return config_from_dict(data)

@@ -1,0 +1,54 @@
+"""Building the model, its sparsity and its budget from a config (strsparse.training.build)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import strsparse
+from strsparse.training import (
+    train,
+)
+from tests.training.runs import synthetic_config
+
+
+def test_model_num_classes_and_in_channels_override_the_dataset(tmp_path: Path) -> None:
+    from strsparse.training import build_model
+
+    model, _, info = build_model(synthetic_config(tmp_path))
+    assert (info.num_classes, info.in_channels) == (10, 1)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    cfg = synthetic_config(tmp_path, **{"model.num_classes": 12, "model.in_channels": 3})
+    model, handle, _ = build_model(cfg)
+    assert model(torch.zeros(2, 3, 28, 28)).shape == (2, 12)
+    assert handle is not None and handle.method == "str"
+
+
+@pytest.mark.slow
+def test_resolve_budget_from_csv_checkpoint_and_errors(tmp_path: Path) -> None:
+    from strsparse.models import create_model
+    from strsparse.training import resolve_budget
+
+    model = create_model("lenet5")
+    csv_path = strsparse.Budget.uniform(model, 0.5).to_csv(tmp_path / "budget.csv")
+    assert resolve_budget(str(csv_path), model) == strsparse.Budget.uniform(model, 0.5)
+
+    train(synthetic_config(tmp_path, "source", **{"train.epochs": 1}))
+    from_run = resolve_budget(tmp_path / "source", model)
+    assert from_run == strsparse.Budget.from_model(_restored(tmp_path / "source"))
+
+    with pytest.raises(ValueError, match="neither a CSV file, a checkpoint nor a paper budget"):
+        resolve_budget("no-such-budget", model)
+    other = strsparse.Budget({"encoder.proj": 0.5}).to_csv(tmp_path / "other.csv")
+    with pytest.raises(ValueError, match="another architecture"):
+        resolve_budget(other, model)
+
+
+def _restored(run: Path) -> nn.Module:
+    from strsparse.training import restore_model
+
+    model, _, _ = restore_model(run)
+    return model
