@@ -1,4 +1,4 @@
-"""strsparse.budget: uniform, ERK, CSV and from-model budgets."""
+"""strsparse.budgets.budget: uniform, ERK, CSV and from-model budgets."""
 
 from __future__ import annotations
 
