@@ -85,10 +85,6 @@ def test_library_code_never_imports_the_facade_or_the_cli() -> None:
     assert not offenders, "\n".join(offenders)
 
 
-# circles still being taken apart; remove an entry once its modules no longer form one
-KNOWN_CIRCLES = [{"strsparse.training.build", "strsparse.training.checkpoint"}]
-
-
 def test_no_two_modules_import_each_other() -> None:
     graph = {m: _imports(m) - {FACADE} for m in MODULES}
     graph = {m: {t for t in targets if not m.startswith(t + ".")} for m, targets in graph.items()}
@@ -99,7 +95,7 @@ def test_no_two_modules_import_each_other() -> None:
         while stack:
             node, path = stack.pop()
             for nxt in graph[node]:
-                if nxt == start and set(path) not in KNOWN_CIRCLES:
+                if nxt == start:
                     cycles.append(" -> ".join([*path, start]))
                 elif nxt not in seen:
                     seen.add(nxt)

@@ -143,9 +143,9 @@ def _restore(
 
 
 def _input_shape_of(cfg: Config) -> tuple[int, ...]:
-    from strsparse.training.build import dataset_info
+    from strsparse.data import dataset_info
 
-    return tuple(int(d) for d in dataset_info(cfg).input_shape)
+    return tuple(int(d) for d in dataset_info(cfg.data).input_shape)
 
 
 def _layer_rows(

@@ -30,6 +30,8 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from strsparse.data import dataset_info
+from strsparse.models import create_model
 from strsparse.report import sparsity_report
 
 __all__ = [
@@ -69,8 +71,6 @@ class DenseModelSpec:
 
     def create(self) -> nn.Module:
         """A freshly initialised (dense, unmodified) model of this architecture."""
-        from strsparse.models import create_model
-
         return create_model(
             self.name,
             num_classes=self.num_classes,
@@ -82,13 +82,11 @@ class DenseModelSpec:
     def from_config(cls, cfg: Any) -> DenseModelSpec:
         """The spec of the model a training configuration builds (its dataset sets
         ``num_classes`` and ``in_channels``)."""
-        from strsparse.training.build import dataset_info
-
         model_cfg = cfg.model
         num_classes = getattr(model_cfg, "num_classes", None)
         in_channels = getattr(model_cfg, "in_channels", None)
         if num_classes is None or in_channels is None:  # as build_model: the data decides
-            info = dataset_info(cfg)
+            info = dataset_info(cfg.data)
             num_classes = num_classes or info.num_classes
             in_channels = in_channels or info.in_channels
         return cls(

@@ -1,12 +1,7 @@
 """Training engine: optimizer groups, pure LR schedules, the loop, checkpoints, logs."""
 
-from strsparse.training.build import build_model, resolve_budget
-from strsparse.training.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    restore_model,
-    save_checkpoint,
-)
+from strsparse.training.build import build_model, resolve_budget, restore_model
+from strsparse.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from strsparse.training.distributed import DistributedEnv, setup_distributed
 from strsparse.training.loop import TrainingDiverged, TrainResult, evaluate, run_dir_of, train
 from strsparse.training.optim import build_optimizer, parameter_groups

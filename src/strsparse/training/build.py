@@ -1,4 +1,5 @@
-"""From a configuration to a sparsified model: ``build_model`` and ``resolve_budget``."""
+"""From a configuration to a sparsified model: ``build_model``, ``restore_model`` (the model of
+a checkpoint) and ``resolve_budget``."""
 
 from __future__ import annotations
 
@@ -6,30 +7,22 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
-from strsparse.budgets import Budget
-from strsparse.config import DENSE, Config
+from strsparse.budgets import Budget, list_paper_budgets
+from strsparse.config import DENSE, Config, config_from_dict
+from strsparse.data import DatasetInfo, dataset_info
 from strsparse.functional import closest
 from strsparse.methods.soft_threshold import InitThresholdWarning
+from strsparse.models import create_model
 from strsparse.sparsify import SparsityHandle, eligible_layers, sparsify
+from strsparse.training.checkpoint import CheckpointError, load_checkpoint
 
-if TYPE_CHECKING:
-    from strsparse.data import DatasetInfo
-
-__all__ = ["DENSE", "build_model", "dataset_info", "resolve_budget"]
+__all__ = ["DENSE", "build_model", "resolve_budget", "restore_model"]
 
 logger = logging.getLogger(__name__)
-
-
-def dataset_info(cfg: Config) -> DatasetInfo:
-    """num_classes / in_channels / input_shape of ``cfg.data``, without loading the data
-    (``strsparse.data.dataset_info``)."""
-    from strsparse import data
-
-    return data.dataset_info(cfg.data)
 
 
 def build_model(
@@ -45,10 +38,8 @@ def build_model(
     ``loading_weights``: trained weights are loaded next (a restore or a resume), so warnings
     about the freshly initialised weights are left out.
     """
-    from strsparse.models import create_model
-
     if info is None:
-        info = dataset_info(cfg)
+        info = dataset_info(cfg.data)
     model_cfg = cfg.model
     model = create_model(
         model_cfg.name,
@@ -81,6 +72,31 @@ def build_model(
     return model, handle, info
 
 
+def restore_model(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Config, SparsityHandle | None]:
+    """Rebuild the sparsified model of a checkpoint (file or run directory).
+
+    The model is created from the checkpoint's own configuration, sparsified the same way,
+    loaded strictly and put in eval mode on ``device``. Returns (model, config, handle);
+    the handle is None for a dense run.
+    """
+    state = load_checkpoint(path)
+    try:
+        cfg = config_from_dict(state["config"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {exc}") from exc
+    model, handle, _ = build_model(cfg, loading_weights=True)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match the model its config describes: {exc}"
+        ) from exc
+    model.to(device).eval()
+    return model, cfg, handle
+
+
 def resolve_budget(spec: str | os.PathLike, model: nn.Module) -> Budget:
     """A per-layer budget from ``spec``: a CSV file (``layer,sparsity``), a strsparse
     checkpoint or run directory (the budget its model reached: the paper's budget transfer,
@@ -92,13 +108,9 @@ def resolve_budget(spec: str | os.PathLike, model: nn.Module) -> Budget:
     if path.is_file() and path.suffix.lower() == ".csv":
         budget = Budget.from_csv(path)
     elif path.exists():
-        from strsparse.training.checkpoint import restore_model
-
         source, _, _ = restore_model(path)
         budget = Budget.from_model(source)
     else:
-        from strsparse.budgets import list_paper_budgets
-
         names = list_paper_budgets()
         if str(spec) not in names:
             raise ValueError(

@@ -26,16 +26,12 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from strsparse.atomic import write_atomic
-
-if TYPE_CHECKING:
-    from strsparse.config import Config
-    from strsparse.sparsify import SparsityHandle
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -165,31 +161,3 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
         else:
             logger.warning("checkpoint has CUDA RNG states for a different number of GPUs")
-
-
-def restore_model(
-    path: str | os.PathLike, *, device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, Config, SparsityHandle | None]:
-    """Rebuild the sparsified model of a checkpoint (file or run directory).
-
-    The model is created from the checkpoint's own configuration, sparsified the same way,
-    loaded strictly and put in eval mode on ``device``. Returns (model, config, handle);
-    the handle is None for a dense run.
-    """
-    from strsparse.config import config_from_dict
-    from strsparse.training.build import build_model
-
-    state = load_checkpoint(path)
-    try:
-        cfg = config_from_dict(state["config"])
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {exc}") from exc
-    model, handle, _ = build_model(cfg, loading_weights=True)
-    try:
-        model.load_state_dict(state["model"], strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} does not match the model its config describes: {exc}"
-        ) from exc
-    model.to(device).eval()
-    return model, cfg, handle

@@ -35,6 +35,7 @@ from strsparse import plots
 from strsparse.atomic import write_atomic
 from strsparse.budgets import Budget
 from strsparse.config import Config, config_to_dict, save_config
+from strsparse.data import build_datasets, build_loaders
 from strsparse.flops import FlopsProfile
 from strsparse.flops import profile as profile_flops
 from strsparse.methods.base import get_parametrization
@@ -406,8 +407,6 @@ class _Trainer:
             torch.set_num_threads(threads)
 
     def _build(self, *, loading_weights: bool) -> None:
-        from strsparse.data import build_datasets, build_loaders
-
         cfg = self.cfg
         train_ds, val_ds, info = build_datasets(cfg.data)
         self.info = info
