@@ -21,6 +21,7 @@ from strsparse.data import (
     FASHION_MNIST_ROOT,
     FASHION_MNIST_STD,
     DatasetError,
+    DatasetInfo,
     ShardSampler,
     SyntheticDataset,
     TensorImageDataset,
@@ -411,3 +412,40 @@ def test_unknown_dataset_name_in_an_unvalidated_config() -> None:
 
     with pytest.raises(ValueError, match="did you mean 'fashion_mnist'"):
         build_datasets(Fake())
+
+
+def test_unknown_dataset_is_a_dataset_error_listing_the_registered_ones() -> None:
+    with pytest.raises(DatasetError, match=r"'synthtic' \(did you mean 'synthetic'\?\)") as info:
+        data_module.get_dataset("synthtic")
+    assert all(name in str(info.value) for name in data_module.list_datasets())
+    message = _config_error({"data": {"name": "fashoin_mnist"}})
+    assert "did you mean 'fashion_mnist'?" in message
+
+
+def _config_error(overrides: dict) -> str:
+    from strsparse.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(overrides)
+    return str(info.value)
+
+
+def test_a_registered_dataset_is_accepted_by_configs_and_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(data_module, "_DATASETS", dict(data_module._DATASETS))
+    info = DatasetInfo(num_classes=3, in_channels=1, input_shape=(1, 4))
+
+    @data_module.register_dataset("tiny", info=lambda cfg: info)
+    def _tiny(cfg: DataConfig) -> tuple:
+        x, y = torch.randn(6, 1, 4), torch.arange(6) % 3
+        ds = torch.utils.data.TensorDataset(x, y)
+        return ds, ds, info
+
+    assert "tiny" in data_module.list_datasets()
+    cfg = DataConfig(name="tiny", train_limit=4)
+    assert dataset_info(cfg) == info
+    train, val, built_info = build_datasets(cfg)
+    assert (len(train), len(val), built_info) == (4, 6, info)
+    with pytest.raises(ValueError, match="already registered"):
+        data_module.register_dataset("tiny", info=lambda cfg: info)(_tiny)

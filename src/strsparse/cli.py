@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from strsparse.atomic import write_atomic
+from strsparse.formatting import human
 
 if TYPE_CHECKING:  # the commands import the library lazily, so that --help starts fast
     from torch import nn
@@ -58,16 +59,6 @@ LAYER_TABLE_HEADER = (
     "flops",
     "sparse_flops",
 )
-
-
-def _human(value: float) -> str:
-    """4089284608 -> '4.09G'; NaN -> 'n/a'."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{unit}"
-    return f"{value:.0f}"
 
 
 def _count(value: Any) -> str:
@@ -128,8 +119,8 @@ def _totals_lines(profile: FlopsProfile) -> list[str]:
         text = f"{label:<9} params {_count(params)}"
         if nonzero != params:
             text += f" (nonzero {_count(nonzero)})"
-        text += f"   FLOPs dense {_count(flops)} ({_human(flops)})"
-        text += f"   sparse {_count(sparse)} ({_human(sparse)})"
+        text += f"   FLOPs dense {_count(flops)} ({human(flops)})"
+        text += f"   sparse {_count(sparse)} ({human(sparse)})"
         lines.append(text)
     return lines
 
@@ -313,7 +304,7 @@ def _print_train_summary(result: TrainResult) -> None:
     print(f"sparsity {_percent(final.get('sparsity'))}")
     flops, sparse = final.get("flops"), final.get("sparse_flops")
     print(
-        f"FLOPs dense {_count(flops)} ({_human(flops)}), sparse {_count(sparse)} ({_human(sparse)})"
+        f"FLOPs dense {_count(flops)} ({human(flops)}), sparse {_count(sparse)} ({human(sparse)})"
     )
     run_dir = Path(result.run_dir)
     print(f"run directory: {run_dir}")

@@ -25,7 +25,6 @@ Duplicate keys in a mapping are an error, not a silent "last one wins".
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -39,12 +38,13 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from strsparse.atomic import write_atomic
+from strsparse.data import list_datasets
+from strsparse.errors import closest_match
 from strsparse.methods import list_methods
 from strsparse.models import list_models
 
 __all__ = [
     "AMP_MODES",
-    "DATASETS",
     "OPTIMIZERS",
     "SCHEDULES",
     "Config",
@@ -65,7 +65,7 @@ __all__ = [
     "save_config",
 ]
 
-DATASETS = ("fashion_mnist", "imagefolder", "synthetic")
+# the names ``optim.name`` and ``schedule.name`` accept (the trainer implements each)
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "multistep", "constant")
 AMP_MODES = ("off", "bf16", "fp16")
@@ -92,9 +92,9 @@ def _show(value: Any) -> str:
 
 
 def _did_you_mean(value: str, valid: Sequence[str], prefix: str = "") -> str:
-    """'did you mean 'optim.lr'? ' for the closest valid name, or '' when none is close."""
-    match = difflib.get_close_matches(str(value), list(valid), n=1, cutoff=0.5)
-    return f"did you mean {_join(prefix, match[0])!r}? " if match else ""
+    """'did you mean 'optim.lr'? ' for the closest valid name (a full dotted key), or ''."""
+    match = closest_match(value, valid)
+    return f"did you mean {_join(prefix, match)!r}? " if match else ""
 
 
 def _check_choice(value: str, valid: Sequence[str], key: str) -> None:
@@ -364,7 +364,7 @@ class DataConfig(_Section):
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def _check(self) -> None:
-        _check_choice(self.name, DATASETS, self._key("name"))
+        _check_choice(self.name, list_datasets(), self._key("name"))
         _check_range(self.batch_size, self._key("batch_size"), ge=1)
         _check_range(self.eval_batch_size, self._key("eval_batch_size"), ge=1)
         _check_range(self.num_workers, self._key("num_workers"), ge=0)

@@ -1,5 +1,10 @@
 """Datasets and loaders for training: Fashion-MNIST, ImageFolder (ImageNet) and synthetic.
 
+Datasets live in a registry (``list_datasets()``); a new one is one decorated builder:
+
+>>> @register_dataset("my_data", info=lambda cfg: DatasetInfo(10, 1, (1, 28, 28)))
+... def _my_data(cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]: ...
+
 ``build_datasets(cfg.data)`` returns ``(train, val, info)``; ``build_loaders`` wraps them in
 seeded ``DataLoader``s. Fashion-MNIST is read from its IDX files (parsed here with NumPy, no
 torchvision), kept in memory as uint8 and normalized batch by batch: a whole epoch needs no
@@ -15,10 +20,10 @@ import math
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +31,10 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from strsparse.functional import closest
+from strsparse.errors import StrsparseError, did_you_mean
+
+if TYPE_CHECKING:  # annotations only: the config validates names against this registry
+    from strsparse.config import DataConfig
 
 __all__ = [
     "FASHION_MNIST_FILES",
@@ -37,14 +45,18 @@ __all__ = [
     "IMAGENET_STD",
     "DatasetError",
     "DatasetInfo",
+    "DatasetSpec",
     "ShardSampler",
     "SyntheticDataset",
     "TensorImageDataset",
     "build_datasets",
     "build_loaders",
     "dataset_info",
+    "get_dataset",
+    "list_datasets",
     "load_fashion_mnist",
     "read_idx",
+    "register_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,8 +80,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _SYNTHETIC_MATERIALIZE_LIMIT = 2**25
 
 
-class DatasetError(ValueError):
-    """A dataset file is corrupt or does not hold what it should; names the file."""
+class DatasetError(StrsparseError, ValueError):
+    """A dataset is unknown, or its files are missing, corrupt or not what they should be."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,53 @@ class DatasetInfo:
     num_classes: int
     in_channels: int
     input_shape: tuple[int, ...]
+
+
+# -- the registry ----------------------------------------------------------------------------
+
+Builder = Callable[["DataConfig"], tuple[Dataset, Dataset, DatasetInfo]]
+B = TypeVar("B", bound=Builder)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: ``build(cfg) -> (train, val, info)`` loads it; ``info(cfg)``
+    says what a model needs without loading anything (a checkpoint restore, FLOPs)."""
+
+    name: str
+    build: Builder
+    info: Callable[[DataConfig], DatasetInfo]
+
+
+_DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(name: str, *, info: Callable[[DataConfig], DatasetInfo]) -> Callable[[B], B]:
+    """Decorator registering ``build(cfg: DataConfig) -> (train, val, info)`` as ``data.name``;
+    ``info(cfg)`` gives the same ``DatasetInfo`` without loading the data."""
+
+    def register(build: B) -> B:
+        if name in _DATASETS:
+            raise ValueError(f"a dataset named {name!r} is already registered")
+        _DATASETS[name] = DatasetSpec(name, build, info)
+        return build
+
+    return register
+
+
+def list_datasets() -> list[str]:
+    """Names of the registered datasets (``data.name``), sorted."""
+    return sorted(_DATASETS)
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """The dataset registered as ``name``; an unknown name lists the valid ones."""
+    if name not in _DATASETS:
+        valid = list_datasets()
+        raise DatasetError(
+            f"unknown dataset {name!r}{did_you_mean(name, valid)}; valid: {', '.join(valid)}"
+        )
+    return _DATASETS[name]
 
 
 # -- IDX files -------------------------------------------------------------------------------
@@ -288,13 +347,20 @@ def load_fashion_mnist(
     return out[0], out[1], out[2], out[3]
 
 
-def _fashion_mnist(data_cfg: Any) -> tuple[TensorImageDataset, TensorImageDataset]:
-    root = getattr(data_cfg, "root", None)
+def _fashion_mnist_info(data_cfg: DataConfig) -> DatasetInfo:
+    return DatasetInfo(num_classes=10, in_channels=1, input_shape=(1, 28, 28))
+
+
+@register_dataset("fashion_mnist", info=_fashion_mnist_info)
+def _fashion_mnist(data_cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
+    root = data_cfg.root
     train_x, train_y, val_x, val_y = load_fashion_mnist(root)
-    common = {"mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD, "num_classes": 10}
-    train = TensorImageDataset(
-        train_x, train_y, augment=bool(getattr(data_cfg, "augment", False)), **common
-    )
+    common: dict[str, Any] = {
+        "mean": FASHION_MNIST_MEAN,
+        "std": FASHION_MNIST_STD,
+        "num_classes": 10,
+    }
+    train = TensorImageDataset(train_x, train_y, augment=data_cfg.augment, **common)
     val = TensorImageDataset(val_x, val_y, augment=False, **common)
     logger.info(
         "Fashion-MNIST from %s: %d train, %d val",
@@ -302,7 +368,7 @@ def _fashion_mnist(data_cfg: Any) -> tuple[TensorImageDataset, TensorImageDatase
         len(train),
         len(val),
     )
-    return train, val
+    return train, val, _fashion_mnist_info(data_cfg)
 
 
 # -- synthetic -------------------------------------------------------------------------------
@@ -391,25 +457,32 @@ class SyntheticDataset(Dataset):
         return out
 
 
-def _synthetic(data_cfg: Any) -> tuple[SyntheticDataset, SyntheticDataset]:
+def _synthetic_info(data_cfg: DataConfig) -> DatasetInfo:
+    shape = tuple(data_cfg.synthetic.shape)
+    return DatasetInfo(
+        num_classes=data_cfg.synthetic.num_classes, in_channels=shape[0], input_shape=shape
+    )
+
+
+@register_dataset("synthetic", info=_synthetic_info)
+def _synthetic(data_cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     syn = data_cfg.synthetic
-    shape, classes, seed = tuple(syn.shape), int(syn.num_classes), int(syn.seed)
-    train = SyntheticDataset(int(syn.num_train), shape, classes, seed=seed, split="train")
-    val = SyntheticDataset(int(syn.num_val), shape, classes, seed=seed, split="val")
-    return train, val
+    shape, classes, seed = tuple(syn.shape), syn.num_classes, syn.seed
+    train = SyntheticDataset(syn.num_train, shape, classes, seed=seed, split="train")
+    val = SyntheticDataset(syn.num_val, shape, classes, seed=seed, split="val")
+    return train, val, _synthetic_info(data_cfg)
 
 
 # -- ImageFolder -----------------------------------------------------------------------------
 
 
-def _imagefolder_root(data_cfg: Any) -> Path:
-    root = getattr(data_cfg, "root", None)
-    if not root:
-        raise ValueError(
+def _imagefolder_root(data_cfg: DataConfig) -> Path:
+    if not data_cfg.root:
+        raise DatasetError(
             "data.name=imagefolder needs data.root: set data.root=/path/to/imagenet "
             "(a directory holding train/ and val/, one sub-directory per class)"
         )
-    root = Path(root)
+    root = Path(data_cfg.root)
     missing = [split for split in ("train", "val") if not (root / split).is_dir()]
     if missing:
         raise FileNotFoundError(
@@ -435,12 +508,22 @@ def _import_torchvision() -> Any:
     return datasets, transforms
 
 
-def _imagefolder(data_cfg: Any) -> tuple[Dataset, Dataset, int]:
+def _imagefolder_info(data_cfg: DataConfig, num_classes: int | None = None) -> DatasetInfo:
+    """From ``data.num_classes``, else by counting ``root/train``'s class directories."""
+    classes = data_cfg.num_classes if num_classes is None else num_classes
+    if classes is None:
+        classes = len(_class_dirs(_imagefolder_root(data_cfg) / "train"))
+    size = data_cfg.image_size
+    return DatasetInfo(num_classes=classes, in_channels=3, input_shape=(3, size, size))
+
+
+@register_dataset("imagefolder", info=_imagefolder_info)
+def _imagefolder(data_cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
     """torchvision ImageFolder train/val with the standard ImageNet augmentations:
     RandomResizedCrop + flip for training, Resize(size / 0.875) + CenterCrop for val."""
     root = _imagefolder_root(data_cfg)
     datasets, transforms = _import_torchvision()
-    size = int(data_cfg.image_size)
+    size = data_cfg.image_size
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = transforms.Compose(
         [
@@ -466,7 +549,7 @@ def _imagefolder(data_cfg: Any) -> tuple[Dataset, Dataset, int]:
             f"{len(val.classes)} sub-directories)"
         )
     num_classes = len(train.classes)
-    expected = getattr(data_cfg, "num_classes", None)
+    expected = data_cfg.num_classes
     if expected is not None and expected != num_classes:
         raise DatasetError(
             f"{root}: data.num_classes={expected} but train/ holds {num_classes} classes"
@@ -474,7 +557,7 @@ def _imagefolder(data_cfg: Any) -> tuple[Dataset, Dataset, int]:
     logger.info(
         "ImageFolder %s: %d train, %d val, %d classes", root, len(train), len(val), num_classes
     )
-    return train, val, num_classes
+    return train, val, _imagefolder_info(data_cfg, num_classes)
 
 
 def _limit(dataset: Dataset, n: int | None) -> Dataset:
@@ -492,51 +575,17 @@ def _limit(dataset: Dataset, n: int | None) -> Dataset:
 # -- public entry points ---------------------------------------------------------------------
 
 
-def dataset_info(data_cfg: Any) -> DatasetInfo:
+def dataset_info(data_cfg: DataConfig) -> DatasetInfo:
     """num_classes, in_channels and input shape of ``data_cfg``'s dataset, without loading
     it (ImageFolder: from ``data.num_classes`` or by counting ``root/train``'s classes)."""
-    name = data_cfg.name
-    if name == "fashion_mnist":
-        return DatasetInfo(num_classes=10, in_channels=1, input_shape=(1, 28, 28))
-    if name == "synthetic":
-        syn = data_cfg.synthetic
-        shape = tuple(int(d) for d in syn.shape)
-        return DatasetInfo(
-            num_classes=int(syn.num_classes), in_channels=shape[0], input_shape=shape
-        )
-    if name == "imagefolder":
-        size = int(data_cfg.image_size)
-        classes = getattr(data_cfg, "num_classes", None)
-        if classes is None:
-            classes = len(_class_dirs(_imagefolder_root(data_cfg) / "train"))
-        return DatasetInfo(num_classes=int(classes), in_channels=3, input_shape=(3, size, size))
-    raise _unknown_dataset(name)
+    return get_dataset(data_cfg.name).info(data_cfg)
 
 
-def _unknown_dataset(name: str) -> ValueError:
-    valid = ("fashion_mnist", "imagefolder", "synthetic")
-    return ValueError(f"unknown dataset {name!r}{closest(name, valid)}; valid: {', '.join(valid)}")
-
-
-def build_datasets(data_cfg: Any) -> tuple[Dataset, Dataset, DatasetInfo]:
-    """(train, val, info) for ``data_cfg`` (a ``strsparse.config.DataConfig``), with
-    ``train_limit`` / ``val_limit`` applied as "the first N samples"."""
-    name = data_cfg.name
-    if name == "fashion_mnist":
-        train, val = _fashion_mnist(data_cfg)
-        info = dataset_info(data_cfg)
-    elif name == "synthetic":
-        train, val = _synthetic(data_cfg)
-        info = dataset_info(data_cfg)
-    elif name == "imagefolder":
-        train, val, classes = _imagefolder(data_cfg)
-        size = int(data_cfg.image_size)
-        info = DatasetInfo(num_classes=classes, in_channels=3, input_shape=(3, size, size))
-    else:
-        raise _unknown_dataset(name)
-    train = _limit(train, getattr(data_cfg, "train_limit", None))
-    val = _limit(val, getattr(data_cfg, "val_limit", None))
-    return train, val, info
+def build_datasets(data_cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """(train, val, info) for ``data_cfg``, with ``train_limit`` / ``val_limit`` applied as
+    "the first N samples"."""
+    train, val, info = get_dataset(data_cfg.name).build(data_cfg)
+    return _limit(train, data_cfg.train_limit), _limit(val, data_cfg.val_limit), info
 
 
 class ShardSampler(Sampler[int]):
@@ -559,7 +608,7 @@ class ShardSampler(Sampler[int]):
 def build_loaders(
     train_ds: Dataset,
     val_ds: Dataset,
-    data_cfg: Any,
+    data_cfg: DataConfig,
     *,
     seed: int,
     distributed: bool = False,
@@ -575,9 +624,8 @@ def build_loaders(
     before every epoch, or all epochs see the same order. Validation is sharded across ranks
     without padding (``ShardSampler``): sum the metrics over ranks.
     """
-    batch_size = int(data_cfg.batch_size)
-    eval_batch_size = int(getattr(data_cfg, "eval_batch_size", batch_size))
-    workers = int(getattr(data_cfg, "num_workers", 0) or 0)
+    batch_size, eval_batch_size = data_cfg.batch_size, data_cfg.eval_batch_size
+    workers = data_cfg.num_workers
     common: dict[str, Any] = {
         "num_workers": workers,
         "pin_memory": torch.cuda.is_available(),

@@ -34,7 +34,6 @@ weight layer except the classifier, pooling excluded (Table 6: 4,087,136,256).
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import logging
 import os
@@ -45,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from strsparse.atomic import write_atomic
+from strsparse.errors import did_you_mean
 
 __all__ = ["FlopsProfile", "FlopsSummary", "LayerFlops", "apply_budget", "profile"]
 
@@ -129,7 +129,7 @@ class FlopsProfile:
         for record in self.layers:
             if record.name == name:
                 return record
-        raise KeyError(f"no layer {name!r} in the profile{_hint(name, self.names)}")
+        raise KeyError(f"no layer {name!r} in the profile{did_you_mean(name, self.names)}")
 
     def __iter__(self) -> Iterator[LayerFlops]:
         return iter(self.layers)
@@ -244,11 +244,6 @@ class FlopsProfile:
         return self.to_table()
 
 
-def _hint(name: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.0)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return "conv_transpose"
@@ -281,7 +276,7 @@ def apply_budget(profile: FlopsProfile, budget: Mapping[str, float]) -> FlopsPro
     if unknown:
         raise ValueError(
             f"the budget names layer(s) the model has no conv/linear layer for: "
-            f"{', '.join(map(repr, unknown[:5]))}{_hint(unknown[0], sorted(known))} "
+            f"{', '.join(map(repr, unknown[:5]))}{did_you_mean(unknown[0], sorted(known))} "
             f"(the model's layers: {', '.join(sorted(known)[:8])}, ...)"
         )
     records = []
@@ -419,8 +414,8 @@ def profile(
         chosen = executed[-1] if executed else None  # the last weight layer run
     elif chosen not in executed:
         raise ValueError(
-            f"classifier {chosen!r} is not a conv/linear layer executed in the forward"
-            f"{_hint(chosen, executed)}"
+            f"classifier {chosen!r}{did_you_mean(chosen, executed)} is not a conv/linear layer "
+            "executed in the forward"
         )
     result = FlopsProfile(layers=tuple(records), classifier=chosen, input_shape=shape)
     return result if budget is None else apply_budget(result, budget)

@@ -5,15 +5,15 @@ Everything here is a function of its arguments, testable without a model.
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from strsparse.errors import did_you_mean
+
 __all__ = [
     "THRESHOLD_FUNCTIONS",
-    "closest",
     "cubic_sparsity",
     "global_magnitude_masks",
     "magnitude_mask",
@@ -79,12 +79,6 @@ THRESHOLD_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
-def closest(name: str, valid: Iterable[str]) -> str:
-    """A ' (did you mean ...?)' hint for an unknown ``name``, or '' when nothing is close."""
-    match = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
 def resolve_threshold_function(name: str) -> Callable[[Tensor], Tensor]:
     """The threshold function g by name ('sigmoid' or 'exp')."""
     try:
@@ -92,7 +86,7 @@ def resolve_threshold_function(name: str) -> Callable[[Tensor], Tensor]:
     except KeyError:
         valid = sorted(THRESHOLD_FUNCTIONS)
         raise ValueError(
-            f"unknown threshold function g={name!r}{closest(name, valid)}; "
+            f"unknown threshold function g={name!r}{did_you_mean(name, valid)}; "
             f"valid: {', '.join(valid)}"
         ) from None
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from strsparse.atomic import write_atomic
+from strsparse.formatting import human
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -60,13 +61,6 @@ def _integer_locator() -> Any:
     from matplotlib.ticker import MaxNLocator
 
     return MaxNLocator(integer=True)
-
-
-def _human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:.3g}"
 
 
 def _layer_order(
@@ -157,7 +151,7 @@ def plot_budgets(
             sparse = dense * (1.0 - np.array([float(budget.get(lay, 0.0)) for lay in layers]))
             all_sparse.append(sparse)
             total = sparse.sum()
-            ax.bar(x + offset, sparse, bar, color=color, label=f"{name}: {_human(total)} FLOPs")
+            ax.bar(x + offset, sparse, bar, color=color, label=f"{name}: {human(total)} FLOPs")
         ax.scatter(x, dense, marker="_", s=60, color="black", label="dense", zorder=3)
         positive = np.concatenate([dense, *all_sparse])
         positive = positive[positive > 0]
@@ -165,7 +159,7 @@ def plot_budgets(
             ax.set_yscale("log")
         from matplotlib.ticker import FuncFormatter
 
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: _human(v)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human(v)))
         ax.set_ylabel("FLOPs per layer (MACs)")
         ax.grid(axis="y", alpha=0.3, which="major")
         ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize="small")

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
-from strsparse.functional import closest
+from strsparse.errors import did_you_mean
 from strsparse.methods.base import SparsityMethod, get_method, get_parametrization
 
 __all__ = ["SparsityHandle", "eligible_layers", "finalize", "sparse_layers", "sparsify"]
@@ -85,7 +85,7 @@ def _check_patterns(patterns: Sequence[str], names: list[str], option: str) -> N
             shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
             raise ValueError(
                 f"{option} pattern {pattern!r} matches no sparsifiable layer"
-                f"{closest(pattern, names)}; layers are: {shown}"
+                f"{did_you_mean(pattern, names)}; layers are: {shown}"
             )
 
 

@@ -24,13 +24,14 @@ VD 90.27, GS 89.54): :func:`paper_budget_info` gives the published figures.
 from __future__ import annotations
 
 import csv
-import difflib
 import functools
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from types import MappingProxyType
+
+from strsparse.errors import did_you_mean
 
 __all__ = [
     "PaperBudget",
@@ -120,9 +121,10 @@ def paper_budget_info(name: str) -> PaperBudget:
     catalog = _catalog()
     if name not in catalog:
         valid = list(catalog)
-        close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.0)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown paper budget {name!r}; valid names: {', '.join(valid)}{hint}")
+        raise ValueError(
+            f"unknown paper budget {name!r}{did_you_mean(name, valid)}; "
+            f"valid names: {', '.join(valid)}"
+        )
     return catalog[name]
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from strsparse.functional import closest
+from strsparse.errors import did_you_mean
 
 __all__ = [
     "SCOPES",
@@ -65,7 +65,7 @@ class SparsityMethod(nn.Module):
         for key in options:
             if key not in fields:
                 raise ValueError(
-                    f"unknown option {key!r} for method {cls.name!r}{closest(key, fields)}; "
+                    f"unknown option {key!r} for method {cls.name!r}{did_you_mean(key, fields)}; "
                     f"valid options: {', '.join(fields)}"
                 )
         return cls.Options(**options)
@@ -100,7 +100,7 @@ def get_method(name: str) -> type[SparsityMethod]:
     except (KeyError, TypeError):
         valid = list_methods()
         raise ValueError(
-            f"unknown sparsity method {name!r}{closest(str(name), valid)}; "
+            f"unknown sparsity method {name!r}{did_you_mean(str(name), valid)}; "
             f"valid methods: {', '.join(valid)}"
         ) from None
 
@@ -205,7 +205,7 @@ def check_target_options(
         )
     if scope not in SCOPES:
         raise ValueError(
-            f"unknown scope {scope!r}{closest(scope, SCOPES)}; valid: {', '.join(SCOPES)}"
+            f"unknown scope {scope!r}{did_you_mean(scope, SCOPES)}; valid: {', '.join(SCOPES)}"
         )
     if budget is not None and scope != "layer":
         raise ValueError(
@@ -225,7 +225,7 @@ def resolve_targets(
     missing = [n for n in names if n not in budget]
     extra = [n for n in budget if n not in names]
     if extra:
-        hint = closest(extra[0], names)
+        hint = did_you_mean(extra[0], names)
         raise ValueError(
             f"budget names layers that are not sparsified here: {', '.join(extra[:5])}"
             f"{' ...' if len(extra) > 5 else ''}{hint}; check include/exclude or the budget's model"

@@ -14,12 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from strsparse.functional import (
-    THRESHOLD_FUNCTIONS,
-    closest,
-    resolve_threshold_function,
-    soft_threshold,
-)
+from strsparse.errors import did_you_mean
+from strsparse.functional import THRESHOLD_FUNCTIONS, resolve_threshold_function, soft_threshold
 from strsparse.methods.base import SparsityMethod, register_method
 
 __all__ = ["InitThresholdWarning", "SoftThreshold", "SoftThresholdOptions"]
@@ -61,7 +57,8 @@ class SoftThresholdOptions:
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"unknown granularity {self.granularity!r}"
-                f"{closest(self.granularity, GRANULARITIES)}; valid: {', '.join(GRANULARITIES)}"
+                f"{did_you_mean(self.granularity, GRANULARITIES)}; "
+                f"valid: {', '.join(GRANULARITIES)}"
             )
         resolve_threshold_function(self.g)
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or self.k <= 0:

@@ -10,7 +10,6 @@ keyword arguments against the builder's signature before calling it, so a typo s
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import math
@@ -19,6 +18,8 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+from strsparse.errors import did_you_mean
 
 __all__ = [
     "check_positive_float",
@@ -57,16 +58,12 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def _closest_hint(value: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(value, choices, n=1, cutoff=0.0)
-    return f"; did you mean {match[0]!r}?" if match else ""
-
-
 def _get_builder(name: str) -> ModelBuilder:
     if not isinstance(name, str) or name not in _MODELS:
         valid = list_models()
-        hint = _closest_hint(str(name), valid)
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(valid)}{hint}")
+        raise ValueError(
+            f"unknown model {name!r}{did_you_mean(name, valid)}; valid models: {', '.join(valid)}"
+        )
     return _MODELS[name]
 
 
@@ -117,10 +114,9 @@ def create_model(
     accepted = model_options(name)
     for key in kwargs:
         if key not in accepted:
-            hint = _closest_hint(key, list(accepted))
             raise ValueError(
-                f"model {name!r} got an unknown option {key!r}; "
-                f"accepted options: {', '.join(sorted(accepted))}{hint}"
+                f"model {name!r} got an unknown option {key!r}{did_you_mean(key, accepted)}; "
+                f"accepted options: {', '.join(sorted(accepted))}"
             )
     if num_classes is not None:
         kwargs["num_classes"] = check_positive_int(num_classes, "num_classes")

@@ -14,7 +14,7 @@ from torch import nn
 from strsparse.budgets import Budget, list_paper_budgets
 from strsparse.config import DENSE, Config, config_from_dict
 from strsparse.data import DatasetInfo, dataset_info
-from strsparse.functional import closest
+from strsparse.errors import did_you_mean
 from strsparse.methods.soft_threshold import InitThresholdWarning
 from strsparse.models import create_model
 from strsparse.sparsify import SparsityHandle, eligible_layers, sparsify
@@ -115,7 +115,7 @@ def resolve_budget(spec: str | os.PathLike, model: nn.Module) -> Budget:
         if str(spec) not in names:
             raise ValueError(
                 f"budget {str(spec)!r} is neither a CSV file, a checkpoint nor a paper budget"
-                f"{closest(str(spec), names)}; paper budgets: {', '.join(names)}"
+                f"{did_you_mean(str(spec), names)}; paper budgets: {', '.join(names)}"
             )
         budget = Budget.from_paper(str(spec))
     layers = list(eligible_layers(model))

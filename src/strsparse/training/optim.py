@@ -19,9 +19,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from strsparse.functional import closest
+from strsparse.config import OPTIMIZERS
+from strsparse.errors import did_you_mean
 
-__all__ = ["GROUPS", "NORM_TYPES", "OPTIMIZERS", "build_optimizer", "parameter_groups"]
+__all__ = ["GROUPS", "NORM_TYPES", "build_optimizer", "parameter_groups"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.LayerNorm, nn.GroupNor
 if hasattr(nn, "RMSNorm"):
     NORM_TYPES = (*NORM_TYPES, nn.RMSNorm)
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
 GROUPS = ("weights", "thresholds", "norm", "bias")
 
 
@@ -116,6 +116,6 @@ def build_optimizer(
     if key == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
     raise ValueError(
-        f"unknown optimizer {name!r}{closest(key, OPTIMIZERS)}; valid optimizers: "
+        f"unknown optimizer {name!r}{did_you_mean(key, OPTIMIZERS)}; valid optimizers: "
         f"{', '.join(OPTIMIZERS)}"
     )

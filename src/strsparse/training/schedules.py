@@ -16,11 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from strsparse.functional import closest
+from strsparse.config import SCHEDULES
+from strsparse.errors import did_you_mean
 
-__all__ = ["SCHEDULES", "learning_rate", "warmup_factor"]
-
-SCHEDULES = ("cosine", "step", "multistep", "constant")
+__all__ = ["learning_rate", "warmup_factor"]
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -57,7 +56,7 @@ def learning_rate(
     """
     if name not in SCHEDULES:
         raise ValueError(
-            f"unknown learning-rate schedule {name!r}{closest(str(name), SCHEDULES)}; "
+            f"unknown learning-rate schedule {name!r}{did_you_mean(str(name), SCHEDULES)}; "
             f"valid schedules: {', '.join(SCHEDULES)}"
         )
     if steps_per_epoch <= 0 or total_steps <= 0:
