@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from strsparse.methods.base import get_parametrization
-from strsparse.sparsify import sparse_layers
+from strsparse.methods.base import SparsityMethod, get_parametrization
+from strsparse.sparsify import DenseTensor, dense_tensors, sparse_layers
 
 __all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
 
@@ -23,6 +24,7 @@ class LayerSparsity:
     params: int
     nonzero: int
     threshold: float | None
+    tied: tuple[str, ...] = ()  # other modules computing with the same (shared) weight
 
     @property
     def sparsity(self) -> float:
@@ -32,9 +34,12 @@ class LayerSparsity:
 
 @dataclass(frozen=True)
 class SparsityReport:
-    """One row per sparsified layer plus totals over them."""
+    """One row per sparsified layer plus totals over them; ``dense`` lists the >= 2-D
+    parameters left dense, each with the reason."""
 
     layers: tuple[LayerSparsity, ...]
+    dense: tuple[DenseTensor, ...] = ()
+    vector_params: int = 0  # entries of 0-D/1-D parameters (biases, norm scales): never sparse
 
     @property
     def params(self) -> int:
@@ -74,7 +79,22 @@ class SparsityReport:
             ).rstrip()
 
         rule = "-" * len(line(total))
-        return "\n".join([line(self._HEADER), rule, *map(line, rows), rule, line(total)])
+        lines = [line(self._HEADER), rule, *map(line, rows), rule, line(total)]
+        if not self.layers:
+            lines.insert(2, "(no sparsified layer)")
+        if self.dense:
+            lines += ["", "left dense:"]
+            for d in self.dense:
+                shape = "x".join(map(str, d.shape))
+                tied = f" (tied: {', '.join(d.tied)})" if d.tied else ""
+                lines.append(f"  {d.name}{tied}  {shape}  {d.reason}")
+        if self.vector_params:
+            lines.append(f"{self.vector_params} entries of biases and other 1-D parameters: dense")
+        tied_rows = [r for r in self.layers if r.tied]
+        if tied_rows:
+            lines += ["", "tied (one sparse tensor, used by every listed module):"]
+            lines += [f"  {r.name}: also {', '.join(r.tied)}" for r in tied_rows]
+        return "\n".join(lines)
 
     def to_csv(self, path: str | Path | None = None) -> str:
         """CSV text (one row per layer, then 'total'); also written to ``path`` if given."""
@@ -94,17 +114,27 @@ class SparsityReport:
 
 @torch.no_grad()
 def sparsity_report(model: nn.Module) -> SparsityReport:
-    """Measure every sparsified layer: params, nonzero weights, sparsity and threshold."""
+    """Measure every sparsified layer: params, nonzero weights, sparsity and threshold; and
+    list the >= 2-D parameters left dense with the reason (an embedding not opted in, not a
+    weight matrix, excluded)."""
     rows = []
-    for name, module in sparse_layers(model).items():
-        weight = module.weight  # the effective (sparse) weight
+    for name, layer in sparse_layers(model).items():
+        weight = layer.weight  # the effective (sparse) weight
         rows.append(
             LayerSparsity(
                 name=name,
                 shape=tuple(weight.shape),
                 params=weight.numel(),
                 nonzero=int(torch.count_nonzero(weight)),
-                threshold=get_parametrization(module).threshold(),
+                threshold=get_parametrization(layer).threshold(),
+                tied=tuple(n for n, _, _ in layer.tied),
             )
         )
-    return SparsityReport(tuple(rows))
+    vectors = sum(
+        p.numel()
+        for m in model.modules()
+        if not isinstance(m, (parametrize.ParametrizationList, SparsityMethod))
+        for p in m.parameters(recurse=False)
+        if p.dim() < 2
+    )
+    return SparsityReport(tuple(rows), tuple(dense_tensors(model)), vectors)

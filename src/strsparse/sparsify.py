@@ -4,24 +4,44 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from strsparse.errors import did_you_mean
-from strsparse.methods.base import SparsityMethod, get_method, get_parametrization
+from strsparse.methods.base import (
+    LayerWeight,
+    SparsityMethod,
+    get_method,
+    get_parametrization,
+    raw_weight,
+)
 
-__all__ = ["SparsityHandle", "eligible_layers", "finalize", "sparse_layers", "sparsify"]
+__all__ = [
+    "DenseTensor",
+    "SparsityHandle",
+    "dense_tensors",
+    "eligible_layers",
+    "finalize",
+    "sparse_layers",
+    "sparsify",
+]
 
 logger = logging.getLogger(__name__)
 
 # Embedding tables have 2-D weights but are lookups, not matrix products: sparsifying them is
 # opt-in, through an include pattern that names them.
 _OPT_IN_TYPES = (nn.Embedding, nn.EmbeddingBag)
+# Normalisation scales are never sparsified, even when >= 2-D (LayerNorm over (T, D)).
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+if hasattr(nn, "RMSNorm"):
+    _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)
+# The parametrize machinery's own modules hold the raw tensors; they are never layers.
+_INTERNAL_TYPES = (parametrize.ParametrizationList, SparsityMethod)
 
 
 @dataclass
@@ -30,12 +50,12 @@ class SparsityHandle:
 
     method: str
     options: dict[str, Any]
-    layers: dict[str, nn.Module] = field(repr=False)
+    layers: dict[str, LayerWeight] = field(repr=False)
 
     @property
     def parametrizations(self) -> dict[str, SparsityMethod]:
         """Layer name -> the method's parametrization on that layer."""
-        return {name: get_parametrization(m) for name, m in self.layers.items()}
+        return {name: get_parametrization(layer) for name, layer in self.layers.items()}
 
     def step(self, step: int, total_steps: int) -> None:
         """Advance training-dependent state (GMP masks, ST-3 thresholds) to optimizer step
@@ -54,20 +74,88 @@ class SparsityHandle:
         return list(seen.values())
 
 
-def eligible_layers(model: nn.Module, include: Sequence[str] | None = None) -> dict[str, nn.Module]:
-    """Modules whose ``weight`` has >= 2 dims, by full dotted name (embeddings only when an
-    ``include`` pattern names them)."""
-    layers: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if parametrize.is_parametrized(module, "weight"):
-            weight = module.parametrizations.weight.original
-        else:
-            weight = getattr(module, "_parameters", {}).get("weight")
-        if weight is None or weight.dim() < 2:
+def _is_weight_name(tensor: str) -> bool:
+    """``weight`` (Linear, Conv, Hugging Face projections), ``*_weight`` (MultiheadAttention's
+    ``in_proj_weight``) and ``weight_*`` (RNNs' ``weight_ih_l0``): the matrices a module
+    multiplies by. Other >= 2-D parameters (a ViT's ``pos_embed``, ``cls_token``) are not."""
+    return tensor == "weight" or tensor.endswith("_weight") or tensor.startswith("weight_")
+
+
+def _layer_name(module_name: str, tensor: str) -> str:
+    """``fc`` for ``fc.weight``; ``rnn.weight_ih_l0`` for any other tensor name."""
+    if tensor == "weight":
+        return module_name
+    return f"{module_name}.{tensor}" if module_name else tensor
+
+
+@dataclass
+class _Tensor:
+    """One >= 2-D floating-point parameter and every (name, module, tensor) that holds it."""
+
+    raw: Tensor
+    users: list[tuple[str, nn.Module, str]]
+
+    @property
+    def primary(self) -> tuple[str, nn.Module, str]:
+        """The user a tied tensor is named after: the first that is not an embedding table
+        (the output layer of tied input/output embeddings), else the first."""
+        for user in self.users:
+            if not isinstance(user[1], _OPT_IN_TYPES):
+                return user
+        return self.users[0]
+
+    def layer(self) -> tuple[str, LayerWeight]:
+        name, module, tensor = self.primary
+        tied = tuple(u for u in self.users if u is not self.primary)
+        return name, LayerWeight(module, tensor, tied)
+
+
+def _tensors(model: nn.Module) -> list[_Tensor]:
+    """Every >= 2-D floating-point parameter of ``model`` once (tied ones grouped), in
+    ``named_modules`` order; parametrized tensors by their raw ``original``."""
+    groups: dict[int, _Tensor] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, _INTERNAL_TYPES):
             continue
-        if isinstance(module, _OPT_IN_TYPES) and not _matches(name, include or ()):
-            continue
-        layers[name] = module
+        tensors = list(getattr(module, "_parameters", {}))
+        if parametrize.is_parametrized(module):
+            tensors += [t for t in module.parametrizations if t not in tensors]
+        for tensor in tensors:
+            raw = raw_weight(module, tensor)
+            if raw is None or raw.dim() < 2 or not raw.is_floating_point():
+                continue
+            user = (_layer_name(module_name, tensor), module, tensor)
+            groups.setdefault(id(raw), _Tensor(raw, [])).users.append(user)
+    return list(groups.values())
+
+
+def _dense_reason(group: _Tensor, include: Sequence[str]) -> str | None:
+    """Why ``group`` is never a sparsify candidate, or None if it is one."""
+    name, module, tensor = group.primary
+    if isinstance(module, _NORM_TYPES):
+        return "normalization parameter"
+    if not _is_weight_name(tensor):
+        return f"not a weight matrix (parameter {tensor!r})"
+    if isinstance(module, _OPT_IN_TYPES):
+        names = [u[0] for u in group.users]
+        if not any(_matches(n, include) for n in names):
+            return f"embedding: opt in with include=[{name!r}, ...]"
+    return None
+
+
+def eligible_layers(
+    model: nn.Module, include: Sequence[str] | None = None
+) -> dict[str, LayerWeight]:
+    """The weight tensors ``sparsify`` can attach to, by layer name: every >= 2-D parameter
+    named ``weight``, ``*_weight`` or ``weight_*`` (Linear, Conv, an LSTM's ``weight_ih_l0``,
+    MultiheadAttention's ``in_proj_weight``), except normalization scales and embedding tables
+    (those only when an ``include`` pattern names them). A Parameter shared by several
+    modules is one layer, named after its first non-embedding user."""
+    layers: dict[str, LayerWeight] = {}
+    for group in _tensors(model):
+        if _dense_reason(group, include or ()) is None:
+            name, layer = group.layer()
+            layers[name] = layer
     return layers
 
 
@@ -89,6 +177,11 @@ def _check_patterns(patterns: Sequence[str], names: list[str], option: str) -> N
             )
 
 
+def _names(name: str, layer: LayerWeight) -> list[str]:
+    """The layer's name and those of its tied users (patterns may name any of them)."""
+    return [name, *(n for n, _, _ in layer.tied)]
+
+
 def sparsify(
     model: nn.Module,
     method: str,
@@ -97,71 +190,135 @@ def sparsify(
     exclude: Sequence[str] | None = None,
     **options: Any,
 ) -> SparsityHandle:
-    """Attach sparsity ``method`` to the weight of every eligible module of ``model``.
+    """Attach sparsity ``method`` to every eligible weight tensor of ``model``.
 
-    Eligible: any module whose ``weight`` has >= 2 dims (Linear, Conv1d/2d/3d, third-party
-    projections); biases and norm layers stay dense. ``include``/``exclude`` are glob
-    patterns over full dotted module names (``"layer1.*"``, ``"fc"``); a pattern matching no
-    layer is an error. ``options`` go to the method (see ``list_methods()``), e.g.
+    Eligible (see ``eligible_layers``): every >= 2-D weight matrix a module owns - Linear,
+    Conv1d/2d/3d, ConvTranspose, third-party projections, each of an RNN's ``weight_ih_l*``
+    and ``weight_hh_l*``, MultiheadAttention's ``in_proj_weight``; biases and norm layers stay
+    dense. A layer is named after its module (``"fc"``), or ``"<module>.<tensor>"`` when the
+    tensor is not called ``weight`` (``"rnn.weight_ih_l0"``). ``include``/``exclude`` are glob
+    patterns over those names (``"layer1.*"``, ``"fc"``); a pattern matching no layer is an
+    error. A Parameter shared by several modules (tied embeddings) is one layer: selected
+    when a pattern selects any of its users (and left dense when ``exclude`` names any of
+    them), it gets one parametrization attached to every user, so all of them compute with
+    the same sparse tensor during training and after ``finalize``.
+
+    ``options`` go to the method (see ``list_methods()``), e.g.
     ``sparsify(model, "str", init_threshold=-3200)`` or ``sparsify(model, "gmp", sparsity=0.9)``.
     The model is changed in place; the returned handle advances schedules with ``step``.
     """
     method_cls = get_method(method)
     parsed = method_cls.parse_options(options)
     candidates = eligible_layers(model, include)
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no >= 2-dim weight tensor to sparsify")
     names = list(candidates)
-    if not names:
-        raise ValueError(f"{type(model).__name__} has no module with a >= 2-dim weight to sparsify")
     if include is not None:
-        _check_patterns(include, names, "include")
-        names = [n for n in names if _matches(n, include)]
+        _check_patterns(include, [a for n in names for a in _names(n, candidates[n])], "include")
+        names = [n for n in names if any(_matches(a, include) for a in _names(n, candidates[n]))]
     if exclude is not None:
-        _check_patterns(exclude, names, "exclude")
-        names = [n for n in names if not _matches(n, exclude)]
+        _check_patterns(exclude, [a for n in names for a in _names(n, candidates[n])], "exclude")
+        names = [
+            n for n in names if not any(_matches(a, exclude) for a in _names(n, candidates[n]))
+        ]
     if not names:
         raise ValueError("include/exclude leave no layer to sparsify")
 
-    layers: dict[str, nn.Module] = {}
-    seen_weights: dict[int, str] = {}
-    for name in names:
-        module = candidates[name]
-        if get_parametrization(module) is not None:
+    layers = {name: candidates[name] for name in names}
+    for name, layer in layers.items():
+        if get_parametrization(layer) is not None:
             raise ValueError(
                 f"layer {name!r} is already sparsified; call strsparse.finalize(model) first"
             )
-        if id(module.weight) in seen_weights:
-            warnings.warn(
-                f"layer {name!r} shares its weight with {seen_weights[id(module.weight)]!r}; "
-                "it is sparsified once, through the first",
-                UserWarning,
-                stacklevel=2,
+        if layer.tied:
+            logger.info(
+                "layer %r shares its weight with %s: one sparse tensor serves all of them",
+                name,
+                ", ".join(repr(n) for n, _, _ in layer.tied),
             )
-            continue
-        seen_weights[id(module.weight)] = name
-        layers[name] = module
 
     parametrizations = method_cls.create(layers, parsed)
-    for name, module in layers.items():
-        parametrize.register_parametrization(module, "weight", parametrizations[name])
+    for name, layer in layers.items():
+        for module, tensor in layer.users:
+            parametrize.register_parametrization(module, tensor, parametrizations[name])
+            if isinstance(module, nn.RNNBase) and _release_flat_weights not in _hooks(module):
+                module.register_forward_hook(_release_flat_weights)
     logger.info("sparsified %d layers with %r", len(layers), method)
     return SparsityHandle(method=method, options=dict(options), layers=layers)
 
 
-def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The sparsified modules of ``model`` by full dotted name."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if get_parametrization(module) is not None
-    }
+def _release_flat_weights(module: nn.RNNBase, inputs: object, output: object) -> None:
+    """Forward hook of a sparsified RNN: drop the autograd history of its cached weights.
+
+    ``nn.RNNBase`` keeps the tensors of its last forward in ``_flat_weights`` (re-read from
+    the parametrizations at every forward, so training sees the sparse weights); left
+    attached to the graph they would make ``copy.deepcopy(model)`` fail.
+    """
+    module._flat_weights = [None if w is None else w.detach() for w in module._flat_weights]
 
 
+def _hooks(module: nn.Module) -> list[object]:
+    return list(module._forward_hooks.values())
+
+
+def sparse_layers(model: nn.Module) -> dict[str, LayerWeight]:
+    """The sparsified weight tensors of ``model`` by layer name (see ``sparsify``)."""
+    layers = {}
+    for group in _tensors(model):
+        name, layer = group.layer()
+        if get_parametrization(layer) is not None:
+            layers[name] = layer
+    return layers
+
+
+@dataclass(frozen=True)
+class DenseTensor:
+    """A >= 2-D parameter that is not sparsified, and why."""
+
+    name: str
+    shape: tuple[int, ...]
+    reason: str
+    tied: tuple[str, ...] = ()  # the other modules holding the same Parameter
+
+
+def dense_tensors(model: nn.Module) -> list[DenseTensor]:
+    """Every >= 2-D floating-point parameter of ``model`` that no method sparsifies, with the
+    reason: an embedding not opted in, not a weight matrix (``pos_embed``), a normalization
+    parameter, or not selected (``include``/``exclude``, or ``sparsify`` not called)."""
+    groups = [(g, *g.layer()) for g in _tensors(model)]
+    any_sparse = any(get_parametrization(layer) is not None for _, _, layer in groups)
+    unselected = "not selected by include/exclude" if any_sparse else "not sparsified"
+    dense = []
+    for group, name, layer in groups:
+        if get_parametrization(layer) is not None:
+            continue
+        reason = _dense_reason(group, ()) or unselected
+        dense.append(
+            DenseTensor(name, tuple(group.raw.shape), reason, tuple(n for n, _, _ in layer.tied))
+        )
+    return dense
+
+
+@torch.no_grad()
 def finalize(model: nn.Module) -> nn.Module:
-    """Bake the effective sparse weights into plain ``weight`` parameters, in place.
+    """Bake the effective sparse weights into plain parameters, in place.
 
     The parametrizations are removed, so the model's ``state_dict`` loads with
-    ``strict=True`` into the unmodified architecture and gives the same outputs.
+    ``strict=True`` into the unmodified architecture and gives the same outputs. A tied
+    Parameter stays one Parameter shared by its modules, holding the sparse values.
     """
-    for module in sparse_layers(model).values():
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    for layer in sparse_layers(model).values():
+        (module, tensor), *others = layer.users
+        # the first user writes the effective tensor into the shared raw Parameter; the
+        # others then only drop their parametrization (applying it again would threshold
+        # the already sparse values a second time)
+        parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
+        for other, other_tensor in others:
+            parametrize.remove_parametrizations(other, other_tensor, leave_parametrized=False)
+    for module in model.modules():
+        if isinstance(module, nn.RNNBase) and not parametrize.is_parametrized(module):
+            for key, hook in list(module._forward_hooks.items()):
+                if hook is _release_flat_weights:
+                    del module._forward_hooks[key]
+            module._init_flat_weights()  # the plain Parameters again
     return model

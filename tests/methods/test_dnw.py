@@ -30,8 +30,8 @@ def test_dnw_exact_layer_sparsity_and_straight_through_gradient() -> None:
     assert (raw_weight(first).grad[pruned] != 0).any()
     # straight-through: the raw gradient is the gradient w.r.t. the effective weight
     effective = first.weight.detach().requires_grad_()
-    hidden = nn.functional.linear(x, effective, first.bias)
-    handle.layers["1"](hidden).sum().backward()
+    hidden = nn.functional.linear(x, effective, first.module.bias)
+    handle.layers["1"].module(hidden).sum().backward()
     torch.testing.assert_close(raw_weight(first).grad, effective.grad)
 
 

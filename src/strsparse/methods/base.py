@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -20,6 +21,7 @@ from strsparse.errors import did_you_mean
 
 __all__ = [
     "SCOPES",
+    "LayerWeight",
     "SparsityMethod",
     "check_fraction",
     "check_schedule_options",
@@ -71,12 +73,12 @@ class SparsityMethod(nn.Module):
         return cls.Options(**options)
 
     @classmethod
-    def create(cls, layers: Mapping[str, nn.Module], options: Any) -> dict[str, SparsityMethod]:
+    def create(cls, layers: Mapping[str, LayerWeight], options: Any) -> dict[str, SparsityMethod]:
         """One parametrization per layer (name -> parametrization) for ``options``."""
         raise NotImplementedError
 
     @classmethod
-    def update(cls, layers: Mapping[str, nn.Module], step: int, total_steps: int) -> None:
+    def update(cls, layers: Mapping[str, LayerWeight], step: int, total_steps: int) -> None:
         """Advance state that depends on training progress; the default has none."""
 
 
@@ -105,19 +107,63 @@ def get_method(name: str) -> type[SparsityMethod]:
         ) from None
 
 
-def get_parametrization(module: nn.Module) -> SparsityMethod | None:
-    """The sparsity method attached to ``module.weight``, or None."""
-    if not parametrize.is_parametrized(module, "weight"):
+@dataclass(frozen=True, eq=False)
+class LayerWeight:
+    """One weight tensor a method sparsifies: parameter ``tensor`` of ``module``.
+
+    Most layers have one (``Linear.weight``: ``tensor="weight"``, named after the module);
+    an ``nn.LSTM`` has several (``weight_ih_l0``, ``weight_hh_l0``, ...; named
+    ``"<module>.<tensor>"``). A Parameter shared by several modules (tied input and output
+    embeddings) is one ``LayerWeight`` whose other users are ``tied``: the parametrization is
+    attached to every user, so all of them compute with the same sparse tensor.
+    """
+
+    module: nn.Module
+    tensor: str = "weight"
+    tied: tuple[tuple[str, nn.Module, str], ...] = ()  # (name, module, tensor) of other users
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective tensor (the sparse one once a method is attached)."""
+        return getattr(self.module, self.tensor)
+
+    @property
+    def raw(self) -> Tensor:
+        """The stored tensor: the parametrization's ``original`` when sparsified."""
+        return raw_weight(self.module, self.tensor)
+
+    @property
+    def users(self) -> tuple[tuple[nn.Module, str], ...]:
+        """Every (module, tensor) that holds this Parameter, this one first."""
+        return ((self.module, self.tensor), *((m, t) for _, m, t in self.tied))
+
+
+def _unpack(layer: nn.Module | LayerWeight, tensor: str) -> tuple[nn.Module, str]:
+    if isinstance(layer, LayerWeight):
+        return layer.module, layer.tensor
+    return layer, tensor
+
+
+def get_parametrization(
+    layer: nn.Module | LayerWeight, tensor: str = "weight"
+) -> SparsityMethod | None:
+    """The sparsity method attached to ``layer``'s ``tensor`` (a module and a parameter name,
+    or a ``LayerWeight``), or None."""
+    module, tensor = _unpack(layer, tensor)
+    if not parametrize.is_parametrized(module, tensor):
         return None
-    for p in module.parametrizations.weight:
+    for p in module.parametrizations[tensor]:
         if isinstance(p, SparsityMethod):
             return p
     return None
 
 
-def raw_weight(module: nn.Module) -> Tensor:
-    """The stored (un-thresholded) weight of a sparsified module."""
-    return module.parametrizations.weight.original
+def raw_weight(layer: nn.Module | LayerWeight, tensor: str = "weight") -> Tensor:
+    """The stored (un-thresholded) tensor of a layer: ``original`` when parametrized."""
+    module, tensor = _unpack(layer, tensor)
+    if parametrize.is_parametrized(module, tensor):
+        return module.parametrizations[tensor].original
+    return getattr(module, tensor)
 
 
 def resolve_step(value: int | float, total_steps: int, option: str) -> int:

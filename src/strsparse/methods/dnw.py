@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from strsparse.functional import magnitude_mask, pruned_cutoff, straight_through
 from strsparse.methods.base import (
+    LayerWeight,
     SparsityMethod,
     check_target_options,
     register_method,
@@ -78,7 +79,7 @@ class DiscoveringNeuralWirings(SparsityMethod):
 
     @classmethod
     def create(
-        cls, layers: Mapping[str, nn.Module], options: DiscoveringNeuralWiringsOptions
+        cls, layers: Mapping[str, LayerWeight], options: DiscoveringNeuralWiringsOptions
     ) -> dict[str, SparsityMethod]:
         targets = resolve_targets(list(layers), options.sparsity, options.budget)
         return {name: cls(targets[name]) for name in layers}

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from strsparse.functional import (
     cubic_sparsity,
@@ -27,6 +27,7 @@ from strsparse.functional import (
     update_point,
 )
 from strsparse.methods.base import (
+    LayerWeight,
     SparsityMethod,
     check_fraction,
     check_schedule_options,
@@ -118,7 +119,7 @@ class GradualMagnitude(SparsityMethod):
 
     @classmethod
     def create(
-        cls, layers: Mapping[str, nn.Module], options: GradualMagnitudeOptions
+        cls, layers: Mapping[str, LayerWeight], options: GradualMagnitudeOptions
     ) -> dict[str, SparsityMethod]:
         targets = resolve_targets(list(layers), options.sparsity, options.budget)
         for name, final in targets.items():
@@ -131,7 +132,7 @@ class GradualMagnitude(SparsityMethod):
 
     @classmethod
     @torch.no_grad()
-    def update(cls, layers: Mapping[str, nn.Module], step: int, total_steps: int) -> None:
+    def update(cls, layers: Mapping[str, LayerWeight], step: int, total_steps: int) -> None:
         """Recompute the masks when ``step`` reaches a new update point of the schedule."""
         params = [get_parametrization(m) for m in layers.values()]
         if not params:

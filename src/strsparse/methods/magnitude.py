@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from strsparse.functional import global_magnitude_masks, magnitude_mask, pruned_cutoff
 from strsparse.methods.base import (
+    LayerWeight,
     SparsityMethod,
     check_target_options,
     register_method,
@@ -73,7 +74,7 @@ class Magnitude(SparsityMethod):
     @classmethod
     @torch.no_grad()
     def create(
-        cls, layers: Mapping[str, nn.Module], options: MagnitudeOptions
+        cls, layers: Mapping[str, LayerWeight], options: MagnitudeOptions
     ) -> dict[str, SparsityMethod]:
         names = list(layers)
         weights = [layers[n].weight.detach() for n in names]

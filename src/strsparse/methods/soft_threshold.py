@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from strsparse.errors import did_you_mean
 from strsparse.functional import THRESHOLD_FUNCTIONS, resolve_threshold_function, soft_threshold
-from strsparse.methods.base import SparsityMethod, register_method
+from strsparse.methods.base import LayerWeight, SparsityMethod, register_method
 
 __all__ = ["InitThresholdWarning", "SoftThreshold", "SoftThresholdOptions"]
 
@@ -115,7 +115,7 @@ class SoftThreshold(SparsityMethod):
 
     @classmethod
     def create(
-        cls, layers: Mapping[str, nn.Module], options: SoftThresholdOptions
+        cls, layers: Mapping[str, LayerWeight], options: SoftThresholdOptions
     ) -> dict[str, SparsityMethod]:
         shared = None
         if options.granularity == "global":

@@ -22,10 +22,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from strsparse.functional import cubic_sparsity, straight_through
 from strsparse.methods.base import (
+    LayerWeight,
     SparsityMethod,
     check_schedule_options,
     check_target_options,
@@ -170,14 +171,14 @@ class StraightThroughSoftThreshold(SparsityMethod):
     # -- schedule --------------------------------------------------------------------------
     @classmethod
     def create(
-        cls, layers: Mapping[str, nn.Module], options: StraightThroughSoftThresholdOptions
+        cls, layers: Mapping[str, LayerWeight], options: StraightThroughSoftThresholdOptions
     ) -> dict[str, SparsityMethod]:
         targets = resolve_targets(list(layers), options.sparsity, options.budget)
         return {name: cls(layers[name].weight, targets[name], options) for name in layers}
 
     @classmethod
     @torch.no_grad()
-    def update(cls, layers: Mapping[str, nn.Module], step: int, total_steps: int) -> None:
+    def update(cls, layers: Mapping[str, LayerWeight], step: int, total_steps: int) -> None:
         """Set every layer's threshold for ``step``; at ``end``, fix the weights (``freeze``).
 
         Frozen layers are left alone: the fix happens once.
@@ -217,7 +218,7 @@ class StraightThroughSoftThreshold(SparsityMethod):
 
     @classmethod
     @torch.no_grad()
-    def freeze(cls, layers: Mapping[str, nn.Module]) -> None:
+    def freeze(cls, layers: Mapping[str, LayerWeight]) -> None:
         """ST-3's final fix, now: write the thresholded, rescaled weights into the raw ones
         and freeze the mask; afterwards the forward pass is ``weight * mask``.
 
