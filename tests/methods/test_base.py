@@ -12,6 +12,7 @@ from torch import nn
 import strsparse
 from strsparse.methods import get_parametrization, raw_weight
 from strsparse.methods.base import schedule_window
+from tests.lookalikes import Conv1D
 
 TOTAL_STEPS = 10
 
@@ -231,3 +232,13 @@ def test_schedule_window_resolves_fractions_and_ints() -> None:
     assert schedule_window(0.1, 0.5, 200) == (20, 100)
     assert schedule_window(0, 1.0, 200) == (0, 199)  # "at the last step"
     assert schedule_window(10, 199, 200) == (10, 199)
+
+
+def test_output_axis_of_each_layer_type() -> None:
+    from strsparse.methods.base import output_axis
+
+    assert output_axis(nn.Linear(3, 4)) == 0
+    assert output_axis(nn.Conv2d(3, 4, 3)) == 0
+    assert output_axis(nn.ConvTranspose2d(3, 4, 3)) == 1  # (C_in, C_out, kH, kW)
+    assert output_axis(Conv1D(4, 3)) == 1  # (in, out)
+    assert output_axis(nn.LSTM(3, 4), "weight_ih_l0") == 0  # (4H, in)

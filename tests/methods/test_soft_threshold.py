@@ -10,6 +10,7 @@ from torch import nn
 
 import strsparse
 from strsparse.methods import get_parametrization, raw_weight
+from tests.lookalikes import Conv1D
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -99,3 +100,22 @@ def test_str_one_sgd_step_on_s_matches_eq6() -> None:
     (layer(x) * c).sum().backward()
     opt.step()
     assert float(s.detach()) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("layer", "s_shape"),
+    [(nn.ConvTranspose2d(4, 6, 3), (1, 6, 1, 1)), (Conv1D(6, 5), (1, 6))],
+    ids=["conv_transpose", "conv1d_in_x_out"],
+)
+def test_str_channel_thresholds_follow_the_output_axis(layer: nn.Module, s_shape: tuple) -> None:
+    handle = strsparse.sparsify(layer, "str", granularity="channel")
+    (s,) = handle.threshold_parameters()
+    assert tuple(s.shape) == s_shape
+    with torch.no_grad():
+        s.view(-1)[2] = 10.0  # threshold ~1 for output channel 2 only: that channel is zero
+        nn.init.normal_(layer.bias, std=1.0)
+    x = torch.randn(2, 4, 3, 3) if isinstance(layer, nn.ConvTranspose2d) else torch.randn(2, 5)
+    out = layer(x)
+    channel = out[:, 2]  # (B, H, W) or (B,)
+    torch.testing.assert_close(channel, torch.full_like(channel, float(layer.bias.detach()[2])))
+    assert (out[:, 3] != layer.bias.detach()[3]).any()

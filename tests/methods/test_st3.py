@@ -10,6 +10,7 @@ import strsparse
 from strsparse import cubic_sparsity
 from strsparse.methods import get_parametrization, raw_weight
 from strsparse.methods.st3 import StraightThroughSoftThreshold, st3_weight
+from tests.lookalikes import Conv1D
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -213,3 +214,19 @@ def test_st3_freeze_rejects_other_methods() -> None:
     handle = strsparse.sparsify(_model(), "gmp", sparsity=0.5)
     with pytest.raises(ValueError, match="freeze expects layers sparsified with 'st3'"):
         StraightThroughSoftThreshold.freeze(handle.layers)
+
+
+@pytest.mark.parametrize(
+    "layer", [nn.ConvTranspose2d(4, 6, 3), Conv1D(6, 5)], ids=["conv_transpose", "conv1d"]
+)
+def test_st3_rescales_along_the_output_axis(layer: nn.Module) -> None:
+    torch.manual_seed(0)
+    handle = strsparse.sparsify(layer, "st3", sparsity=0.6, rescale=True)
+    handle.step(5, 10)
+    p = get_parametrization(layer)
+    assert p.axis == 1
+    raw = raw_weight(layer).detach()
+    # the same rescaling as on the weight transposed to (out, in, ...)
+    expected = st3_weight(raw.transpose(0, 1), p.current_threshold).transpose(0, 1)
+    torch.testing.assert_close(layer.weight.detach(), expected)
+    assert not torch.allclose(layer.weight.detach(), st3_weight(raw, p.current_threshold))

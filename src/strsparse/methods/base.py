@@ -29,6 +29,7 @@ __all__ = [
     "get_method",
     "get_parametrization",
     "list_methods",
+    "output_axis",
     "raw_weight",
     "register_method",
     "resolve_step",
@@ -133,9 +134,30 @@ class LayerWeight:
         return raw_weight(self.module, self.tensor)
 
     @property
+    def output_axis(self) -> int:
+        """The weight's output-channel axis (see ``output_axis``)."""
+        return output_axis(self.module, self.tensor)
+
+    @property
     def users(self) -> tuple[tuple[nn.Module, str], ...]:
         """Every (module, tensor) that holds this Parameter, this one first."""
         return ((self.module, self.tensor), *((m, t) for _, m, t in self.tied))
+
+
+def output_axis(module: nn.Module, tensor: str = "weight") -> int:
+    """The axis of ``module``'s ``tensor`` that indexes output channels.
+
+    0 for Linear (out x in), Conv (C_out x C_in x k...), an RNN's ``weight_ih_l0``
+    (4H x in) and MultiheadAttention's ``in_proj_weight`` (3E x E); 1 for transposed
+    convolutions (C_in x C_out/groups x k...) and for Hugging Face's ``Conv1D`` (GPT-2's
+    projections), whose weight is in x out. Per-channel thresholds (STR's
+    ``granularity="channel"``) and ST-3's per-channel rescaling run along it.
+    """
+    if tensor == "weight" and (
+        isinstance(module, nn.modules.conv._ConvTransposeNd) or type(module).__name__ == "Conv1D"
+    ):
+        return 1
+    return 0
 
 
 def _unpack(layer: nn.Module | LayerWeight, tensor: str) -> tuple[nn.Module, str]:

@@ -69,9 +69,9 @@ class SoftThresholdOptions:
             raise ValueError(f"init_threshold={self.init_threshold!r} must be a number")
 
 
-def _threshold_shape(weight_shape: torch.Size, granularity: str) -> tuple[int, ...]:
-    if granularity == "channel":
-        return (weight_shape[0],) + (1,) * (len(weight_shape) - 1)  # (C_out, 1, 1, ...)
+def _threshold_shape(weight_shape: torch.Size, granularity: str, axis: int = 0) -> tuple[int, ...]:
+    if granularity == "channel":  # (C_out, 1, 1, ...), or (1, C_out, 1, ...) for axis 1
+        return tuple(n if d == axis else 1 for d, n in enumerate(weight_shape))
     if granularity == "weight":
         return tuple(weight_shape)
     return ()
@@ -89,13 +89,15 @@ class SoftThreshold(SparsityMethod):
         weight_shape: torch.Size,
         options: SoftThresholdOptions,
         shared_s: nn.Parameter | None = None,
+        axis: int = 0,
     ) -> None:
+        """``axis``: the weight's output-channel axis (``granularity="channel"``)."""
         super().__init__()
         self.granularity = options.granularity
         self.g_name = options.g
         self.k = float(options.k)
         if shared_s is None:
-            shape = _threshold_shape(weight_shape, options.granularity)
+            shape = _threshold_shape(weight_shape, options.granularity, axis)
             shared_s = nn.Parameter(torch.full(shape, float(options.init_threshold)))
         self.s = shared_s
 
@@ -121,9 +123,9 @@ class SoftThreshold(SparsityMethod):
         if options.granularity == "global":
             shared = nn.Parameter(torch.tensor(float(options.init_threshold)))
         parametrizations: dict[str, SparsityMethod] = {}
-        for name, module in layers.items():
-            p = cls(module.weight.shape, options, shared)
-            _warn_if_pruned_at_init(name, module.weight, p)
+        for name, layer in layers.items():
+            p = cls(layer.weight.shape, options, shared, layer.output_axis)
+            _warn_if_pruned_at_init(name, layer.weight, p)
             parametrizations[name] = p
         return parametrizations
 

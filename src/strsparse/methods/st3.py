@@ -44,20 +44,23 @@ _RESCALE_OFFSET = 0.01
 _RESCALE_EPS = 1e-6
 
 
-def st3_weight(weight: Tensor, threshold: Tensor | float, rescale: bool = True) -> Tensor:
+def st3_weight(
+    weight: Tensor, threshold: Tensor | float, rescale: bool = True, axis: int = 0
+) -> Tensor:
     """ST-3's forward weight: soft threshold, then per-output-channel rescaling.
 
     w_q = (w - sign(w) * th) * 1{|w| > th}, times 1.01 / (r + 0.01) per output channel
-    (dim 0) with r = (mean(|w| * 1{|w| > th}) + 1e-6) / (mean(|w|) + 1e-6) over the channel:
-    the fraction of the channel's magnitude that survives. A channel that keeps everything
-    gets factor 1; one that loses most of its mass is scaled up (at most 101x).
+    (dim ``axis``: 0 for Linear and Conv, 1 for ConvTranspose and in x out layers) with
+    r = (mean(|w| * 1{|w| > th}) + 1e-6) / (mean(|w|) + 1e-6) over the channel: the fraction
+    of the channel's magnitude that survives. A channel that keeps everything gets factor 1;
+    one that loses most of its mass is scaled up (at most 101x).
     """
     magnitude = weight.abs()
     keep = magnitude > threshold
     out = torch.copysign(torch.relu(magnitude - threshold), weight)  # 0 where |w| <= th
     if rescale and weight.dim() > 1:
-        dims = tuple(range(1, weight.dim()))  # everything but the output channel
-        kept_mass = (magnitude * keep).mean(dims, keepdim=True)  # (C_out, 1, ...)
+        dims = tuple(d for d in range(weight.dim()) if d != axis)  # all but the output axis
+        kept_mass = (magnitude * keep).mean(dims, keepdim=True)  # (C_out, 1, ...) for axis 0
         ratio = (kept_mass + _RESCALE_EPS) / (magnitude.mean(dims, keepdim=True) + _RESCALE_EPS)
         out = out * ((1.0 + _RESCALE_OFFSET) / (ratio + _RESCALE_OFFSET))
     return out
@@ -127,11 +130,17 @@ class StraightThroughSoftThreshold(SparsityMethod):
     Options = StraightThroughSoftThresholdOptions
 
     def __init__(
-        self, weight: Tensor, final: float, options: StraightThroughSoftThresholdOptions
+        self,
+        weight: Tensor,
+        final: float,
+        options: StraightThroughSoftThresholdOptions,
+        axis: int = 0,
     ) -> None:
+        """``axis``: the weight's output-channel axis, along which ``rescale`` runs."""
         super().__init__()
         self.final = float(final)
         self.options = options
+        self.axis = axis
         self.scale = _layer_scale(weight.shape)
         device = weight.device
         self.register_buffer("current_threshold", torch.zeros((), device=device))
@@ -144,7 +153,8 @@ class StraightThroughSoftThreshold(SparsityMethod):
 
     # -- forward ---------------------------------------------------------------------------
     def _quantize(self, weight: Tensor) -> Tensor:
-        return st3_weight(weight, self.current_threshold.to(weight.dtype), self.options.rescale)
+        threshold = self.current_threshold.to(weight.dtype)
+        return st3_weight(weight, threshold, self.options.rescale, self.axis)
 
     def forward(self, weight: Tensor) -> Tensor:
         if self._frozen:
@@ -174,7 +184,10 @@ class StraightThroughSoftThreshold(SparsityMethod):
         cls, layers: Mapping[str, LayerWeight], options: StraightThroughSoftThresholdOptions
     ) -> dict[str, SparsityMethod]:
         targets = resolve_targets(list(layers), options.sparsity, options.budget)
-        return {name: cls(layers[name].weight, targets[name], options) for name in layers}
+        return {
+            name: cls(layer.weight, targets[name], options, layer.output_axis)
+            for name, layer in layers.items()
+        }
 
     @classmethod
     @torch.no_grad()
@@ -236,7 +249,7 @@ class StraightThroughSoftThreshold(SparsityMethod):
             weight = raw_weight(module)
             threshold = p.current_threshold.to(weight.dtype)
             p.mask.copy_(weight.abs() > threshold)
-            weight.copy_(st3_weight(weight, threshold, p.options.rescale))
+            weight.copy_(st3_weight(weight, threshold, p.options.rescale, p.axis))
             p.frozen.fill_(True)
             p._frozen = True
             p._dense = False
