@@ -26,6 +26,7 @@ LAYERS = [
     ("strsparse.methods", 1),
     ("strsparse.functional", 0),
     ("strsparse.atomic", 0),
+    ("strsparse.layers", 0),
     ("strsparse.errors", 0),
     ("strsparse.formatting", 0),
     ("strsparse.", 3),  # models, flops, budgets, report, data, config, plots

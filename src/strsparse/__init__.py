@@ -3,9 +3,12 @@
 from strsparse import flops, models
 from strsparse.budgets import Budget, list_paper_budgets
 from strsparse.functional import cubic_sparsity, soft_threshold
+from strsparse.layers import LowRankLinear
 from strsparse.methods import get_parametrization, list_methods
+from strsparse.methods.structured import structure_report
 from strsparse.models import create_model, list_models
 from strsparse.report import SparsityReport, sparsity_report
+from strsparse.slimming import SlimError, slim
 from strsparse.sparsify import SparsityHandle, finalize, sparse_layers, sparsify
 from strsparse.training import (
     CheckpointError,
@@ -22,6 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Budget",
     "CheckpointError",
+    "LowRankLinear",
+    "SlimError",
     "SparsityHandle",
     "SparsityReport",
     "TrainResult",
@@ -38,9 +43,11 @@ __all__ = [
     "load_checkpoint",
     "models",
     "restore_model",
+    "slim",
     "soft_threshold",
     "sparse_layers",
     "sparsify",
     "sparsity_report",
+    "structure_report",
     "train",
 ]

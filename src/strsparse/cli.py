@@ -358,6 +358,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from strsparse.export import export_dense
 
     model, cfg, _ = _restore(args.checkpoint)
+    if args.slim:
+        from strsparse.export import export_slim, load_slim
+
+        out = export_slim(model, cfg, args.output, force=args.force)
+        slim_model = load_slim(out)
+        before = sum(p.numel() for p in model.parameters())
+        after = sum(p.numel() for p in slim_model.parameters())
+        print(f"wrote a slim {cfg.model.name} ({before:,} -> {after:,} parameters) to {out}")
+        print("load it with strsparse.export.load_slim(path)")
+        return EXIT_OK
     out = export_dense(model, cfg, args.output, force=args.force)
     report = sparsity_report(model)
     print(f"wrote a dense {cfg.model.name} (sparsity {_percent(report.sparsity)}) to {out}")
@@ -650,6 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--force", action="store_true", help="replace OUT if it already holds a previous export"
+    )
+    p.add_argument(
+        "--slim",
+        action="store_true",
+        help="remove zeroed filters and rank-one components (strsparse.slim) and write the "
+        "smaller architecture beside the weights; load with strsparse.export.load_slim(OUT)",
     )
 
     p = _command(

@@ -1,4 +1,5 @@
-"""Datasets and loaders for training: Fashion-MNIST, ImageFolder (ImageNet) and synthetic.
+"""Datasets and loaders for training: Fashion-MNIST, ImageFolder (ImageNet), synthetic, and
+sequences (Fashion-MNIST row by row; HAR-2 and Google-12 from preprocessed ``.npy`` arrays).
 
 Datasets live in a registry (``list_datasets()``); a new one is one decorated builder:
 
@@ -46,6 +47,8 @@ __all__ = [
     "DatasetError",
     "DatasetInfo",
     "DatasetSpec",
+    "SEQUENCE_DATASETS",
+    "SequenceDataset",
     "ShardSampler",
     "SyntheticDataset",
     "TensorImageDataset",
@@ -55,6 +58,7 @@ __all__ = [
     "get_dataset",
     "list_datasets",
     "load_fashion_mnist",
+    "load_npy_sequences",
     "read_idx",
     "register_dataset",
 ]
@@ -369,6 +373,200 @@ def _fashion_mnist(data_cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]
         len(val),
     )
     return train, val, _fashion_mnist_info(data_cfg)
+
+
+# -- sequences: Fashion-MNIST row by row, HAR-2, Google-12 -----------------------------------
+
+
+class SequenceDataset(Dataset):
+    """Sequences held in memory as (N, T, F) with int64 labels (N,), returned as float
+    ``x * scale - shift`` with per-feature ``scale`` and ``shift`` (F,): one affine pass per
+    batch, so uint8 images read row by row stay uint8 in memory."""
+
+    def __init__(
+        self, data: Tensor, labels: Tensor, *, scale: Tensor, shift: Tensor, num_classes: int
+    ) -> None:
+        if data.dim() != 3:
+            raise ValueError(f"data must be (N, T, F), got {tuple(data.shape)}")
+        if labels.shape != (data.shape[0],):
+            raise ValueError(
+                f"labels must have shape ({data.shape[0]},), got {tuple(labels.shape)}"
+            )
+        self.data = data
+        self.labels = labels.long()
+        self.scale = scale.float().reshape(-1)  # (F,)
+        self.shift = shift.float().reshape(-1)  # (F,)
+        self.num_classes = int(num_classes)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def batch(self, indices: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
+        """Normalized sequences (B, T, F) and labels (B,)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.data[index].float() * self.scale - self.shift, self.labels[index]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x, y = self.batch([index])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
+        x, y = self.batch(indices)
+        return list(zip(x.unbind(0), y.unbind(0), strict=True))
+
+    def take(self, n: int | None) -> SequenceDataset:
+        """The first ``n`` samples (all when ``n`` is None or larger than the dataset)."""
+        if n is None or n >= len(self):
+            return self
+        return SequenceDataset(
+            self.data[:n],
+            self.labels[:n],
+            scale=self.scale,
+            shift=self.shift,
+            num_classes=self.num_classes,
+        )
+
+
+def _fashion_mnist_rows_info(data_cfg: DataConfig) -> DatasetInfo:
+    return DatasetInfo(num_classes=10, in_channels=28, input_shape=(28, 28))
+
+
+@register_dataset("fashion_mnist_rows", info=_fashion_mnist_rows_info)
+def _fashion_mnist_rows(data_cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """Fashion-MNIST read row by row: 28 steps of 28 pixels (the (batch, time, features)
+    input of a recurrent model), normalized like the images."""
+    train_x, train_y, val_x, val_y = load_fashion_mnist(data_cfg.root)
+    scale = torch.full((28,), 1.0 / (255.0 * FASHION_MNIST_STD[0]))
+    shift = torch.full((28,), FASHION_MNIST_MEAN[0] / FASHION_MNIST_STD[0])
+    common = {"scale": scale, "shift": shift, "num_classes": 10}
+    train = SequenceDataset(train_x[:, 0], train_y, **common)  # (N, 28 rows, 28 pixels)
+    val = SequenceDataset(val_x[:, 0], val_y, **common)
+    return train, val, _fashion_mnist_rows_info(data_cfg)
+
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """A preprocessed sequence dataset users bring as ``.npy`` arrays (``load_npy_sequences``)."""
+
+    title: str
+    steps: int
+    features: int
+    num_classes: int
+
+
+# The FastGRNN tasks of the STR paper (Appendix A.7); not redistributable here, so users bring
+# the preprocessed arrays.
+SEQUENCE_DATASETS = {
+    "har2": SequenceSpec("HAR-2", steps=128, features=9, num_classes=2),
+    "google12": SequenceSpec("Google-12", steps=99, features=32, num_classes=12),
+}
+SEQUENCE_FILES = ("x_train.npy", "y_train.npy", "x_test.npy", "y_test.npy")
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DatasetError(f"{path}: not a readable .npy array ({exc})") from exc
+
+
+def _sequence_split(root: Path, split: str, spec: SequenceSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(x (N, T, F) float32, y (N,) int64) of ``split`` checked against ``spec``."""
+    x_path, y_path = root / f"x_{split}.npy", root / f"y_{split}.npy"
+    x, y = _read_npy(x_path), _read_npy(y_path)
+    t, f = spec.steps, spec.features
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DatasetError(f"{x_path}: expected real numbers of shape (N, {t}, {f}), got {x.dtype}")
+    if x.ndim == 2 and x.shape[1] == t * f:
+        x = x.reshape(x.shape[0], t, f)  # flattened step-major rows, as the paper describes
+    if x.ndim != 3 or x.shape[1:] != (t, f):
+        raise DatasetError(
+            f"{x_path}: expected {spec.title} features of shape (N, {t}, {f}) "
+            f"(or (N, {t * f}) step-major), got {x.shape}"
+        )
+    if y.ndim == 2 and y.shape == (x.shape[0], spec.num_classes):
+        y = y.argmax(axis=1)  # one-hot labels
+    if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.number):
+        raise DatasetError(
+            f"{y_path}: expected {x.shape[0]} {spec.title} labels of shape ({x.shape[0]},) "
+            f"(or one-hot ({x.shape[0]}, {spec.num_classes})) to match {x_path.name}, "
+            f"got {y.dtype} {y.shape}"
+        )
+    if y.size and (
+        not np.all(np.equal(np.mod(y, 1), 0)) or y.min() < 0 or y.max() >= spec.num_classes
+    ):
+        raise DatasetError(
+            f"{y_path}: {spec.title} labels must be integers in 0..{spec.num_classes - 1}, "
+            f"found {y.min()}..{y.max()}"
+        )
+    if not np.all(np.isfinite(x)):
+        raise DatasetError(f"{x_path}: holds NaN or infinite values")
+    return x.astype(np.float32, copy=False), y.astype(np.int64)
+
+
+def load_npy_sequences(
+    root: str | os.PathLike[str], name: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A preprocessed sequence dataset (``har2``: 128 steps x 9 channels, 2 classes;
+    ``google12``: 99 steps x 32 log-mel features, 12 classes) from ``root``:
+    ``x_train.npy`` / ``x_test.npy`` (N, T, F) (or (N, T * F), step-major) and ``y_train.npy``
+    / ``y_test.npy`` (N,) integer labels (or one-hot). Returns float32 features and int64
+    labels (train_x, train_y, test_x, test_y); a missing or malformed file is a
+    ``DatasetError`` naming the file and the expected shape."""
+    spec = SEQUENCE_DATASETS[name]
+    root = Path(root)
+    missing = [f for f in SEQUENCE_FILES if not (root / f).is_file()]
+    if missing:
+        raise DatasetError(
+            f"{spec.title} not found in {root}: missing {', '.join(missing)}; data.root must hold "
+            f"x_train.npy / x_test.npy of shape (N, {spec.steps}, {spec.features}) and "
+            f"y_train.npy / y_test.npy of shape (N,) with labels 0..{spec.num_classes - 1}"
+        )
+    train_x, train_y = _sequence_split(root, "train", spec)
+    test_x, test_y = _sequence_split(root, "test", spec)
+    return (
+        torch.from_numpy(train_x),
+        torch.from_numpy(train_y),
+        torch.from_numpy(test_x),
+        torch.from_numpy(test_y),
+    )
+
+
+def _npy_sequences_info(data_cfg: DataConfig) -> DatasetInfo:
+    spec = SEQUENCE_DATASETS[data_cfg.name]
+    return DatasetInfo(
+        num_classes=spec.num_classes,
+        in_channels=spec.features,
+        input_shape=(spec.steps, spec.features),
+    )
+
+
+def _npy_sequences(data_cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """HAR-2 / Google-12 standardized per feature with the training split's mean and std,
+    as the paper does ("zero mean, unit variance during training and prediction")."""
+    name = data_cfg.name
+    spec = SEQUENCE_DATASETS[name]
+    if not data_cfg.root:
+        raise DatasetError(
+            f"data.name={name} needs data.root: a directory with {', '.join(SEQUENCE_FILES)} "
+            f"({spec.title}: (N, {spec.steps}, {spec.features}) features, (N,) labels)"
+        )
+    train_x, train_y, test_x, test_y = load_npy_sequences(data_cfg.root, name)
+    mean = train_x.mean(dim=(0, 1))  # (F,)
+    std = train_x.std(dim=(0, 1)).clamp_min(1e-8)
+    common: dict[str, Any] = {
+        "scale": 1.0 / std,
+        "shift": mean / std,
+        "num_classes": spec.num_classes,
+    }
+    train = SequenceDataset(train_x, train_y, **common)
+    val = SequenceDataset(test_x, test_y, **common)
+    logger.info("%s from %s: %d train, %d test", spec.title, data_cfg.root, len(train), len(val))
+    return train, val, _npy_sequences_info(data_cfg)
+
+
+for _name in SEQUENCE_DATASETS:
+    register_dataset(_name, info=_npy_sequences_info)(_npy_sequences)
 
 
 # -- synthetic -------------------------------------------------------------------------------

@@ -37,11 +37,14 @@ from strsparse.report import sparsity_report
 __all__ = [
     "CONFIG_FILE",
     "EXPORT_FORMAT",
+    "SLIM_FORMAT",
     "WEIGHTS_FILE",
     "DenseModelSpec",
     "dense_state_dict",
     "export_dense",
+    "export_slim",
     "load_dense",
+    "load_slim",
     "read_spec",
 ]
 
@@ -171,6 +174,39 @@ def _check_destination(out_dir: Path, force: bool) -> None:
         )
 
 
+def _write_export(out_dir: Path, state: Mapping[str, Tensor], document: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` and ``config.yaml`` into ``out_dir`` atomically (a
+    temporary directory renamed into place; a previous export moved aside, then deleted)."""
+    from safetensors.torch import save_file
+
+    fmt = str(document["format"])
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    old_dir: Path | None = None
+    try:
+        save_file(
+            state,
+            str(tmp_dir / WEIGHTS_FILE),
+            metadata={"format": fmt, "model": json.dumps(document["model"])},
+        )
+        (tmp_dir / CONFIG_FILE).write_text(yaml.safe_dump(document, sort_keys=False))
+        if out_dir.exists() and any(out_dir.iterdir()):
+            # force: move the previous export aside, put the new one in place, then delete it
+            old_dir = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.", suffix=".old"))
+            os.replace(out_dir, old_dir)
+        elif out_dir.exists():
+            out_dir.rmdir()  # empty: rename cannot replace a directory on every platform
+        os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if old_dir is not None and not out_dir.exists():
+            os.replace(old_dir, out_dir)  # put the previous export back
+        raise
+    if old_dir is not None:
+        shutil.rmtree(old_dir, ignore_errors=True)
+
+
 def export_dense(
     model: nn.Module,
     cfg: Any,
@@ -192,8 +228,6 @@ def export_dense(
     _check_destination(out_dir, force)
     state = dense_state_dict(model)
     _check_loads(spec, state)
-
-    from safetensors.torch import save_file
 
     report = sparsity_report(model)
     source: dict[str, Any] = {
@@ -220,31 +254,7 @@ def export_dense(
         "source": source,
     }
 
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    old_dir: Path | None = None
-    try:
-        save_file(
-            state,
-            str(tmp_dir / WEIGHTS_FILE),
-            metadata={"format": EXPORT_FORMAT, "model": json.dumps(document["model"])},
-        )
-        (tmp_dir / CONFIG_FILE).write_text(yaml.safe_dump(document, sort_keys=False))
-        if out_dir.exists() and any(out_dir.iterdir()):
-            # force: move the previous export aside, put the new one in place, then delete it
-            old_dir = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.", suffix=".old"))
-            os.replace(out_dir, old_dir)
-        elif out_dir.exists():
-            out_dir.rmdir()  # empty: rename cannot replace a directory on every platform
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        if old_dir is not None and not out_dir.exists():
-            os.replace(old_dir, out_dir)  # put the previous export back
-        raise
-    if old_dir is not None:
-        shutil.rmtree(old_dir, ignore_errors=True)
+    _write_export(out_dir, state, document)
     logger.info(
         "exported %s (%d tensors, sparsity %.2f%%) to %s",
         spec.name,
@@ -312,5 +322,129 @@ def load_dense(out_dir: str | os.PathLike, *, device: str | torch.device = "cpu"
     except RuntimeError as exc:
         raise ValueError(
             f"{str(weights)!r} does not match the architecture in {CONFIG_FILE}: {exc}"
+        ) from exc
+    return model.to(device).eval()
+
+
+# -- slim models ------------------------------------------------------------------------------
+
+SLIM_FORMAT = "strsparse-slim-model"
+SLIM_VERSION = 1
+
+
+def _weight_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def export_slim(
+    model: nn.Module,
+    cfg: Any,
+    out_dir: str | os.PathLike,
+    *,
+    force: bool = False,
+    example_inputs: Tensor | tuple[Tensor, ...] | None = None,
+) -> Path:
+    """Slim ``model`` (``strsparse.slim``) and write it to ``out_dir`` with its architecture.
+
+    Like ``export_dense``: ``model.safetensors`` (the slim ``state_dict``) and ``config.yaml``
+    (format ``strsparse-slim-model``): the model's name and options plus ``layers``, the
+    constructor arguments of every conv, Linear, BatchNorm and low-rank layer of the slim model.
+    ``load_slim`` rebuilds the architecture from that data alone (``create_model``, then each
+    listed layer replaced) and loads the weights with ``strict=True``: nothing is unpickled,
+    and no training configuration is needed. Checked to reload before anything is written.
+    """
+    from strsparse.slimming import describe_layers, slim
+
+    out_dir = Path(out_dir)
+    spec = cfg if isinstance(cfg, DenseModelSpec) else DenseModelSpec.from_config(cfg)
+    _check_destination(out_dir, force)
+    slim_model = slim(model, example_inputs)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in slim_model.state_dict().items()}
+    document: dict[str, Any] = {
+        "format": SLIM_FORMAT,
+        "version": SLIM_VERSION,
+        "model": {
+            "name": spec.name,
+            "num_classes": spec.num_classes,
+            "in_channels": spec.in_channels,
+            "kwargs": _plain(spec.kwargs),
+        },
+        "layers": _plain(describe_layers(slim_model)),
+        "source": {
+            "params": _weight_count(model),
+            "slim_params": _weight_count(slim_model),
+        },
+    }
+    _build_slim(document, out_dir).load_state_dict(state, strict=True)  # it reloads
+    _write_export(out_dir, state, document)
+    logger.info(
+        "exported a slim %s (%d -> %d parameters) to %s",
+        spec.name,
+        document["source"]["params"],
+        document["source"]["slim_params"],
+        out_dir,
+    )
+    return out_dir
+
+
+def _build_slim(document: Mapping[str, Any], where: Path) -> nn.Module:
+    from strsparse.models.cifar_resnet import ChannelPlacement
+    from strsparse.slimming import SlimError, rebuild_layers
+
+    model_doc = document.get("model")
+    layers = document.get("layers")
+    if not isinstance(model_doc, dict) or not isinstance(layers, dict):
+        raise ValueError(f"{str(where)!r}: a slim export needs 'model' and 'layers' mappings")
+    spec = DenseModelSpec(
+        name=str(model_doc["name"]),
+        num_classes=int(model_doc["num_classes"]),
+        in_channels=int(model_doc["in_channels"]),
+        kwargs=model_doc.get("kwargs") or {},
+    )
+    try:
+        return rebuild_layers(spec.create(), layers, {"ChannelPlacement": ChannelPlacement})
+    except (SlimError, TypeError, KeyError) as exc:
+        raise ValueError(f"{str(where)!r}: cannot rebuild the slim architecture: {exc}") from exc
+
+
+def load_slim(out_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model written by ``export_slim`` (``strsparse convert --slim``) from its
+    ``config.yaml`` and load its safetensors weights with ``strict=True``; in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    out_dir = Path(out_dir)
+    path = out_dir / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist; pass a directory written by export_slim "
+            "(`strsparse convert --slim`)"
+        )
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(document, dict) or document.get("format") != SLIM_FORMAT:
+        raise ValueError(
+            f"{str(path)!r} is not a slim-model config (format {SLIM_FORMAT!r}); a dense "
+            "export loads with load_dense"
+        )
+    version = document.get("version")
+    if not isinstance(version, int) or version > SLIM_VERSION:
+        raise ValueError(
+            f"{str(path)!r} has version {version!r}; this strsparse reads versions up to "
+            f"{SLIM_VERSION}: upgrade strsparse"
+        )
+    model = _build_slim(document, out_dir)
+    weights = out_dir / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"cannot read {str(weights)!r}: {exc}") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{str(weights)!r} does not match the slim architecture in {CONFIG_FILE}: {exc}"
         ) from exc
     return model.to(device).eval()

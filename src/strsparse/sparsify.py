@@ -20,6 +20,12 @@ from strsparse.methods.base import (
     get_parametrization,
     raw_weight,
 )
+from strsparse.methods.structured import (
+    GateFollower,
+    attach_structured,
+    default_exclusions,
+    structured_candidates,
+)
 
 __all__ = [
     "DenseTensor",
@@ -209,13 +215,26 @@ def sparsify(
     """
     method_cls = get_method(method)
     parsed = method_cls.parse_options(options)
-    candidates = eligible_layers(model, include)
+    structure = getattr(parsed, "structure", "weight")  # STR's filter / rank structures
+    if structure == "weight":
+        candidates = eligible_layers(model, include)
+    else:
+        candidates = structured_candidates(model, structure)
     if not candidates:
-        raise ValueError(f"{type(model).__name__} has no >= 2-dim weight tensor to sparsify")
+        what = {"filter": "conv or Linear layer", "rank": "LowRankLinear layer"}
+        raise ValueError(
+            f"{type(model).__name__} has no "
+            f"{what.get(structure, '>= 2-dim weight tensor')} to sparsify"
+        )
     names = list(candidates)
     if include is not None:
         _check_patterns(include, [a for n in names for a in _names(n, candidates[n])], "include")
         names = [n for n in names if any(_matches(a, include) for a in _names(n, candidates[n]))]
+    elif structure != "weight":
+        left_out = default_exclusions(model, structure)
+        if left_out:
+            logger.info("structure=%r leaves out the output layers %s", structure, sorted(left_out))
+        names = [n for n in names if n not in left_out]
     if exclude is not None:
         _check_patterns(exclude, [a for n in names for a in _names(n, candidates[n])], "exclude")
         names = [
@@ -237,6 +256,10 @@ def sparsify(
                 ", ".join(repr(n) for n, _, _ in layer.tied),
             )
 
+    if structure != "weight":
+        attach_structured(model, layers, parsed)
+        logger.info("sparsified %d layers with %r, structure=%r", len(layers), method, structure)
+        return SparsityHandle(method=method, options=dict(options), layers=layers)
     parametrizations = method_cls.create(layers, parsed)
     for name, layer in layers.items():
         for module, tensor in layer.users:
@@ -299,6 +322,17 @@ def dense_tensors(model: nn.Module) -> list[DenseTensor]:
     return dense
 
 
+def _private_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before a parametrization is removed.
+
+    torch creates one class per parametrized module, but ``copy.deepcopy`` shares it between
+    the copy and the original, and removing a parametrization deletes the class's property:
+    finalizing a copy would break the original.
+    """
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+
+
 @torch.no_grad()
 def finalize(model: nn.Module) -> nn.Module:
     """Bake the effective sparse weights into plain parameters, in place.
@@ -307,6 +341,9 @@ def finalize(model: nn.Module) -> nn.Module:
     ``strict=True`` into the unmodified architecture and gives the same outputs. A tied
     Parameter stays one Parameter shared by its modules, holding the sparse values.
     """
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            _private_class(module)
     for layer in sparse_layers(model).values():
         (module, tensor), *others = layer.users
         # the first user writes the effective tensor into the shared raw Parameter; the
@@ -315,6 +352,12 @@ def finalize(model: nn.Module) -> nn.Module:
         parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
         for other, other_tensor in others:
             parametrize.remove_parametrizations(other, other_tensor, leave_parametrized=False)
+    for module in model.modules():  # a structured gate's followers (BatchNorm, a bias)
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor in list(module.parametrizations.keys()):
+            if any(isinstance(p, GateFollower) for p in module.parametrizations[tensor]):
+                parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
     for module in model.modules():
         if isinstance(module, nn.RNNBase) and not parametrize.is_parametrized(module):
             for key, hook in list(module._forward_hooks.items()):

@@ -15,6 +15,7 @@ from tests.models.counting import weight_layers
 IMAGENET = {"resnet18", "resnet50", "mobilenet_v1"}
 CIFAR = {"resnet20", "resnet56"}
 SMALL = {"lenet5", "lenet_300_100"}
+SEQUENCE = {"fastgrnn"}  # (batch, time, features) inputs
 MODELS = list_models()
 
 
@@ -25,7 +26,16 @@ def _input_size(name: str) -> int:
 
 
 def _default_in_channels(name: str) -> int:
-    return 1 if name in SMALL else 3
+    return 28 if name in SEQUENCE else 1 if name in SMALL else 3
+
+
+def _example(name: str, in_channels: int | None = None) -> torch.Tensor:
+    """A batch of 2 inputs for model ``name``: images, or 28-step sequences."""
+    channels = _default_in_channels(name) if in_channels is None else in_channels
+    if name in SEQUENCE:
+        return torch.randn(2, 28, channels)
+    size = _input_size(name)
+    return torch.randn(2, channels, size, size)
 
 
 def test_list_models_has_the_zoo() -> None:
@@ -37,14 +47,13 @@ def test_list_models_has_the_zoo() -> None:
 @pytest.mark.parametrize("name", list_models())
 def test_forward_shape_and_options(name: str) -> None:
     torch.manual_seed(0)
-    size = _input_size(name)
     model = create_model(name)
-    out = model(torch.randn(2, _default_in_channels(name), size, size))
+    out = model(_example(name))
     assert out.shape == (2, 1000 if name in IMAGENET else 10)
     assert torch.isfinite(out).all()
 
     model = create_model(name, num_classes=7, in_channels=2)
-    out = model(torch.randn(2, 2, size, size))
+    out = model(_example(name, 2))
     assert out.shape == (2, 7)
 
 
@@ -69,8 +78,7 @@ def test_classifier_name_fallback_and_error() -> None:
 )
 def test_sparsify_finalize_state_dict_loads_into_fresh_model(name: str) -> None:
     torch.manual_seed(0)
-    size = _input_size(name)
-    x = torch.randn(2, _default_in_channels(name), size, size)
+    x = _example(name)
     model = create_model(name)
     expected_layers = set(weight_layers(model))
     handle = strsparse.sparsify(model, "str", init_threshold=-5.0)

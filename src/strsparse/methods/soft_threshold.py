@@ -23,6 +23,9 @@ __all__ = ["InitThresholdWarning", "SoftThreshold", "SoftThresholdOptions"]
 logger = logging.getLogger(__name__)
 
 GRANULARITIES = ("layer", "channel", "weight", "global")
+# "weight": unstructured (a threshold on every weight); "filter" and "rank" are built by
+# strsparse.methods.structured
+STRUCTURES = ("weight", "filter", "rank")
 
 # A layer whose initial threshold already zeroes this fraction of its weights gets a warning:
 # such a layer may be all zeros from the first step and never learn.
@@ -46,14 +49,32 @@ class SoftThresholdOptions:
     g: threshold function, 'sigmoid' (CNNs) or 'exp' (low-rank RNNs); threshold = k * g(s).
     init_threshold: the paper's s_init (-3200 for ResNet-50, -12800 for MobileNetV1): very
         negative values keep every weight dense until weight decay has moved ``s``.
+    structure: 'weight' (unstructured, the default), 'filter' (one importance value per
+        output filter of every conv and Linear) or 'rank' (one per rank-one component of every
+        ``LowRankLinear``); see ``strsparse.methods.structured``. ``g`` defaults to 'exp' for
+        'rank' (the paper's choice for low-rank RNNs) and to 'sigmoid' otherwise.
     """
 
     granularity: str = "layer"
-    g: str = "sigmoid"
+    g: str | None = None
     k: float = 1.0
     init_threshold: float = -3200.0
+    structure: str = "weight"
 
     def __post_init__(self) -> None:
+        if self.structure not in STRUCTURES:
+            raise ValueError(
+                f"unknown structure {self.structure!r}{did_you_mean(self.structure, STRUCTURES)}; "
+                f"valid: {', '.join(STRUCTURES)}"
+            )
+        if self.g is None:
+            object.__setattr__(self, "g", "exp" if self.structure == "rank" else "sigmoid")
+        if self.structure != "weight" and self.granularity == "weight":
+            raise ValueError(
+                f"granularity='weight' has no meaning for structure={self.structure!r} (one "
+                "importance value per filter or component); use 'layer', 'channel' (one "
+                "threshold per filter or component) or 'global'"
+            )
         if self.granularity not in GRANULARITIES:
             raise ValueError(
                 f"unknown granularity {self.granularity!r}"

@@ -5,7 +5,8 @@
 
 Registered models: ``resnet18``, ``resnet50`` (ImageNet, torchvision layout), ``mobilenet_v1``
 (ImageNet, ``width_multiplier``), ``resnet20``, ``resnet56`` (CIFAR, option-A shortcuts),
-``lenet5`` and ``lenet_300_100`` (28x28 inputs).
+``lenet5`` and ``lenet_300_100`` (28x28 inputs), ``fastgrnn`` (sequences: batch, time,
+features; low-rank W and U with ``rank_w`` / ``rank_u``).
 
 Every model class declares its classifier's module name as the class attribute
 ``classifier_name`` (``"fc"`` for the ResNets and MobileNetV1, ``"fc3"`` for the LeNets); use
@@ -15,8 +16,9 @@ Each model also carries ``input_shape`` (C, H, W), the per-sample input it is bu
 :func:`default_input_shape` reads it by name.
 """
 
-from . import cifar_resnet, lenet, mobilenet, resnet
+from . import cifar_resnet, fastgrnn, lenet, mobilenet, resnet
 from .cifar_resnet import CifarResNet
+from .fastgrnn import FastGRNN
 from .lenet import LeNet5, LeNet300100
 from .mobilenet import MobileNetV1
 from .registry import (
@@ -31,6 +33,7 @@ from .resnet import ResNet
 
 __all__ = [
     "CifarResNet",
+    "FastGRNN",
     "LeNet300100",
     "LeNet5",
     "MobileNetV1",
@@ -39,6 +42,7 @@ __all__ = [
     "classifier_name",
     "create_model",
     "default_input_shape",
+    "fastgrnn",
     "lenet",
     "list_models",
     "mobilenet",

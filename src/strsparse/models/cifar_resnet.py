@@ -14,7 +14,7 @@ names look alike across the families (``layer2.0.conv1``, ``layer2.0.downsample.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,14 @@ from torch import nn
 
 from .registry import check_positive_int, register_model
 
-__all__ = ["CifarBasicBlock", "CifarResNet", "PadShortcut", "resnet20", "resnet56"]
+__all__ = [
+    "ChannelPlacement",
+    "CifarBasicBlock",
+    "CifarResNet",
+    "PadShortcut",
+    "resnet20",
+    "resnet56",
+]
 
 ShortcutKind = Literal["A", "B"]
 
@@ -52,6 +59,66 @@ class PadShortcut(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+    def channel_sources(self) -> list[int | None]:
+        """For each output channel, the input channel it copies (None: a zero channel);
+        ``strsparse.slim`` reads it to follow channels through the shortcut."""
+        before = (self.out_channels - self.in_channels) // 2
+        return [
+            c - before if 0 <= c - before < self.in_channels else None
+            for c in range(self.out_channels)
+        ]
+
+    def slimmed(self, in_keep: list[bool], out_keep: list[bool]) -> nn.Module:
+        """The shortcut for the kept input and output channels (slim keeps a channel on
+        both sides or on neither)."""
+        new_index = {c: i for i, c in enumerate(c for c, k in enumerate(in_keep) if k)}
+        sources = [
+            None if src is None else new_index[src]
+            for src, keep in zip(self.channel_sources(), out_keep, strict=True)
+            if keep
+        ]
+        return ChannelPlacement(sum(in_keep), sources, self.stride)
+
+
+class ChannelPlacement(nn.Module):
+    """Subsample by ``stride``, then place input channel ``sources[j]`` at output channel j
+    (a zero channel where ``sources[j]`` is None): a slimmed option-A shortcut."""
+
+    def __init__(self, in_channels: int, sources: list[int | None], stride: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.stride = stride
+        self.sources = [None if s is None else int(s) for s in sources]
+        dst = [j for j, s in enumerate(self.sources) if s is not None]
+        src = [s for s in self.sources if s is not None]
+        self.register_buffer("dst", torch.tensor(dst, dtype=torch.long), persistent=False)
+        self.register_buffer("src", torch.tensor(src, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]  # (N, C_in, H/s, W/s)
+        out = x.new_zeros(x.shape[0], len(self.sources), x.shape[2], x.shape[3])
+        out[:, self.dst] = x[:, self.src]
+        return out
+
+    def channel_sources(self) -> list[int | None]:
+        return list(self.sources)
+
+    def slimmed(self, in_keep: list[bool], out_keep: list[bool]) -> nn.Module:
+        new_index = {c: i for i, c in enumerate(c for c, k in enumerate(in_keep) if k)}
+        sources = [
+            None if src is None else new_index[src]
+            for src, keep in zip(self.sources, out_keep, strict=True)
+            if keep
+        ]
+        return ChannelPlacement(sum(in_keep), sources, self.stride)
+
+    def describe(self) -> dict[str, Any]:
+        """Constructor arguments as plain data (a slim model's saved architecture)."""
+        return {"in_channels": self.in_channels, "sources": self.sources, "stride": self.stride}
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {len(self.sources)}, stride={self.stride}"
 
 
 class CifarBasicBlock(nn.Module):

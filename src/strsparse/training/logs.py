@@ -34,6 +34,7 @@ CSV_COLUMNS = (
     "sparsity",
     "sparse_flops",
     "time",
+    "structure",
 )
 
 
@@ -50,7 +51,9 @@ def write_metrics_csv(history: Mapping[str, Sequence[Any]], path: str | os.PathL
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for i in range(len(history.get("epoch", ()))):
-        writer.writerow([_format(history[c][i]) if c in history else "" for c in CSV_COLUMNS])
+        writer.writerow(
+            [_format(history[c][i]) if i < len(history.get(c, ())) else "" for c in CSV_COLUMNS]
+        )
     return write_atomic(path, buf.getvalue())
 
 

@@ -39,6 +39,7 @@ from strsparse.data import build_datasets, build_loaders
 from strsparse.flops import FlopsProfile
 from strsparse.flops import profile as profile_flops
 from strsparse.methods.base import get_parametrization
+from strsparse.methods.structured import structure_report
 from strsparse.report import sparsity_report
 from strsparse.sparsify import SparsityHandle, sparse_layers
 from strsparse.training.build import build_model
@@ -731,6 +732,7 @@ class _Trainer:
             raise TrainingDiverged(self._diverged_message(state, val["loss"]))
         layer_sparsity, layer_threshold = _layer_stats(self.model)
         report = sparsity_report(self.model)
+        structure = structure_report(self.model)
         profile = _flops(self.model, self.info.input_shape) if self.env.is_main else None
         flops = _overall(profile)
         state.epoch += 1
@@ -747,10 +749,12 @@ class _Trainer:
             "sparsity": report.sparsity,
             "sparse_flops": flops["sparse_flops"],
             "time": sums["time"],
+            # structured STR: alive filters / rank-one components per layer ("w=12/32 u=40/100")
+            "structure": " ".join(f"{n}={a}/{t}" for n, (a, t) in structure.items()),
         }
         history = state.history
         for key, value in record.items():
-            history[key].append(value)
+            history.setdefault(key, []).append(value)
         for name, value in layer_sparsity.items():
             history["layer_sparsity"].setdefault(name, []).append(value)
         for name, value in layer_threshold.items():
@@ -763,6 +767,9 @@ class _Trainer:
         self._save(state, is_best=is_best)
         self.run_logger.write_csv(history)
         self.run_logger.log_epoch(state.step, record, layer_sparsity, layer_threshold)
+        self.run_logger.log_step(
+            state.step, {f"structure/{n}": a for n, (a, _) in structure.items()}
+        )
         logger.info(
             "epoch %d/%d: train loss %.4f top1 %.2f | val loss %.4f top1 %.2f top5 %.2f | "
             "sparsity %.2f%% | %.1fs",
@@ -776,6 +783,8 @@ class _Trainer:
             100 * report.sparsity,
             record["time"],
         )
+        if structure:
+            logger.info("epoch %d: alive filters / ranks %s", state.epoch, record["structure"])
 
     def _evaluate(self) -> dict[str, float]:
         # a validation set sharded across ranks (each sees a part) is summed over ranks
