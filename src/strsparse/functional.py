@@ -20,6 +20,7 @@ __all__ = [
     "pruned_cutoff",
     "resolve_threshold_function",
     "soft_threshold",
+    "str_weights",
     "straight_through",
     "update_point",
 ]
@@ -34,7 +35,7 @@ class _SoftThreshold(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, threshold: Tensor) -> Tensor:
-        out = torch.copysign(torch.relu(weight.abs() - threshold), weight)
+        out = _shrink(weight, threshold)
         ctx.save_for_backward(out)
         ctx.threshold_shape = threshold.shape
         return out
@@ -42,14 +43,57 @@ class _SoftThreshold(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None]:
         (out,) = ctx.saved_tensors
-        grad_weight = grad_threshold = None
-        if ctx.needs_input_grad[0]:
-            # dL/dw = dL/dw_hat * 1{|w| > t}
-            grad_weight = grad_out * (out != 0)
-        if ctx.needs_input_grad[1]:
-            # dL/dt = -<dL/dw_hat, sign(w) * 1{|w| > t}>, summed over what t is shared by
-            grad_threshold = (-(grad_out * out.sign())).sum_to_size(ctx.threshold_shape)
-        return grad_weight, grad_threshold
+        return _shrink_grads(grad_out, out, ctx.threshold_shape, *ctx.needs_input_grad)
+
+
+def _shrink(weight: Tensor, threshold: Tensor) -> Tensor:
+    """sign(w) * relu(|w| - t) in one pass where possible (``t >= 0``, broadcastable)."""
+    if threshold.dim() == 0 and weight.device.type == "cpu":
+        # one fused kernel; reading the scalar costs nothing on the CPU (a sync elsewhere)
+        return torch.nn.functional.softshrink(weight, float(threshold))
+    return _shrink_formula(weight, threshold)
+
+
+def _shrink_formula(weight: Tensor, threshold: Tensor) -> Tensor:
+    # w - clamp(w, -t, t) is sign(w) * relu(|w| - t) in two passes instead of four, and its
+    # autograd gradients are the paper's sub-gradients
+    return weight - torch.clamp(weight, -threshold, threshold)
+
+
+def _shrink_grads(
+    grad_out: Tensor, out: Tensor, threshold_shape: torch.Size, need_weight: bool, need_t: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """(dL/dw, dL/dt) of ``out = _shrink(w, t)`` from dL/dout and ``out`` alone.
+
+    dL/dw = dL/dout * 1{|w| > t} = dL/dout * 1{out != 0};
+    dL/dt = -<dL/dout, sign(w) * 1{|w| > t}> = -<dL/dout, sign(out)>, summed over the weights
+    that t is shared by. One weight-sized allocation, which becomes dL/dw: every fresh
+    allocation of a large tensor costs page faults on the CPU.
+    """
+    softshrink_backward = torch.ops.aten.softshrink_backward
+    if not need_t:
+        return (softshrink_backward(grad_out, out, 0.0) if need_weight else None), None
+    sign = out.sign()
+    grad_t = _signed_sum(grad_out, sign, threshold_shape)
+    grad_weight = None
+    if need_weight:
+        # the mask is 1{out != 0}, in the buffer that held the sign (done with)
+        grad_weight = softshrink_backward.grad_input(grad_out, out, 0.0, grad_input=sign)
+    return grad_weight, grad_t
+
+
+def _signed_sum(grad_out: Tensor, sign: Tensor, shape: torch.Size) -> Tensor:
+    """-(grad_out * sign) summed down to ``shape`` (a scalar, one per output channel, or
+    the weight's own shape), without a weight-sized temporary where the layout allows."""
+    dense = grad_out.is_contiguous() and sign.is_contiguous()
+    if len(shape) == 0 and dense:
+        return -torch.dot(grad_out.view(-1), sign.view(-1))
+    channels = grad_out.shape[0] if grad_out.dim() > 0 else 0
+    if dense and grad_out.dim() > 1 and tuple(shape) == (channels,) + (1,) * (grad_out.dim() - 1):
+        # (C, 1, K) @ (C, K, 1) -> (C, 1, 1): one dot product per output channel
+        per_channel = torch.bmm(grad_out.view(channels, 1, -1), sign.view(channels, -1, 1))
+        return -per_channel.view(shape)
+    return torch.mul(grad_out, sign).neg_().sum_to_size(shape)
 
 
 def soft_threshold(weight: Tensor, threshold: Tensor | float) -> Tensor:
@@ -89,6 +133,113 @@ def resolve_threshold_function(name: str) -> Callable[[Tensor], Tensor]:
             f"unknown threshold function g={name!r}{did_you_mean(name, valid)}; "
             f"valid: {', '.join(valid)}"
         ) from None
+
+
+def _sigmoid_derivative(values: list[Tensor]) -> list[Tensor]:
+    # sigmoid'(s) = g * (1 - g)
+    out = torch._foreach_neg(values)
+    torch._foreach_add_(out, 1.0)
+    torch._foreach_mul_(out, values)
+    return out
+
+
+# g over a list of tensors in one call, and g'(s) from the values g(s)
+_THRESHOLD_FOREACH: dict[
+    str, tuple[Callable[[list[Tensor]], list[Tensor]], Callable[[list[Tensor]], list[Tensor]]]
+] = {
+    "sigmoid": (torch._foreach_sigmoid, _sigmoid_derivative),
+    "exp": (torch._foreach_exp, lambda values: values),
+}
+
+
+class _STRWeights(torch.autograd.Function):
+    """STR's effective weights of many layers as one autograd node.
+
+    Per layer the math is ``_SoftThreshold``'s with t = k * g(s); batching removes the fixed
+    cost of one node, one Python call and one ``k * g(s)`` per layer, and g runs once per
+    distinct ``s``. Only the outputs are saved (and ``s``, which is a parameter anyway).
+    """
+
+    @staticmethod
+    def forward(ctx, k: float, g: str, s_index: tuple[int, ...], *tensors: Tensor) -> tuple:
+        n = len(s_index)
+        weights, s = tensors[:n], tensors[n:]
+        thresholds = _THRESHOLD_FOREACH[g][0](list(s))
+        if k != 1.0:
+            torch._foreach_mul_(thresholds, k)
+        outs = tuple(
+            _shrink(w, thresholds[j].to(w.dtype)) for w, j in zip(weights, s_index, strict=True)
+        )
+        ctx.k, ctx.g, ctx.s_index = k, g, s_index
+        ctx.save_for_backward(*outs, *s)
+        ctx.set_materialize_grads(False)  # a layer not used in this forward gets no gradient
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grad_outs: Tensor | None) -> tuple[Tensor | None, ...]:
+        s_index = ctx.s_index
+        n = len(s_index)
+        saved = ctx.saved_tensors
+        outs, s = saved[:n], saved[n:]
+        needs_weight, needs_s = ctx.needs_input_grad[3 : 3 + n], ctx.needs_input_grad[3 + n :]
+        grad_weights: list[Tensor | None] = [None] * n
+        grad_t: list[Tensor | None] = [None] * len(s)  # dL/dt, summed over the layers sharing s
+        for i, (grad, out, j) in enumerate(zip(grad_outs, outs, s_index, strict=True)):
+            if grad is None:
+                continue
+            grad_weights[i], part = _shrink_grads(
+                grad, out, s[j].shape, needs_weight[i], needs_s[j]
+            )
+            if part is not None:
+                part = part.to(s[j].dtype)
+                grad_t[j] = part if grad_t[j] is None else grad_t[j] + part
+        grad_s: list[Tensor | None] = [None] * len(s)
+        live = [j for j, gt in enumerate(grad_t) if gt is not None]
+        if live:
+            # dL/ds = dL/dt * k * g'(s), for every s at once
+            g_fn, derivative = _THRESHOLD_FOREACH[ctx.g]
+            chain = derivative(g_fn([s[j] for j in live]))
+            torch._foreach_mul_(chain, [grad_t[j] for j in live])
+            if ctx.k != 1.0:
+                torch._foreach_mul_(chain, ctx.k)
+            for j, grad in zip(live, chain, strict=True):
+                grad_s[j] = grad
+        return (None, None, None, *grad_weights, *grad_s)
+
+
+def str_weights(
+    weights: Sequence[Tensor],
+    s: Sequence[Tensor],
+    *,
+    k: float = 1.0,
+    g: str = "sigmoid",
+    s_index: Sequence[int] | None = None,
+) -> list[Tensor]:
+    """STR's effective weights ``sign(w) * relu(|w| - k * g(s))`` (Kusupati et al., 2020,
+    eq. 3) of several layers in one autograd node.
+
+    ``s_index[i]`` is the position in ``s`` of the threshold parameter of ``weights[i]``
+    (default: ``s[i]``), so a shared ``s`` (STR's 'global' granularity) is passed once. Each
+    ``s`` broadcasts against its weights. Gradients are ``soft_threshold``'s, chained through
+    k * g(s); a weight whose output is unused gets no gradient. Under ``torch.compile`` it is
+    the plain formula, which the compiler fuses.
+    """
+    if s_index is None:
+        s_index = range(len(weights))
+    s_index = tuple(s_index)
+    if len(s_index) != len(weights) or any(not 0 <= j < len(s) for j in s_index):
+        raise ValueError(
+            f"s_index={list(s_index)} must give one position in s (0..{len(s) - 1}) per weight "
+            f"({len(weights)} weights)"
+        )
+    g_fn = resolve_threshold_function(g)
+    if torch.compiler.is_compiling():
+        thresholds = [k * g_fn(x) for x in s]
+        return [
+            _shrink_formula(w, thresholds[j].to(w.dtype))
+            for w, j in zip(weights, s_index, strict=True)
+        ]
+    return list(_STRWeights.apply(float(k), g, s_index, *weights, *s))
 
 
 def cubic_sparsity(step: int, start: int, end: int, final: float, initial: float = 0.0) -> float:

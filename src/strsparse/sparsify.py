@@ -57,6 +57,10 @@ class SparsityHandle:
     method: str
     options: dict[str, Any]
     layers: dict[str, LayerWeight] = field(repr=False)
+    method_cls: type[SparsityMethod] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.method_cls = get_method(self.method)
 
     @property
     def parametrizations(self) -> dict[str, SparsityMethod]:
@@ -68,14 +72,13 @@ class SparsityHandle:
         ``step`` of ``total_steps``; call it once per optimizer step (a no-op for STR)."""
         if total_steps <= 0:
             raise ValueError(f"total_steps={total_steps} must be positive")
-        get_method(self.method).update(self.layers, step, total_steps)
+        self.method_cls.update(self.layers, step, total_steps)
 
     def threshold_parameters(self) -> list[nn.Parameter]:
         """The learnable thresholds (STR's ``s``), each once even when shared."""
         seen: dict[int, nn.Parameter] = {}
         for p in self.parametrizations.values():
-            s = getattr(p, "s", None)
-            if isinstance(s, nn.Parameter):
+            for s in p.learnable_thresholds():
                 seen.setdefault(id(s), s)
         return list(seen.values())
 
@@ -266,6 +269,7 @@ def sparsify(
             parametrize.register_parametrization(module, tensor, parametrizations[name])
             if isinstance(module, nn.RNNBase) and _release_flat_weights not in _hooks(module):
                 module.register_forward_hook(_release_flat_weights)
+    method_cls.attach(model, layers)
     logger.info("sparsified %d layers with %r", len(layers), method)
     return SparsityHandle(method=method, options=dict(options), layers=layers)
 
@@ -345,6 +349,9 @@ def finalize(model: nn.Module) -> nn.Module:
         if parametrize.is_parametrized(module):
             _private_class(module)
     for layer in sparse_layers(model).values():
+        p = get_parametrization(layer)
+        if p is not None:
+            p.release()
         (module, tensor), *others = layer.users
         # the first user writes the effective tensor into the shared raw Parameter; the
         # others then only drop their parametrization (applying it again would threshold

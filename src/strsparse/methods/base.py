@@ -58,6 +58,16 @@ class SparsityMethod(nn.Module):
         """The layer's current magnitude threshold for reports (mean if it varies), if any."""
         return None
 
+    def learnable_thresholds(self) -> list[nn.Parameter]:
+        """The parameters that set this layer's threshold and learn it (STR's ``s``, which
+        may be shared with other layers); none for methods whose threshold follows a
+        schedule."""
+        return []
+
+    def release(self) -> None:
+        """Called by ``finalize`` before this parametrization leaves its module: drop
+        model-wide state that refers to it."""
+
     def extra_repr(self) -> str:
         return f"method={self.name!r}"
 
@@ -81,6 +91,11 @@ class SparsityMethod(nn.Module):
     @classmethod
     def update(cls, layers: Mapping[str, LayerWeight], step: int, total_steps: int) -> None:
         """Advance state that depends on training progress; the default has none."""
+
+    @classmethod
+    def attach(cls, model: nn.Module, layers: Mapping[str, LayerWeight]) -> None:
+        """Model-wide set-up once every layer in ``layers`` (weights of sub-modules of
+        ``model``) carries its parametrization; the default has none."""
 
 
 def register_method(cls: M) -> M:

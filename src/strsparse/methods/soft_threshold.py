@@ -10,12 +10,14 @@ import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from strsparse.errors import did_you_mean
-from strsparse.functional import THRESHOLD_FUNCTIONS, resolve_threshold_function, soft_threshold
+from strsparse.functional import THRESHOLD_FUNCTIONS, resolve_threshold_function, str_weights
 from strsparse.methods.base import LayerWeight, SparsityMethod, register_method
 
 __all__ = ["InitThresholdWarning", "SoftThreshold", "SoftThresholdOptions"]
@@ -98,9 +100,42 @@ def _threshold_shape(weight_shape: torch.Size, granularity: str, axis: int = 0) 
     return ()
 
 
+class _BatchedWeight:
+    """One layer's effective weight computed ahead by ``_LayerBatch``, with what it was
+    computed from: it is used only while all of that still holds."""
+
+    __slots__ = ("grad_enabled", "out", "s_version", "weight", "weight_version")
+
+    def __init__(self) -> None:
+        self.out: Tensor | None = None
+        self.weight: Tensor | None = None
+        self.weight_version = self.s_version = -1
+        self.grad_enabled = False
+
+    def get(self, weight: Tensor, s: Tensor) -> Tensor | None:
+        if (
+            self.out is not None
+            and self.weight is weight
+            and self.weight_version == weight._version
+            and self.s_version == s._version
+            and self.grad_enabled == torch.is_grad_enabled()
+        ):
+            return self.out
+        return None
+
+    def clear(self) -> None:
+        self.out = self.weight = None
+
+
 @register_method
 class SoftThreshold(SparsityMethod):
-    """STR's parametrization: soft-thresholds the raw weight by the learnable k * g(s)."""
+    """STR's parametrization: soft-thresholds the raw weight by the learnable k * g(s).
+
+    Inside a forward of the model given to ``sparsify`` the weights of all its STR layers
+    are computed together, in one autograd node (see ``_LayerBatch``); anywhere else (a
+    sub-module called alone, ``module.weight`` read directly, ``torch.compile``) each layer
+    computes its own, with the same values and gradients.
+    """
 
     name = "str"
     Options = SoftThresholdOptions
@@ -121,17 +156,30 @@ class SoftThreshold(SparsityMethod):
             shape = _threshold_shape(weight_shape, options.granularity, axis)
             shared_s = nn.Parameter(torch.full(shape, float(options.init_threshold)))
         self.s = shared_s
+        self._batched = _BatchedWeight()
+        self._batch: _LayerBatch | None = None
 
     def threshold_tensor(self) -> Tensor:
         """k * g(s), broadcastable against the weight."""
         return self.k * THRESHOLD_FUNCTIONS[self.g_name](self.s)
 
     def forward(self, weight: Tensor) -> Tensor:
-        return soft_threshold(weight, self.threshold_tensor().to(weight.dtype))
+        out = self._batched.get(weight, self.s)
+        if out is not None:
+            return out
+        return str_weights([weight], [self.s], k=self.k, g=self.g_name)[0]
 
     def threshold(self) -> float:
         with torch.no_grad():
             return float(self.threshold_tensor().mean())
+
+    def learnable_thresholds(self) -> list[nn.Parameter]:
+        return [self.s]
+
+    def release(self) -> None:
+        if self._batch is not None:
+            self._batch.discard(self)
+        self._batch = None
 
     def extra_repr(self) -> str:
         return f"granularity={self.granularity!r}, g={self.g_name!r}, k={self.k}"
@@ -149,6 +197,80 @@ class SoftThreshold(SparsityMethod):
             _warn_if_pruned_at_init(name, layer.weight, p)
             parametrizations[name] = p
         return parametrizations
+
+    @classmethod
+    def attach(cls, model: nn.Module, layers: Mapping[str, LayerWeight]) -> None:
+        members = []
+        for layer in layers.values():
+            chain = layer.module.parametrizations[layer.tensor]
+            # only a parametrization that sees the raw weight itself can be computed ahead;
+            # tied users share it and its raw weight, so one member serves them all
+            if isinstance(chain[0], cls) and chain[0]._batch is None:
+                members.append((chain, chain[0]))
+        if members:
+            batch = _LayerBatch(model, members)
+            for _, p in members:
+                p._batch = batch
+
+
+class _LayerBatch:
+    """Computes the effective weights of all STR layers of a model in one call per forward.
+
+    A forward pre-hook on the model hands every layer its weight, computed by one
+    ``str_weights`` call (one autograd node instead of one per layer, one g(s) per distinct
+    ``s``); each layer's parametrization returns it when it is asked for the weight it was
+    computed from (same tensor, unchanged since, same grad mode), else computes its own. A
+    forward hook drops the weights when the forward ends, even on an error, so nothing
+    outlives the step. Skipped while tracing or compiling and inside
+    ``parametrize.cached()``, which caches per layer itself.
+    """
+
+    def __init__(self, root: nn.Module, members: list[tuple[nn.Module, SoftThreshold]]) -> None:
+        self.members = members  # (the layer's ParametrizationList, its SoftThreshold)
+        self.k, self.g = members[0][1].k, members[0][1].g_name
+        self._hooks = [
+            root.register_forward_pre_hook(self.before_forward),
+            root.register_forward_hook(self.after_forward, always_call=True),
+        ]
+
+    def before_forward(self, module: nn.Module, args: Any) -> None:
+        if (
+            torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+            or torch.jit.is_scripting()
+            or parametrize._cache_enabled
+        ):
+            return
+        weights, s, s_index = [], [], []
+        position: dict[int, int] = {}
+        for chain, p in self.members:
+            weights.append(chain.original)
+            s_param = p.s
+            j = position.setdefault(id(s_param), len(s))
+            if j == len(s):
+                s.append(s_param)
+            s_index.append(j)
+        outs = str_weights(weights, s, k=self.k, g=self.g, s_index=s_index)
+        grad_enabled = torch.is_grad_enabled()
+        for (_, p), weight, j, out in zip(self.members, weights, s_index, outs, strict=True):
+            cache = p._batched
+            cache.out, cache.weight, cache.grad_enabled = out, weight, grad_enabled
+            cache.weight_version, cache.s_version = weight._version, s[j]._version
+
+    def after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        for _, p in self.members:
+            p._batched.clear()
+
+    def discard(self, p: SoftThreshold) -> None:
+        """Stop computing ``p``'s layer; with no layer left, remove the hooks."""
+        p._batched.clear()
+        self.members = [(chain, q) for chain, q in self.members if q is not p]
+        if not self.members:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
 
 
 @torch.no_grad()
