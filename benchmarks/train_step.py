@@ -32,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import strsparse
 from strsparse.models import create_model, default_input_shape
+from strsparse.methods import get_parametrization
 from strsparse.sparsify import sparse_layers
 
 METHOD_OPTIONS: dict[str, tuple[str | None, dict]] = {
@@ -55,8 +56,8 @@ def make_step(
     if method is not None:
         handle = strsparse.sparsify(model, method, **options)
     if config == "str/layer":
-        for module in sparse_layers(model).values():
-            module.parametrizations.weight[0].release()
+        for layer in sparse_layers(model).values():
+            get_parametrization(layer).release()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(batch_size, *default_input_shape(model_name))
     y = torch.randint(0, 10, (batch_size,))

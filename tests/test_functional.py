@@ -12,6 +12,7 @@ from strsparse.functional import (
     magnitude_mask,
     resolve_threshold_function,
     soft_threshold,
+    str_weights,
     straight_through,
     update_point,
 )
@@ -58,6 +59,71 @@ def test_soft_threshold_matches_the_naive_formula_and_its_gradients() -> None:
 def test_soft_threshold_accepts_a_float() -> None:
     w = torch.tensor([-1.0, -0.2, 0.0, 0.3, 2.0])
     torch.testing.assert_close(soft_threshold(w, 0.5), torch.tensor([-0.5, 0.0, 0.0, 0.0, 1.5]))
+
+
+def _naive_str(weight: torch.Tensor, s: torch.Tensor, k: float, g: str) -> torch.Tensor:
+    threshold = k * THRESHOLD_FUNCTIONS[g](s)
+    return weight.sign() * torch.relu(weight.abs() - threshold)
+
+
+# (weight shape, s shape) per layer; the last layer shares the first one's s in "shared"
+_LAYERS = [((4, 3, 2, 2), ()), ((5, 6), (5, 1)), ((3, 2, 2), (3, 2, 2)), ((2, 4), ())]
+
+
+@pytest.mark.parametrize("g", ["sigmoid", "exp"])
+@pytest.mark.parametrize("shared", [False, True], ids=["own-s", "shared-s"])
+def test_str_weights_gradcheck(g: str, shared: bool) -> None:
+    torch.manual_seed(0)
+    k = 0.7
+    s = [torch.empty(shape, dtype=torch.float64).uniform_(-2.0, -1.0) for _, shape in _LAYERS]
+    s_index = [0, 1, 2, 0 if shared else 3]
+    if g == "exp":  # k * exp(s) in (0.1, 0.3) like k * sigmoid(s)
+        s = [x - 1.0 for x in s]
+    weights = []
+    for (shape, _), j in zip(_LAYERS, s_index, strict=True):
+        threshold = k * THRESHOLD_FUNCTIONS[g](s[j])
+        weights.append(_away_from_kinks(threshold, shape).requires_grad_())
+    s = [x.requires_grad_() for x in s[: 3 if shared else 4]]
+
+    def fn(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(str_weights(tensors[:4], tensors[4:], k=k, g=g, s_index=s_index))
+
+    assert torch.autograd.gradcheck(fn, (*weights, *s))
+
+
+def test_str_weights_matches_the_naive_formula_with_shared_and_unused_layers() -> None:
+    torch.manual_seed(0)
+    weights = [torch.randn(shape, requires_grad=True) for shape, _ in _LAYERS]
+    s = [torch.full(shape, -1.5, requires_grad=True) for _, shape in _LAYERS[:3]]
+    s_index = [0, 1, 2, 0]
+    naive_w = [w.detach().clone().requires_grad_() for w in weights]
+    naive_s = [x.detach().clone().requires_grad_() for x in s]
+    upstream = [torch.randn(w.shape) for w in weights]
+
+    outs = str_weights(weights, s, k=1.5, s_index=s_index)
+    naive = [
+        _naive_str(w, naive_s[j], 1.5, "sigmoid") for w, j in zip(naive_w, s_index, strict=True)
+    ]
+    for out, expected in zip(outs, naive, strict=True):
+        torch.testing.assert_close(out, expected)
+        assert (out == 0).any() and (out != 0).any()
+    # the second layer's output is not used: neither it nor its own s gets a gradient
+    used = [0, 2, 3]
+    sum((outs[i] * upstream[i]).sum() for i in used).backward()
+    sum((naive[i] * upstream[i]).sum() for i in used).backward()
+    for i in used:
+        torch.testing.assert_close(weights[i].grad, naive_w[i].grad)
+    assert weights[1].grad is None and s[1].grad is None
+    for j in (0, 2):
+        torch.testing.assert_close(s[j].grad, naive_s[j].grad)
+
+
+def test_str_weights_checks_s_index() -> None:
+    w, s = torch.randn(3, 3), torch.zeros(())
+    with pytest.raises(ValueError, match="s_index"):
+        str_weights([w, w], [s], s_index=[0, 1])
+    with pytest.raises(ValueError, match="s_index"):
+        str_weights([w, w], [s])
 
 
 def test_straight_through_passes_the_gradient_unchanged() -> None:

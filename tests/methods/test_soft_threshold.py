@@ -1,12 +1,17 @@
-"""STR's parametrization (strsparse.methods.soft_threshold): granularities, init, eq. 6."""
+"""STR's parametrization (strsparse.methods.soft_threshold): granularities, init, eq. 6, and
+the batched computation of all layers' weights against each layer computing its own."""
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
+from copy import deepcopy
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import strsparse
 from strsparse.methods import get_parametrization, raw_weight
@@ -119,3 +124,224 @@ def test_str_channel_thresholds_follow_the_output_axis(layer: nn.Module, s_shape
     channel = out[:, 2]  # (B, H, W) or (B,)
     torch.testing.assert_close(channel, torch.full_like(channel, float(layer.bias.detach()[2])))
     assert (out[:, 3] != layer.bias.detach()[3]).any()
+
+
+# -- one batched computation per forward against each layer computing its own ---------------
+class _Net(nn.Module):
+    """Conv, a Linear used twice in one forward, and input/output weights tied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.embed = nn.Linear(8 * 4 * 4, 6, bias=False)
+        self.mid = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 8 * 4 * 4, bias=False)
+        self.head = nn.Linear(8 * 4 * 4, 6, bias=False)
+        self.head.weight = self.embed.weight  # tied: one layer with two users
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(torch.relu(self.conv(x)).flatten(1))
+        h = self.mid(torch.relu(self.mid(h)))
+        return self.head(self.out(h))
+
+
+def _pair(granularity: str, **options: object) -> tuple[nn.Module, nn.Module]:
+    """The same sparsified net twice: batched, and with each layer computing its own weight."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = _Net()
+        handle = strsparse.sparsify(model, "str", granularity=granularity, **options)
+        with torch.no_grad():  # a threshold that prunes part of each layer, g'(s) != 0
+            for s in handle.threshold_parameters():
+                s.fill_(-2.5)
+        models.append(model)
+    for layer in strsparse.sparse_layers(models[1]).values():
+        get_parametrization(layer).release()
+    return models[0], models[1]
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().sum().backward()
+    grads = {n.removeprefix("_orig_mod."): p.grad for n, p in model.named_parameters()}
+    return out.detach(), grads
+
+
+def _assert_same(a: tuple, b: tuple, exact: bool = True) -> None:
+    """Equal outputs and gradients. Where one weight is used several times (``mid`` twice,
+    the tied ``embed``/``head``), or ``s`` is shared, per-layer calls add several gradient
+    contributions to ``s`` where the batch adds the uses first: ``s`` is then only close."""
+    _equal(a[0], b[0]) if exact else torch.testing.assert_close(a[0], b[0])
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        if a[1][name] is None or b[1][name] is None:
+            assert a[1][name] is None and b[1][name] is None, name
+        elif exact and not (name.endswith(".s") and not name.startswith(("conv", "out"))):
+            _equal(a[1][name], b[1][name])
+        else:
+            torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-5, atol=1e-7)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel", "weight", "global"])
+def test_batched_weights_equal_per_layer_ones(granularity: str) -> None:
+    batched, per_layer = _pair(granularity)
+    x = torch.randn(4, 3, 6, 6)
+    _assert_same(_step(batched, x), _step(per_layer, x), exact=granularity != "global")
+
+
+def test_the_batch_is_one_autograd_node_and_the_fallback_one_per_layer() -> None:
+    batched, per_layer = _pair("layer")
+    x = torch.randn(2, 3, 6, 6)
+    # mid runs twice: per layer it computes its weight twice
+    for model, distinct in ((batched, 1), (per_layer, 5)):
+        nodes: list = []
+        hooks = [
+            m.register_forward_pre_hook(lambda m, args, seen=nodes: seen.append(m.weight.grad_fn))
+            for m in (model.conv, model.embed, model.mid, model.out)
+        ]
+        model(x)
+        for hook in hooks:
+            hook.remove()
+        assert len({id(node) for node in nodes}) == distinct
+
+
+def test_training_steps_match_and_the_cache_follows_the_updated_weights() -> None:
+    batched, per_layer = _pair("channel")
+    optimizers = [
+        torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.9) for m in (batched, per_layer)
+    ]
+    for _ in range(3):
+        x = torch.randn(4, 3, 6, 6)
+        results = [_step(m, x) for m in (batched, per_layer)]
+        _assert_same(*results)
+        for opt in optimizers:
+            opt.step()
+    for a, b in zip(batched.parameters(), per_layer.parameters(), strict=True):
+        _equal(a, b)
+
+
+def _triple_mid(model: nn.Module, args: object) -> None:
+    with torch.no_grad():
+        model.mid.parametrizations.weight.original.mul_(3.0)
+
+
+def test_a_weight_changed_during_the_forward_is_not_served_stale() -> None:
+    batched, per_layer = _pair("layer")
+    for model in (batched, per_layer):
+        model.register_forward_pre_hook(_triple_mid)  # runs after the batch was computed
+    x = torch.randn(2, 3, 6, 6)
+    _assert_same(_step(batched, x), _step(per_layer, x))
+
+
+def test_two_forwards_in_one_step_and_two_backwards() -> None:
+    batched, per_layer = _pair("layer")
+    x1, x2 = torch.randn(2, 3, 6, 6), torch.randn(3, 3, 6, 6)
+    grads = []
+    for model in (batched, per_layer):
+        out1, out2 = model(x1), model(x2)
+        out1.square().sum().backward()
+        out2.sum().backward()  # each forward has its own graph
+        grads.append((torch.zeros(()), {n: p.grad for n, p in model.named_parameters()}))
+    _assert_same(*grads)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "eval", "cached", "inference_mode"])
+def test_batched_weights_outside_training(mode: str) -> None:
+    batched, per_layer = _pair("weight")
+    x = torch.randn(2, 3, 6, 6)
+    outs = []
+    for model in (batched, per_layer):
+        if mode == "eval":
+            model.eval()
+            outs.append(model(x).detach())
+        elif mode == "cached":
+            with parametrize.cached():
+                outs.append(model(x).detach())
+                model(x).sum().backward()  # grads still reach raw weights and s
+            assert model.conv.parametrizations.weight[0].s.grad is not None
+        else:
+            context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+            with context:
+                out = model(x)
+            assert not out.requires_grad
+            outs.append(out)
+    _equal(outs[0], outs[1])
+
+
+def test_grad_enabled_inside_a_no_grad_forward() -> None:
+    batched, per_layer = _pair("layer")
+
+    class Wrapper(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                return self.net(x)
+
+    # the batch hangs on the net: here it is computed under no_grad, then used with grad
+    # enabled, where it must not be served
+    wrapped = Wrapper(batched)
+    with torch.no_grad():
+        out = wrapped(torch.randn(2, 3, 6, 6))
+    assert out.requires_grad
+
+
+def test_nothing_outlives_the_forward() -> None:
+    batched, _ = _pair("layer")
+    seen = []
+    batched.mid.register_forward_pre_hook(lambda m, args: seen.append(weakref.ref(m.weight)))
+    out = batched(torch.randn(2, 3, 6, 6))
+    out.sum().backward()
+    del out
+    gc.collect()
+    assert seen and all(ref() is None for ref in seen)
+
+
+def test_submodules_copies_and_finalize() -> None:
+    batched, per_layer = _pair("layer")
+    h = torch.randn(2, 6)
+    _equal(batched.mid(h), per_layer.mid(h))  # called alone: the layer computes its own
+
+    copy = deepcopy(batched)
+    with torch.no_grad():
+        copy.mid.parametrizations.weight.original.mul_(2.0)
+    x = torch.randn(2, 3, 6, 6)
+    _equal(batched(x), per_layer(x))  # the copy's batch reads the copy's weights only
+    assert not torch.equal(copy(x), batched(x))
+
+    keys = list(batched.state_dict())
+    assert "conv.parametrizations.weight.original" in keys
+    assert "conv.parametrizations.weight.0.s" in keys
+    assert keys == list(per_layer.state_dict())
+    expected = batched(x)
+    strsparse.finalize(batched)
+    assert not batched._forward_pre_hooks and not batched._forward_hooks
+    _equal(batched(x), expected)
+
+
+def test_channels_last_and_autocast() -> None:
+    batched, per_layer = _pair("channel")
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    for model in (batched, per_layer):
+        model.to(memory_format=torch.channels_last)
+    _assert_same(_step(batched, x), _step(per_layer, x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [m(x) for m in (batched, per_layer)]
+    assert outs[0].dtype == torch.bfloat16
+    _equal(outs[0], outs[1])
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager() -> None:
+    batched, _ = _pair("channel")
+    compiled = torch.compile(deepcopy(batched), backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 6, 6)
+    _assert_same(_step(compiled, x), _step(batched, x), exact=False)
