@@ -31,8 +31,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import strsparse
-from strsparse.models import create_model, default_input_shape
 from strsparse.methods import get_parametrization
+from strsparse.models import create_model, default_input_shape
 from strsparse.sparsify import sparse_layers
 
 METHOD_OPTIONS: dict[str, tuple[str | None, dict]] = {
