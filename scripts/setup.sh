@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a development environment in .venv: strsparse (editable) with its test tools,
+# Set up a development environment in .venv: strsparse (editable, which builds its native
+# sparse kernels) with its test tools and onnx/onnxruntime,
 # a CPU build of PyTorch, and the Fashion-MNIST data the default job trains on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +18,7 @@ pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${pip[@]}" "torch==2.13.0" 2>/dev/null || "${pip[@]}" "torch>=2.2"
 fi
-"${pip[@]}" -e ".[dev]"
+"${pip[@]}" -e ".[dev,onnx]"
 
 data=/usr/share/datasets/fashion-mnist
 if [ ! -e "$data/train-images-idx3-ubyte.gz" ] && [ ! -e "$data/train-images-idx3-ubyte" ]; then

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import io
 import json
 import re
@@ -331,6 +332,30 @@ def test_convert_loads_strictly_into_the_plain_model(
     assert "not empty" in line and "--force" in line
     assert (out / "model.safetensors").read_bytes() == before
     assert main(["convert", str(run), "-o", str(out), "--force"]) == 0
+
+
+def test_convert_to_sparse_and_onnx(str_run: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    import strsparse
+    from strsparse.training import restore_model
+
+    run, _ = str_run
+    model, _, _ = restore_model(run)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.inference_mode():
+        expected = model.eval()(x)
+    out = tmp_path / "sparse"
+    assert main(["convert", str(run), "-o", str(out), "--format", "sparse"]) == 0
+    assert "load_sparse" in capsys.readouterr().out
+    with torch.inference_mode():
+        torch.testing.assert_close(strsparse.load_sparse(out)(x), expected, rtol=1e-4, atol=1e-4)
+    assert main(["convert", str(run), "-o", str(out), "--format", "sparse"]) == 2  # not empty
+    assert "--force" in _one_error_line(capsys.readouterr().err)
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime is not installed (pip install 'strsparse[onnx]')")
+    out = tmp_path / "onnx"
+    assert main(["convert", str(run), "-o", str(out), "--format", "onnx"]) == 0
+    assert "onnxruntime" in capsys.readouterr().out
+    assert (out / "model.onnx").stat().st_size > 1000
 
 
 def test_config_errors_are_one_line_naming_the_key(tmp_path: Path, capsys) -> None:

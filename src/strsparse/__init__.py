@@ -4,6 +4,7 @@ from strsparse import flops, models
 from strsparse.budgets import Budget, list_paper_budgets
 from strsparse.functional import cubic_sparsity, soft_threshold
 from strsparse.layers import LowRankLinear
+from strsparse.inference import export_onnx, load_sparse, save_sparse, to_sparse
 from strsparse.methods import get_parametrization, list_methods
 from strsparse.methods.structured import structure_report
 from strsparse.models import create_model, list_models
@@ -34,6 +35,7 @@ __all__ = [
     "create_model",
     "cubic_sparsity",
     "evaluate",
+    "export_onnx",
     "finalize",
     "flops",
     "get_parametrization",
@@ -41,13 +43,16 @@ __all__ = [
     "list_models",
     "list_paper_budgets",
     "load_checkpoint",
+    "load_sparse",
     "models",
     "restore_model",
     "slim",
+    "save_sparse",
     "soft_threshold",
     "sparse_layers",
     "sparsify",
     "sparsity_report",
     "structure_report",
+    "to_sparse",
     "train",
 ]

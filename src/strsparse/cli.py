@@ -358,7 +358,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from strsparse.export import export_dense
 
     model, cfg, _ = _restore(args.checkpoint)
-    if args.slim:
+    if args.slim and args.format == "dense":
         from strsparse.export import export_slim, load_slim
 
         out = export_slim(model, cfg, args.output, force=args.force)
@@ -367,6 +367,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         after = sum(p.numel() for p in slim_model.parameters())
         print(f"wrote a slim {cfg.model.name} ({before:,} -> {after:,} parameters) to {out}")
         print("load it with strsparse.export.load_slim(path)")
+        return EXIT_OK
+    if args.format != "dense":
+        from strsparse.inference.deploy import convert_run
+
+        for line in convert_run(model, cfg, args.output, args.format, force=args.force):
+            print(line)
         return EXIT_OK
     out = export_dense(model, cfg, args.output, force=args.force)
     report = sparsity_report(model)
@@ -646,7 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Load it with strsparse.export.load_dense(OUT). An existing non-empty OUT is never\n"
         "overwritten unless --force is given and it holds a previous export.",
         "  strsparse convert runs/fashion_mnist_str -o exported/fashion_mnist_str\n"
-        "  strsparse convert runs/r50/checkpoints/best.pt -o r50_dense --force\n",
+        "  strsparse convert runs/r50/checkpoints/best.pt -o r50_dense --force\n"
+        "  strsparse convert runs/fashion_mnist_str -o lenet_sparse --format sparse\n"
+        "  strsparse convert runs/fashion_mnist_str -o lenet_onnx --format onnx\n",
     )
     p.add_argument(
         "checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt) or run directory"
@@ -666,6 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="remove zeroed filters and rank-one components (strsparse.slim) and write the "
         "smaller architecture beside the weights; load with strsparse.export.load_slim(OUT)",
+        "--format",
+        choices=("dense", "sparse", "onnx"),
+        default="dense",
+        help="dense: plain PyTorch weights (default); sparse: OUT/model.safetensors for "
+        "strsparse.load_sparse, running native sparse kernels; onnx: OUT/model.onnx, "
+        "checked in onnxruntime",
     )
 
     p = _command(

@@ -1,0 +1,344 @@
+"""Loading the native kernels, with fallbacks.
+
+The kernels (``csrc/kernels.c``) are built by the package's own install (``pip install .``
+or ``pip install -e .``) into the extension ``strsparse.inference._kernels`` and called
+through ctypes. Where that library is missing (sources run from a checkout without a build),
+the same C file is compiled once with the system C compiler into a per-user cache. Where no
+library can be had, the sparse product runs through numba if it is installed, and otherwise
+``to_sparse`` keeps every layer dense; each fallback warns once.
+
+``STRSPARSE_ISA`` (``avx512``, ``avx2``, ``portable``) pins the instruction set the kernels
+use; by default the best one the CPU supports is picked at run time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["ISA_NAMES", "Backend", "backend", "set_isa"]
+
+logger = logging.getLogger(__name__)
+
+ISA_NAMES = ("portable", "avx2", "avx512")
+_SOURCE = Path(__file__).with_name("csrc") / "kernels.c"
+_INF = float("inf")
+
+_i64 = ctypes.c_int64
+_ptr = ctypes.c_void_p
+_f32 = ctypes.c_float
+_int = ctypes.c_int
+
+
+def _ptr_of(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class Backend:
+    """The sparse product and layout helpers, native (ctypes) or numba."""
+
+    def __init__(self, name: str, lib: ctypes.CDLL | None = None) -> None:
+        self.name = name  # "native", "numba" or "none"
+        self._lib = lib
+        if lib is not None:
+            lib.ss_spmm.argtypes = [_ptr] * 7 + [_i64] * 4 + [_f32, _f32, _int]
+            lib.ss_spmm.restype = None
+            lib.ss_pad_planes.argtypes = [_ptr, _ptr] + [_i64] * 10 + [_int]
+            lib.ss_pad_planes.restype = None
+            lib.ss_compact.argtypes = [_ptr] * 3 + [_i64] * 7 + [_f32, _f32, _int]
+            lib.ss_compact.restype = None
+            lib.ss_maxpool.argtypes = [_ptr, _ptr] + [_i64] * 9 + [_int]
+            lib.ss_maxpool.restype = None
+            lib.ss_isa.restype = _int
+            lib.ss_set_isa.argtypes = [_int]
+            lib.ss_set_isa.restype = _int
+            isa = os.environ.get("STRSPARSE_ISA")
+            if isa:
+                set_isa(isa, lib)
+
+    @property
+    def available(self) -> bool:
+        return self.name != "none"
+
+    @property
+    def native(self) -> bool:
+        return self._lib is not None
+
+    @property
+    def isa(self) -> str:
+        """The instruction set the native kernels use (``numba`` / ``none`` otherwise)."""
+        return ISA_NAMES[self._lib.ss_isa()] if self._lib is not None else self.name
+
+    def spmm(
+        self,
+        inp: Tensor,
+        out: Tensor,
+        values: Tensor,
+        offsets: Tensor,
+        row_ptr: Tensor,
+        bias: Tensor | None,
+        residual: Tensor | None,
+        n_pix: int,
+        ld_out: int,
+        ld_res: int,
+        lo: float,
+        hi: float,
+    ) -> None:
+        """``out[co*ld_out + p] = clamp(bias[co] + sum_j values[j] * inp[offsets[j] + p]
+        (+ residual[co*ld_res + p]), lo, hi)`` for ``p < n_pix``; all float32 / int32,
+        contiguous, flat indexing."""
+        c_out = row_ptr.numel() - 1
+        if self._lib is not None:
+            self._lib.ss_spmm(
+                inp.data_ptr(),
+                out.data_ptr(),
+                values.data_ptr(),
+                offsets.data_ptr(),
+                row_ptr.data_ptr(),
+                _ptr_of(bias),
+                _ptr_of(residual),
+                c_out,
+                n_pix,
+                ld_out,
+                ld_res,
+                lo,
+                hi,
+                torch.get_num_threads(),
+            )
+            return
+        from strsparse.inference import _numba_kernels
+
+        _numba_kernels.spmm(
+            inp.view(-1).numpy(),
+            out.view(-1).numpy(),
+            values.numpy(),
+            offsets.numpy(),
+            row_ptr.numpy(),
+            (bias if bias is not None else torch.zeros(c_out)).numpy(),
+            (residual.view(-1) if residual is not None else torch.zeros(0)).numpy(),
+            residual is not None,
+            n_pix,
+            ld_out,
+            ld_res,
+            lo,
+            hi,
+        )
+
+    def pad_planes(
+        self, x: Tensor, pad: tuple[int, int], stride: int, hq: int, wq: int, ch_stride: int
+    ) -> Tensor:
+        """Zero-pad channel-major ``x`` (C, N, H, W) and split it into ``stride**2`` parity
+        planes (see ``ss_pad_planes``): a flat tensor of ``C * ch_stride`` floats."""
+        c, n, h, w = x.shape
+        out = torch.empty(c * ch_stride)
+        if self._lib is not None:
+            self._lib.ss_pad_planes(
+                x.data_ptr(),
+                out.data_ptr(),
+                c,
+                n,
+                h,
+                w,
+                pad[0],
+                pad[1],
+                stride,
+                hq,
+                wq,
+                ch_stride,
+                torch.get_num_threads(),
+            )
+            return out
+        s = stride
+        padded = x.new_zeros(c, n, s * hq, s * wq)
+        rows, cols = min(h, s * hq - pad[0]), min(w, s * wq - pad[1])
+        padded[:, :, pad[0] : pad[0] + rows, pad[1] : pad[1] + cols] = x[:, :, :rows, :cols]
+        planes = padded.view(c, n, hq, s, wq, s).permute(0, 3, 5, 1, 2, 4)  # (C, a, b, N, i, j)
+        out.view(c, ch_stride)[:, : s * s * n * hq * wq] = planes.reshape(c, -1)
+        return out
+
+    def compact(
+        self,
+        y: Tensor,
+        shape: tuple[int, int, int, int],
+        hq: int,
+        wq: int,
+        ld_in: int,
+        residual: Tensor | None,
+        lo: float,
+        hi: float,
+    ) -> Tensor:
+        """(C, N, Ho, Wo) from a shifted-window output ``y`` whose channel ``c`` holds pixel
+        (n, i, j) at ``c*ld_in + (n*hq + i)*wq + j``; with ``residual``, clamp(y + residual)."""
+        c, n, ho, wo = shape
+        if self._lib is not None:
+            out = torch.empty(shape)
+            self._lib.ss_compact(
+                y.data_ptr(),
+                out.data_ptr(),
+                _ptr_of(residual),
+                c,
+                n,
+                hq,
+                wq,
+                ho,
+                wo,
+                ld_in,
+                lo,
+                hi,
+                torch.get_num_threads(),
+            )
+            return out
+        full = torch.nn.functional.pad(y, (0, c * ld_in - y.numel()))
+        view = full.view(c, ld_in)[:, : n * hq * wq].view(c, n, hq, wq)[:, :, :ho, :wo]
+        if residual is None:
+            return view.contiguous()
+        return (view + residual).clamp_(lo, hi)
+
+    def maxpool(self, x: Tensor, kernel: int, stride: int, padding: int) -> Tensor | None:
+        """Max pooling of channel-major ``x`` (C, N, H, W); ``None`` without native code."""
+        if self._lib is None:
+            return None
+        c, n, h, w = x.shape
+        ho = (h + 2 * padding - kernel) // stride + 1
+        wo = (w + 2 * padding - kernel) // stride + 1
+        out = torch.empty(c, n, ho, wo)
+        self._lib.ss_maxpool(
+            x.data_ptr(),
+            out.data_ptr(),
+            c * n,
+            h,
+            w,
+            kernel,
+            kernel,
+            stride,
+            padding,
+            ho,
+            wo,
+            torch.get_num_threads(),
+        )
+        return out
+
+
+def set_isa(name: str, lib: ctypes.CDLL | None = None) -> str:
+    """Pin the native kernels' instruction set (``avx512``, ``avx2``, ``portable`` or
+    ``auto``); returns the one in use. Raises ``ValueError`` if the CPU lacks it."""
+    lib = lib if lib is not None else backend()._lib
+    if lib is None:
+        raise RuntimeError(f"the native kernels are not loaded ({backend().name}); no ISA to set")
+    key = name.strip().lower()
+    if key == "auto":
+        return ISA_NAMES[lib.ss_set_isa(-1)]
+    if key not in ISA_NAMES:
+        raise ValueError(f"unknown instruction set {name!r}; choose one of auto, {ISA_NAMES}")
+    if lib.ss_set_isa(ISA_NAMES.index(key)) < 0:
+        raise ValueError(f"this CPU does not support {name!r}; choose one of auto, portable")
+    return key
+
+
+def _built_library() -> Path | None:
+    """The extension built by the package's install, if any."""
+    try:
+        spec = importlib.util.find_spec("strsparse.inference._kernels")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin)
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "strsparse"
+
+
+def _compile_cached() -> Path | None:
+    """Compile ``kernels.c`` with the system C compiler into the user cache (once per source
+    version); ``None`` if there is no compiler or the build fails."""
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + sys.platform.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"kernels-{digest}.so"
+    if target.is_file():
+        return target
+    compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    compiler = compiler.split()[0]
+    if shutil.which(compiler) is None:
+        compiler = shutil.which("cc") or shutil.which("gcc") or ""
+        if not compiler:
+            return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [compiler, "-O3", "-std=c11", "-shared", "-fPIC", "-pthread", "-DSS_NO_PYTHON"]
+        cmd += [str(_SOURCE), "-o", str(out)]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:
+            logger.info("compiling the sparse kernels failed: %s", exc)
+            return None
+        os.replace(out, target)
+    return target
+
+
+def _load() -> Backend:
+    if os.environ.get("STRSPARSE_NATIVE", "1") == "0":
+        candidates: list[Path | None] = []
+    else:
+        candidates = [_built_library()]
+    errors = []
+    for path in candidates:
+        if path is None:
+            continue
+        try:
+            return Backend("native", ctypes.CDLL(str(path)))
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
+    if candidates:
+        try:
+            path = _compile_cached()
+            if path is not None:
+                return Backend("native", ctypes.CDLL(str(path)))
+            errors.append("no C compiler to build them")
+        except OSError as exc:
+            errors.append(str(exc))
+    reason = "; ".join(errors) or "disabled by STRSPARSE_NATIVE=0"
+    if importlib.util.find_spec("numba") is not None:
+        warnings.warn(
+            f"strsparse's native sparse kernels could not be loaded ({reason}); using numba, "
+            "which is several times slower. Reinstall strsparse with a C compiler present "
+            "(pip install -e .) for the native kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return Backend("numba")
+    warnings.warn(
+        f"strsparse's native sparse kernels could not be loaded ({reason}) and numba is not "
+        "installed: to_sparse keeps every layer dense. Reinstall strsparse with a C compiler "
+        "present (pip install -e .), or pip install numba.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return Backend("none")
+
+
+_BACKEND: Backend | None = None
+
+
+def backend() -> Backend:
+    """The backend in use (loaded on first call)."""
+    global _BACKEND
+    if _BACKEND is None:
+        _BACKEND = _load()
+    return _BACKEND

@@ -1,0 +1,505 @@
+"""``to_sparse``: a finalized model rewritten to run its Linear and Conv2d layers sparse.
+
+The model is traced with ``torch.fx`` and its graph rewritten:
+
+- every ``nn.Conv2d`` becomes a ``SparseConv2d`` working on channel-major activations
+  ``(C, N, H, W)``; a BatchNorm right after it is folded into its weights and bias, and a
+  following residual add and ReLU / ReLU6 are fused into its epilogue;
+- every ``nn.Linear`` becomes a ``SparseLinear`` (a following ReLU fused);
+- activations stay channel-major through ops that do not care about the layout (pooling,
+  element-wise activations, adds of two channel-major tensors) and are transposed back to
+  the standard layout wherever anything else reads them.
+
+Per-layer rule: a layer is kept dense (PyTorch's kernel) when its density is above
+``max_density`` — at such densities the sparse kernel is not faster (see the benchmark
+sweep in ``benchmarks/sparse_inference.py``); a 0%-sparse layer is always dense.
+
+A model that ``torch.fx`` cannot trace gets its Linear and Conv2d modules swapped in place
+(no folding or fusion).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import operator
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.nn.utils import parametrize
+
+from strsparse.inference._native import backend
+from strsparse.inference.layers import SparseConv2d, SparseLinear
+
+__all__ = ["DEFAULT_MAX_DENSITY", "SparsePlan", "to_sparse"]
+
+logger = logging.getLogger(__name__)
+
+# Densities above which a layer stays dense, measured with benchmarks/sparse_inference.py
+# (single layers swept over sparsity, batch 1 and 8): the sparse kernel loses to PyTorch's
+# dense one somewhere between 30% and 50% density, depending on the layer.
+DEFAULT_MAX_DENSITY = {"linear": 0.35, "conv": 0.35, "depthwise": 1.0}
+
+_RELU_MODULES = (nn.ReLU,)
+_ACT_FUNCTIONS = {F.relu: (0.0, math.inf), torch.relu: (0.0, math.inf), F.relu6: (0.0, 6.0)}
+_ACT_METHODS = {"relu": (0.0, math.inf), "relu_": (0.0, math.inf)}
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+
+# ops that act on every element or every (H, W) plane alike: fine on (C, N, H, W) tensors
+_LAYOUT_FREE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.SiLU,
+    nn.GELU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+_LAYOUT_FREE_FUNCTIONS = {
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.hardtanh,
+    torch.sigmoid,
+    torch.tanh,
+    F.silu,
+    F.gelu,
+    F.leaky_relu,
+    F.hardswish,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.dropout,
+    operator.add,
+    operator.iadd,
+    operator.mul,
+    operator.imul,
+    operator.sub,
+    torch.add,
+    torch.mul,
+    torch.sub,
+}
+_LAYOUT_FREE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "add", "mul", "sub", "contiguous"}
+
+
+def _swap01(x: Tensor) -> Tensor:
+    """Standard (N, C, H, W) <-> channel-major (C, N, H, W)."""
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D activation, got shape {tuple(x.shape)}")
+    return x.transpose(0, 1).contiguous()
+
+
+@dataclass
+class SparsePlan:
+    """Which layers run sparse: ``{layer name: "sparse" | "dense"}`` (the names of the
+    original model's Conv2d / Linear modules)."""
+
+    modes: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, str]:
+        return dict(self.modes)
+
+
+@dataclass
+class _Chain:
+    """A conv / linear node and the nodes fused into it."""
+
+    head: fx.Node
+    tail: fx.Node
+    bn: nn.Module | None = None
+    residual: fx.Node | None = None
+    clamp: tuple[float, float] = (-math.inf, math.inf)
+    nodes: list[fx.Node] = field(default_factory=list)
+
+
+def _finalized_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its parametrizations baked in (``finalize`` on a copy).
+
+    ``remove_parametrizations`` edits the parametrized class, which a deep copy shares with
+    the original, so the copy's modules are put back on their plain class by hand.
+    """
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+        module.__class__ = type(module).__bases__[0]
+        del module._modules["parametrizations"]
+        for name, value in values.items():
+            module.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    return model.eval()
+
+
+def _convertible_conv(m: nn.Module) -> bool:
+    if type(m) is not nn.Conv2d:
+        return False
+    return (
+        m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+        and m.stride[0] == m.stride[1]
+        and m.weight.dtype == torch.float32
+    )
+
+
+def _foldable_bn(m: nn.Module) -> bool:
+    return (
+        type(m) is nn.BatchNorm2d
+        and m.track_running_stats
+        and m.running_mean is not None
+        and m.running_var is not None
+    )
+
+
+def _activation(node: fx.Node, modules: Mapping[str, nn.Module]) -> tuple[float, float] | None:
+    if node.op == "call_module":
+        m = modules[str(node.target)]
+        if type(m) is nn.ReLU:
+            return (0.0, math.inf)
+        if type(m) is nn.ReLU6:
+            return (0.0, 6.0)
+        if type(m) is nn.Hardtanh:
+            return (float(m.min_val), float(m.max_val))
+        return None
+    if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
+        return _ACT_FUNCTIONS[node.target]
+    if node.op == "call_method" and node.target in _ACT_METHODS:
+        return _ACT_METHODS[node.target]
+    return None
+
+
+def _sole_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _fold_bn(weight: Tensor, bias: Tensor | None, bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """BatchNorm after a conv, folded: ``W' = W * g / sqrt(v + eps)``,
+    ``b' = (b - m) * g / sqrt(v + eps) + beta``."""
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+    shift = -bn.running_mean.float() * scale
+    if bias is not None:
+        shift = shift + bias.float() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.float()
+    w = weight.float() * scale.view(-1, *([1] * (weight.dim() - 1)))
+    return w, shift
+
+
+def _density(weight: Tensor) -> float:
+    return float(weight.count_nonzero()) / max(1, weight.numel())
+
+
+def _choose_mode(kind: str, weight: Tensor, max_density: Mapping[str, float]) -> str:
+    if not backend().available:
+        return "dense"
+    density = _density(weight)
+    if density >= 1.0 or density > max_density[kind]:
+        return "dense"
+    return "sparse"
+
+
+def _max_density(value: float | Mapping[str, float] | None) -> dict[str, float]:
+    limits = dict(DEFAULT_MAX_DENSITY)
+    if value is None:
+        return limits
+    if isinstance(value, Mapping):
+        unknown = set(value) - set(limits)
+        if unknown:
+            raise ValueError(
+                f"max_density keys {sorted(unknown)} are unknown; use {sorted(limits)}"
+            )
+        limits.update({k: float(v) for k, v in value.items()})
+    else:
+        limits = dict.fromkeys(limits, float(value))
+    for key, v in limits.items():
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"max_density[{key!r}] must be in [0, 1], got {v}")
+    return limits
+
+
+def _build_layer(
+    name: str,
+    module: nn.Module,
+    chain: _Chain | None,
+    max_density: Mapping[str, float],
+    plan: SparsePlan,
+    forced: Mapping[str, str] | None,
+) -> nn.Module:
+    weight = module.weight.detach()
+    bias = None if module.bias is None else module.bias.detach()
+    clamp = chain.clamp if chain is not None else (-math.inf, math.inf)
+    if chain is not None and chain.bn is not None:
+        weight, bias = _fold_bn(weight, bias, chain.bn)
+    structure_only = forced is not None
+    if isinstance(module, nn.Linear):
+        kind = "linear"
+    else:
+        depthwise = module.groups == module.in_channels == module.out_channels
+        kind = "depthwise" if depthwise and module.groups > 1 else "conv"
+    if forced is not None:
+        if name not in forced:
+            raise ValueError(f"the saved plan has no entry for layer {name!r}")
+        mode = forced[name]
+    else:
+        mode = _choose_mode(kind, weight, max_density)
+    plan.modes[name] = mode
+    w = None if structure_only else weight
+    if isinstance(module, nn.Linear):
+        return SparseLinear(
+            module.in_features, module.out_features, w, bias, mode=mode, clamp=clamp
+        )
+    return SparseConv2d(
+        module.in_channels,
+        module.out_channels,
+        tuple(module.kernel_size),
+        module.stride[0],
+        tuple(module.padding),
+        tuple(module.dilation),
+        module.groups,
+        w,
+        bias,
+        mode=mode,
+        clamp=clamp,
+    )
+
+
+def _plan_chains(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Chain], dict[fx.Node, str]]:
+    """Fusion chains (by tail node) and the layout of every node: "cm" or "std"."""
+    modules = dict(gm.named_modules())
+    layout: dict[fx.Node, str] = {}
+    open_tails: dict[fx.Node, _Chain] = {}  # tail -> chain that may still grow
+    chains: dict[fx.Node, _Chain] = {}
+
+    def grow(chain: _Chain, node: fx.Node) -> None:
+        del open_tails[chain.tail]
+        chain.nodes.append(node)
+        chain.tail = node
+        open_tails[node] = chain
+
+    for node in gm.graph.nodes:
+        args = [a for a in node.all_input_nodes]
+        if node.op == "call_module":
+            m = modules[str(node.target)]
+            if _convertible_conv(m) or type(m) is nn.Linear:
+                chain = _Chain(head=node, tail=node, nodes=[node])
+                open_tails[node] = chain
+                layout[node] = "cm" if type(m) is nn.Conv2d else "std"
+                continue
+        # can this node grow the chain that produced its input?
+        grew = False
+        for a in args:
+            chain = open_tails.get(a)
+            if chain is None or _sole_user(a) is not node:
+                continue
+            head_is_conv = layout[chain.head] == "cm"
+            act = _activation(node, modules)
+            if (
+                head_is_conv
+                and node.op == "call_module"
+                and len(chain.nodes) == 1
+                and _foldable_bn(modules[str(node.target)])
+            ):
+                chain.bn = modules[str(node.target)]
+            elif (
+                head_is_conv
+                and node.op == "call_function"
+                and node.target in _ADD_FUNCTIONS
+                and chain.residual is None
+                and chain.clamp == (-math.inf, math.inf)
+                and len(node.args) == 2
+                and not node.kwargs
+                and all(isinstance(x, fx.Node) for x in node.args)
+            ):
+                other = node.args[1] if node.args[0] is a else node.args[0]
+                if other is a or layout.get(other) != "cm":
+                    continue
+                chain.residual = other
+            elif act is not None and chain.clamp == (-math.inf, math.inf):
+                chain.clamp = act
+            else:
+                continue
+            layout[node] = layout[chain.head]
+            grow(chain, node)
+            grew = True
+            break
+        if grew:
+            continue
+        layout[node] = "cm" if _layout_free(node, modules, layout) else "std"
+    for chain in open_tails.values():
+        chains[chain.tail] = chain
+    return chains, layout
+
+
+def _layout_free(node: fx.Node, modules: Mapping[str, nn.Module], layout) -> bool:
+    inputs = node.all_input_nodes
+    if not inputs or any(layout.get(a) != "cm" for a in inputs):
+        return False
+    if node.op == "call_module":
+        m = modules[str(node.target)]
+        if isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)) and m.return_indices:
+            return False
+        return isinstance(m, _LAYOUT_FREE_MODULES)
+    if node.op == "call_function":
+        return node.target in _LAYOUT_FREE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _LAYOUT_FREE_METHODS
+    return False
+
+
+def _rewrite(
+    gm: fx.GraphModule,
+    max_density: Mapping[str, float],
+    forced: Mapping[str, str] | None,
+) -> tuple[fx.GraphModule, SparsePlan]:
+    chains, layout = _plan_chains(gm)
+    in_chain = {n for c in chains.values() for n in c.nodes}
+    modules = dict(gm.named_modules())
+    plan = SparsePlan()
+    graph = fx.Graph()
+    env: dict[tuple[fx.Node, str], fx.Node] = {}
+
+    def value(node: fx.Node, want: str) -> fx.Node:
+        key = (node, want)
+        if key not in env:
+            have = layout[node]
+            env[key] = graph.call_function(_swap01, (env[(node, have)],))
+        return env[key]
+
+    def mapped(arg, want: str):
+        return fx.node.map_arg(arg, lambda n: value(n, want))
+
+    new_modules: dict[str, nn.Module] = {}
+    for node in gm.graph.nodes:
+        if node in in_chain and node not in chains:
+            continue  # fused into its chain's tail
+        if node in chains:
+            chain = chains[node]
+            head = chain.head
+            name = str(head.target)
+            layer = _build_layer(name, modules[name], chain, max_density, plan, forced)
+            new_modules[name] = layer
+            in_layout = layout[head]
+            args = [value(head.args[0], in_layout)]
+            if chain.residual is not None:
+                args.append(value(chain.residual, "cm"))
+            out = graph.call_module(name, tuple(args))
+            env[(node, in_layout)] = out
+            continue
+        want = layout.get(node, "std")
+        if node.op == "output":
+            graph.output(mapped(node.args[0], "std"))
+            continue
+        new = graph.node_copy(node, lambda n, want=want: value(n, want))
+        env[(node, want)] = new
+    for name, layer in new_modules.items():
+        gm.delete_submodule(name)
+        gm.add_submodule(name, layer)
+    result = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    result.graph.lint()
+    result.delete_all_unused_submodules()
+    return result, plan
+
+
+class _SwappedConv(nn.Module):
+    """A ``SparseConv2d`` taking and returning standard (N, C, H, W) tensors."""
+
+    def __init__(self, conv: SparseConv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _swap01(self.conv(_swap01(x)))
+
+
+def _swap_layers(
+    model: nn.Module, max_density: Mapping[str, float], forced: Mapping[str, str] | None
+) -> tuple[nn.Module, SparsePlan]:
+    plan = SparsePlan()
+    targets = [
+        (name, m)
+        for name, m in model.named_modules()
+        if name and (type(m) is nn.Linear or _convertible_conv(m))
+    ]
+    for name, m in targets:
+        layer = _build_layer(name, m, None, max_density, plan, forced)
+        new = layer if isinstance(layer, SparseLinear) else _SwappedConv(layer)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    return model, plan
+
+
+@torch.no_grad()
+def to_sparse(
+    model: nn.Module,
+    *,
+    max_density: float | Mapping[str, float] | None = None,
+    _plan: Mapping[str, str] | None = None,
+) -> nn.Module:
+    """A copy of ``model`` whose Linear and Conv2d layers run strsparse's sparse kernels.
+
+    ``model`` is a finalized model (``strsparse.finalize``; a still-sparsified one is
+    finalized on a copy). It is not changed. The result is a plain ``nn.Module`` for
+    inference (``eval`` mode; call it under ``torch.inference_mode()``) on float32 CPU
+    tensors; its outputs match the dense model's to float32 rounding. BatchNorm layers after
+    convs are folded in, and residual adds and ReLUs fused into the layers.
+
+    Per-layer rule: a layer denser than ``max_density`` (a number, or per layer kind
+    ``{"linear": .., "conv": .., "depthwise": ..}``; defaults in ``DEFAULT_MAX_DENSITY``)
+    stays dense, as does every layer when the native kernels are unavailable (with a
+    warning). ``model.sparse_plan`` records each layer's choice.
+    """
+    limits = _max_density(max_density)
+    model = _finalized_copy(model)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            raise ValueError(
+                f"to_sparse runs float32 models; this one has {p.dtype} parameters: "
+                "call model.float() first"
+            )
+        if p.device.type != "cpu":
+            raise ValueError(
+                f"to_sparse runs on the CPU; this model is on {p.device}: call model.cpu() first"
+            )
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as exc:  # fx cannot trace data-dependent control flow and the like
+        warnings.warn(
+            f"torch.fx could not trace {type(model).__name__} ({exc}); its Linear and Conv2d "
+            "layers are swapped one by one, without BatchNorm folding or fusion",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        result, plan = _swap_layers(model, limits, _plan)
+    else:
+        result, plan = _rewrite(traced, limits, _plan)
+    result.eval()
+    result.sparse_plan = plan.to_dict()  # type: ignore[assignment]
+    for attr in ("input_shape", "classifier_name"):
+        if hasattr(model, attr):
+            setattr(result, attr, getattr(model, attr))
+    counts = {"sparse": 0, "dense": 0}
+    for mode in plan.modes.values():
+        counts[mode] += 1
+    logger.info(
+        "to_sparse: %d layers sparse, %d dense (%s kernels)",
+        counts["sparse"],
+        counts["dense"],
+        backend().isa,
+    )
+    return result

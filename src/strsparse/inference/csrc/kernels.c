@@ -1,0 +1,517 @@
+/*
+ * Sparse CPU kernels for strsparse's inference runtime.
+ *
+ * Plain C (no torch headers), called through ctypes. One generic kernel does the work of
+ * every sparse Linear and Conv layer:
+ *
+ *     out[co * ld_out + p] = clamp(bias[co] + sum_j values[j] * in[offsets[j] + p], lo, hi)
+ *                            for j in [row_ptr[co], row_ptr[co + 1]), p in [0, n_pix)
+ *
+ * Activations are channel-major (each channel's pixels contiguous), weights are sparse by
+ * output channel with a precomputed input offset per nonzero, so a k x k convolution is a sum
+ * of shifted 1-D windows over a zero-padded input (strided convs read "parity planes", see
+ * ss_pad_planes). Pixels are processed in tiles held in SIMD accumulators (8 vectors: 128
+ * floats with AVX-512, 64 with AVX2), output channels looping inside a tile. The instruction
+ * set is picked at run time (target attributes + __builtin_cpu_supports), not at build time.
+ * Work is split over pixel tiles and blocks of output channels on a small thread pool.
+ */
+#ifndef SS_NO_PYTHON
+#include <Python.h>
+#endif
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#define SS_X86 1
+#include <immintrin.h>
+#else
+#define SS_X86 0
+#endif
+
+#define SS_EXPORT __attribute__((visibility("default")))
+
+enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+/* ------------------------------------------------------------------------------------------ */
+/* Thread pool: workers 1..n-1 wait for a ticket; the calling thread runs chunk 0.             */
+
+typedef void (*task_fn)(void *ctx, int64_t begin, int64_t end);
+
+#define SS_MAX_THREADS 64
+#define SS_SPIN 20000
+
+typedef struct {
+    atomic_long ticket; /* bumped by the caller to hand this worker a job */
+    long seen;          /* last ticket this worker ran (owned by the worker) */
+} worker_slot;
+
+static worker_slot slots[SS_MAX_THREADS];
+static pthread_mutex_t submit_mu = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
+static pthread_mutex_t wait_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wait_cv = PTHREAD_COND_INITIALIZER;
+static int n_workers = 0; /* threads started (ids 1..n_workers) */
+static task_fn job_fn;
+static void *job_ctx;
+static int64_t job_items;
+static int job_threads;
+static atomic_int job_pending;
+
+static inline void cpu_relax(void) {
+#if SS_X86
+    _mm_pause();
+#endif
+}
+
+static void run_chunk(int id) {
+    int64_t begin = job_items * id / job_threads;
+    int64_t end = job_items * (id + 1) / job_threads;
+    if (end > begin) job_fn(job_ctx, begin, end);
+}
+
+static void *worker_main(void *arg) {
+    int id = (int)(intptr_t)arg;
+    worker_slot *slot = &slots[id];
+    for (;;) {
+        int spins = 0;
+        while (atomic_load_explicit(&slot->ticket, memory_order_acquire) == slot->seen) {
+            if (++spins < SS_SPIN) {
+                cpu_relax();
+                continue;
+            }
+            pthread_mutex_lock(&wait_mu);
+            while (atomic_load_explicit(&slot->ticket, memory_order_acquire) == slot->seen)
+                pthread_cond_wait(&wait_cv, &wait_mu);
+            pthread_mutex_unlock(&wait_mu);
+        }
+        slot->seen = atomic_load_explicit(&slot->ticket, memory_order_acquire);
+        run_chunk(id);
+        atomic_fetch_sub_explicit(&job_pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+static void after_fork_child(void) {
+    /* the workers do not exist in a forked child: start afresh */
+    n_workers = 0;
+    pthread_mutex_init(&submit_mu, NULL);
+    pthread_mutex_init(&wait_mu, NULL);
+    pthread_cond_init(&wait_cv, NULL);
+    for (int i = 0; i < SS_MAX_THREADS; i++) {
+        atomic_store(&slots[i].ticket, 0);
+        slots[i].seen = 0;
+    }
+}
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static void install_atfork(void) { pthread_atfork(NULL, NULL, after_fork_child); }
+
+static void parallel_for(int threads, int64_t items, task_fn fn, void *ctx) {
+    if (threads > SS_MAX_THREADS) threads = SS_MAX_THREADS;
+    if (threads > items) threads = (int)items;
+    if (threads <= 1) {
+        if (items > 0) fn(ctx, 0, items);
+        return;
+    }
+    pthread_once(&atfork_once, install_atfork);
+    pthread_mutex_lock(&submit_mu);
+    while (n_workers < threads - 1) {
+        pthread_t t;
+        int id = n_workers + 1;
+        slots[id].seen = atomic_load(&slots[id].ticket);
+        if (pthread_create(&t, NULL, worker_main, (void *)(intptr_t)id) != 0) break;
+        pthread_detach(t);
+        n_workers++;
+    }
+    if (threads > n_workers + 1) threads = n_workers + 1;
+    job_fn = fn;
+    job_ctx = ctx;
+    job_items = items;
+    job_threads = threads;
+    atomic_store_explicit(&job_pending, threads - 1, memory_order_release);
+    pthread_mutex_lock(&wait_mu);
+    for (int id = 1; id < threads; id++)
+        atomic_fetch_add_explicit(&slots[id].ticket, 1, memory_order_release);
+    pthread_cond_broadcast(&wait_cv);
+    pthread_mutex_unlock(&wait_mu);
+    run_chunk(0);
+    while (atomic_load_explicit(&job_pending, memory_order_acquire) > 0) cpu_relax();
+    pthread_mutex_unlock(&submit_mu);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The sparse kernel.                                                                          */
+
+typedef struct {
+    const float *in;
+    float *out;
+    const float *values;
+    const int32_t *offsets;
+    const int32_t *row_ptr;
+    const float *bias; /* may be NULL */
+    const float *residual; /* may be NULL; same layout as out with its own stride */
+    int64_t c_out, n_pix, ld_out, ld_res;
+    float lo, hi;
+    int64_t tile, n_tiles, n_blocks;
+    const int64_t *block_start; /* n_blocks + 1 output-channel boundaries */
+} spmm_args;
+
+static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+static void spmm_tile_portable(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t np) {
+    float acc[32];
+    for (int64_t co = c0; co < c1; co++) {
+        for (int64_t k = 0; k < np; k++) acc[k] = 0.0f;
+        for (int32_t j = a->row_ptr[co]; j < a->row_ptr[co + 1]; j++) {
+            const float w = a->values[j];
+            const float *src = a->in + a->offsets[j] + p0;
+            for (int64_t k = 0; k < np; k++) acc[k] += w * src[k];
+        }
+        const float b = a->bias ? a->bias[co] : 0.0f;
+        float *dst = a->out + co * a->ld_out + p0;
+        const float *res = a->residual ? a->residual + co * a->ld_res + p0 : NULL;
+        for (int64_t k = 0; k < np; k++) {
+            float v = acc[k] + b;
+            if (res) v += res[k];
+            dst[k] = clampf(v, a->lo, a->hi);
+        }
+    }
+}
+
+#if SS_X86
+/* NV vectors of 16 floats; the last one masked by `last`. Inlined with a constant NV. */
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
+spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, const int nv,
+                    __mmask16 last) {
+    __mmask16 m[8];
+    for (int k = 0; k < 8; k++) m[k] = k < nv - 1 ? (__mmask16)0xFFFF : last;
+    const __m512 vlo = _mm512_set1_ps(a->lo), vhi = _mm512_set1_ps(a->hi);
+    for (int64_t co = c0; co < c1; co++) {
+        __m512 acc[8];
+        for (int k = 0; k < nv; k++) acc[k] = _mm512_setzero_ps();
+        const int32_t j1 = a->row_ptr[co + 1];
+        for (int32_t j = a->row_ptr[co]; j < j1; j++) {
+            const __m512 w = _mm512_set1_ps(a->values[j]);
+            const float *src = a->in + a->offsets[j] + p0;
+            for (int k = 0; k < nv; k++)
+                acc[k] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[k], src + 16 * k), acc[k]);
+        }
+        const __m512 b = _mm512_set1_ps(a->bias ? a->bias[co] : 0.0f);
+        float *dst = a->out + co * a->ld_out + p0;
+        const float *res = a->residual ? a->residual + co * a->ld_res + p0 : NULL;
+        for (int k = 0; k < nv; k++) {
+            __m512 v = _mm512_add_ps(acc[k], b);
+            if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m[k], res + 16 * k));
+            v = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);
+            _mm512_mask_storeu_ps(dst + 16 * k, m[k], v);
+        }
+    }
+}
+
+__attribute__((target("avx512f"))) static void
+spmm_tile_avx512(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t np) {
+    const int nv = (int)((np + 15) / 16);
+    const int rem = (int)(np - 16 * (nv - 1));
+    const __mmask16 last = (__mmask16)(rem >= 16 ? 0xFFFF : ((1u << rem) - 1u));
+    switch (nv) {
+    case 1: spmm_tile_avx512_nv(a, c0, c1, p0, 1, last); break;
+    case 2: spmm_tile_avx512_nv(a, c0, c1, p0, 2, last); break;
+    case 3: spmm_tile_avx512_nv(a, c0, c1, p0, 3, last); break;
+    case 4: spmm_tile_avx512_nv(a, c0, c1, p0, 4, last); break;
+    case 5: spmm_tile_avx512_nv(a, c0, c1, p0, 5, last); break;
+    case 6: spmm_tile_avx512_nv(a, c0, c1, p0, 6, last); break;
+    case 7: spmm_tile_avx512_nv(a, c0, c1, p0, 7, last); break;
+    default: spmm_tile_avx512_nv(a, c0, c1, p0, 8, last); break;
+    }
+}
+
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+spmm_tile_avx2_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, const int nv,
+                  __m256i last) {
+    __m256i m[8];
+    const __m256i all = _mm256_set1_epi32(-1);
+    for (int k = 0; k < 8; k++) m[k] = k < nv - 1 ? all : last;
+    const __m256 vlo = _mm256_set1_ps(a->lo), vhi = _mm256_set1_ps(a->hi);
+    for (int64_t co = c0; co < c1; co++) {
+        __m256 acc[8];
+        for (int k = 0; k < nv; k++) acc[k] = _mm256_setzero_ps();
+        const int32_t j1 = a->row_ptr[co + 1];
+        for (int32_t j = a->row_ptr[co]; j < j1; j++) {
+            const __m256 w = _mm256_set1_ps(a->values[j]);
+            const float *src = a->in + a->offsets[j] + p0;
+            for (int k = 0; k < nv; k++)
+                acc[k] = _mm256_fmadd_ps(w, _mm256_maskload_ps(src + 8 * k, m[k]), acc[k]);
+        }
+        const __m256 b = _mm256_set1_ps(a->bias ? a->bias[co] : 0.0f);
+        float *dst = a->out + co * a->ld_out + p0;
+        const float *res = a->residual ? a->residual + co * a->ld_res + p0 : NULL;
+        for (int k = 0; k < nv; k++) {
+            __m256 v = _mm256_add_ps(acc[k], b);
+            if (res) v = _mm256_add_ps(v, _mm256_maskload_ps(res + 8 * k, m[k]));
+            v = _mm256_min_ps(_mm256_max_ps(v, vlo), vhi);
+            _mm256_maskstore_ps(dst + 8 * k, m[k], v);
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void
+spmm_tile_avx2(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t np) {
+    const int nv = (int)((np + 7) / 8);
+    const int rem = (int)(np - 8 * (nv - 1));
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), lane);
+    switch (nv) {
+    case 1: spmm_tile_avx2_nv(a, c0, c1, p0, 1, last); break;
+    case 2: spmm_tile_avx2_nv(a, c0, c1, p0, 2, last); break;
+    case 3: spmm_tile_avx2_nv(a, c0, c1, p0, 3, last); break;
+    case 4: spmm_tile_avx2_nv(a, c0, c1, p0, 4, last); break;
+    case 5: spmm_tile_avx2_nv(a, c0, c1, p0, 5, last); break;
+    case 6: spmm_tile_avx2_nv(a, c0, c1, p0, 6, last); break;
+    case 7: spmm_tile_avx2_nv(a, c0, c1, p0, 7, last); break;
+    default: spmm_tile_avx2_nv(a, c0, c1, p0, 8, last); break;
+    }
+}
+#endif
+
+typedef void (*tile_fn)(const spmm_args *, int64_t, int64_t, int64_t, int64_t);
+
+static int isa_selected = -1;
+
+static int isa_supported(int isa) {
+    if (isa == ISA_PORTABLE) return 1;
+#if SS_X86
+    __builtin_cpu_init();
+    if (isa == ISA_AVX2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == ISA_AVX512) return __builtin_cpu_supports("avx512f");
+#endif
+    return 0;
+}
+
+static int isa_best(void) {
+    if (isa_supported(ISA_AVX512)) return ISA_AVX512;
+    if (isa_supported(ISA_AVX2)) return ISA_AVX2;
+    return ISA_PORTABLE;
+}
+
+/* The instruction set in use: 0 portable, 1 AVX2, 2 AVX-512. */
+SS_EXPORT int ss_isa(void) {
+    if (isa_selected < 0) isa_selected = isa_best();
+    return isa_selected;
+}
+
+/* Select an instruction set (-1: the best this CPU supports); returns the one in use, or -1
+ * if the CPU lacks the one asked for (the selection is then unchanged). */
+SS_EXPORT int ss_set_isa(int isa) {
+    if (isa < 0) {
+        isa_selected = isa_best();
+        return isa_selected;
+    }
+    if (isa > ISA_AVX512 || !isa_supported(isa)) return -1;
+    isa_selected = isa;
+    return isa_selected;
+}
+
+static void spmm_task(void *ctx, int64_t begin, int64_t end) {
+    const spmm_args *a = (const spmm_args *)ctx;
+    tile_fn fn = spmm_tile_portable;
+#if SS_X86
+    int isa = ss_isa();
+    if (isa == ISA_AVX512) fn = spmm_tile_avx512;
+    else if (isa == ISA_AVX2) fn = spmm_tile_avx2;
+#endif
+    for (int64_t item = begin; item < end; item++) {
+        const int64_t t = item / a->n_blocks, blk = item % a->n_blocks;
+        const int64_t p0 = t * a->tile;
+        const int64_t np = a->n_pix - p0 < a->tile ? a->n_pix - p0 : a->tile;
+        fn(a, a->block_start[blk], a->block_start[blk + 1], p0, np);
+    }
+}
+
+static int64_t tile_size(void) {
+    switch (ss_isa()) {
+    case ISA_AVX512: return 128;
+    case ISA_AVX2: return 64;
+    default: return 32;
+    }
+}
+
+/* out[co*ld_out + p] = clamp(bias[co] + sum_j values[j]*in[offsets[j] + p]
+ *                            (+ residual[co*ld_res + p]), lo, hi), p in [0, n_pix). */
+SS_EXPORT void ss_spmm(const float *in, float *out, const float *values, const int32_t *offsets,
+                       const int32_t *row_ptr, const float *bias, const float *residual,
+                       int64_t c_out, int64_t n_pix, int64_t ld_out, int64_t ld_res, float lo,
+                       float hi, int threads) {
+    if (c_out <= 0 || n_pix <= 0) return;
+    spmm_args a = {in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out,
+                   ld_res, lo, hi, 0, 0, 0, NULL};
+    a.tile = tile_size();
+    a.n_tiles = (n_pix + a.tile - 1) / a.tile;
+    /* enough (tile, channel block) items for every thread to get a few */
+    int64_t blocks = 1;
+    if (threads > 1) {
+        const int64_t want = 4 * (int64_t)threads;
+        blocks = a.n_tiles >= want ? 1 : (want + a.n_tiles - 1) / a.n_tiles;
+        if (blocks > c_out) blocks = c_out;
+        if (blocks > 256) blocks = 256;
+    }
+    int64_t block_start[257];
+    /* blocks of output channels with about the same number of nonzeros */
+    const int64_t nnz = row_ptr[c_out] - row_ptr[0];
+    block_start[0] = 0;
+    int64_t co = 0;
+    for (int64_t b = 1; b < blocks; b++) {
+        const int64_t target = row_ptr[0] + nnz * b / blocks;
+        while (co < c_out && row_ptr[co] < target) co++;
+        if (co < block_start[b - 1] + 1) co = block_start[b - 1] + 1;
+        if (co > c_out) co = c_out;
+        block_start[b] = co;
+    }
+    block_start[blocks] = c_out;
+    a.n_blocks = blocks;
+    a.block_start = block_start;
+    parallel_for(threads, a.n_tiles * blocks, spmm_task, &a);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Layout preparation.                                                                         */
+
+typedef struct {
+    const float *in;
+    float *out;
+    int64_t n, h, w, pad_t, pad_l, stride, hq, wq, ch_stride;
+} planes_args;
+
+static void planes_task(void *ctx, int64_t begin, int64_t end) {
+    const planes_args *a = (const planes_args *)ctx;
+    const int64_t s = a->stride, plane = a->n * a->hq * a->wq;
+    for (int64_t c = begin; c < end; c++) {
+        float *dst_c = a->out + c * a->ch_stride;
+        const float *src_c = a->in + c * a->n * a->h * a->w;
+        for (int64_t pa = 0; pa < s; pa++)
+            for (int64_t pb = 0; pb < s; pb++) {
+                float *dst_p = dst_c + (pa * s + pb) * plane;
+                for (int64_t n = 0; n < a->n; n++)
+                    for (int64_t i = 0; i < a->hq; i++) {
+                        float *dst = dst_p + (n * a->hq + i) * a->wq;
+                        const int64_t y = s * i + pa - a->pad_t;
+                        if (y < 0 || y >= a->h) {
+                            memset(dst, 0, sizeof(float) * a->wq);
+                            continue;
+                        }
+                        const float *src = src_c + (n * a->h + y) * a->w;
+                        if (s == 1) {
+                            /* a padded row: zeros, the row, zeros */
+                            const int64_t left = a->pad_l < a->wq ? a->pad_l : a->wq;
+                            memset(dst, 0, sizeof(float) * left);
+                            int64_t count = a->w;
+                            if (left + count > a->wq) count = a->wq - left;
+                            if (count > 0) memcpy(dst + left, src, sizeof(float) * count);
+                            const int64_t done = left + (count > 0 ? count : 0);
+                            if (done < a->wq) memset(dst + done, 0, sizeof(float) * (a->wq - done));
+                        } else {
+                            for (int64_t j = 0; j < a->wq; j++) {
+                                const int64_t x = s * j + pb - a->pad_l;
+                                dst[j] = (x >= 0 && x < a->w) ? src[x] : 0.0f;
+                            }
+                        }
+                    }
+            }
+    }
+}
+
+/* Zero-pad a channel-major (C, N, H, W) input and split it into stride x stride parity
+ * planes: out[c*ch_stride + (a*stride + b)*N*hq*wq + (n*hq + i)*wq + j] =
+ * in[c, n, stride*i + a - pad_t, stride*j + b - pad_l] (0 outside the image). */
+SS_EXPORT void ss_pad_planes(const float *in, float *out, int64_t c, int64_t n, int64_t h,
+                             int64_t w, int64_t pad_t, int64_t pad_l, int64_t stride, int64_t hq,
+                             int64_t wq, int64_t ch_stride, int threads) {
+    planes_args a = {in, out, n, h, w, pad_t, pad_l, stride, hq, wq, ch_stride};
+    parallel_for(threads, c, planes_task, &a);
+}
+
+typedef struct {
+    const float *in;
+    float *out;
+    const float *residual;
+    int64_t n, hq, wq, ho, wo, ld_in;
+    float lo, hi;
+} compact_args;
+
+static void compact_task(void *ctx, int64_t begin, int64_t end) {
+    const compact_args *a = (const compact_args *)ctx;
+    const int64_t out_ch = a->n * a->ho * a->wo;
+    for (int64_t c = begin; c < end; c++)
+        for (int64_t n = 0; n < a->n; n++)
+            for (int64_t i = 0; i < a->ho; i++) {
+                const float *src = a->in + c * a->ld_in + (n * a->hq + i) * a->wq;
+                const int64_t o = c * out_ch + (n * a->ho + i) * a->wo;
+                float *dst = a->out + o;
+                if (a->residual) {
+                    const float *res = a->residual + o;
+                    for (int64_t j = 0; j < a->wo; j++)
+                        dst[j] = clampf(src[j] + res[j], a->lo, a->hi);
+                } else {
+                    memcpy(dst, src, sizeof(float) * a->wo);
+                }
+            }
+}
+
+/* Drop the junk columns and rows of a shifted-window output: out (C, N, ho, wo) from
+ * in[c*ld_in + (n*hq + i)*wq + j]; with a residual (same shape as out), out = clamp(in +
+ * residual, lo, hi). */
+SS_EXPORT void ss_compact(const float *in, float *out, const float *residual, int64_t c,
+                          int64_t n, int64_t hq, int64_t wq, int64_t ho, int64_t wo,
+                          int64_t ld_in, float lo, float hi, int threads) {
+    compact_args a = {in, out, residual, n, hq, wq, ho, wo, ld_in, lo, hi};
+    parallel_for(threads, c, compact_task, &a);
+}
+
+typedef struct {
+    const float *in;
+    float *out;
+    int64_t n, h, w, kh, kw, stride, pad, ho, wo;
+} pool_args;
+
+static void maxpool_task(void *ctx, int64_t begin, int64_t end) {
+    const pool_args *a = (const pool_args *)ctx;
+    for (int64_t plane = begin; plane < end; plane++) {
+        const float *src = a->in + plane * a->h * a->w;
+        float *dst = a->out + plane * a->ho * a->wo;
+        for (int64_t i = 0; i < a->ho; i++)
+            for (int64_t j = 0; j < a->wo; j++) {
+                float m = -INFINITY;
+                const int64_t y0 = i * a->stride - a->pad, x0 = j * a->stride - a->pad;
+                for (int64_t dy = 0; dy < a->kh; dy++) {
+                    const int64_t y = y0 + dy;
+                    if (y < 0 || y >= a->h) continue;
+                    for (int64_t dx = 0; dx < a->kw; dx++) {
+                        const int64_t x = x0 + dx;
+                        if (x < 0 || x >= a->w) continue;
+                        const float v = src[y * a->w + x];
+                        m = (v > m || v != v) ? v : m;
+                    }
+                }
+                dst[i * a->wo + j] = m;
+            }
+    }
+}
+
+/* Max pooling over `planes` contiguous (h, w) planes (padding counts as -inf). */
+SS_EXPORT void ss_maxpool(const float *in, float *out, int64_t planes, int64_t h, int64_t w,
+                          int64_t kh, int64_t kw, int64_t stride, int64_t pad, int64_t ho,
+                          int64_t wo, int threads) {
+    pool_args a = {in, out, 0, h, w, kh, kw, stride, pad, ho, wo};
+    parallel_for(threads, planes, maxpool_task, &a);
+}
+
+#ifndef SS_NO_PYTHON
+/* A Python module with no functions, so that the import system can locate this library. */
+static struct PyModuleDef kernels_module = {PyModuleDef_HEAD_INIT, "_kernels",
+                                            "strsparse's native sparse kernels (used through ctypes)",
+                                            -1, NULL, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&kernels_module); }
+#endif

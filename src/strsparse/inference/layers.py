@@ -1,0 +1,336 @@
+"""Sparse Linear and Conv2d layers that run the native kernels.
+
+``SparseConv2d`` works on channel-major activations, ``(C, N, H, W)`` contiguous: each
+channel's pixels (all images of the batch) are one contiguous run, so the kernel's pixel
+dimension is ``N * H * W`` and a 1x1 conv is a plain sparse-times-dense product. A k x k conv
+reads its input through per-nonzero offsets into the zero-padded input (split into parity
+planes when strided) and computes a few junk columns that are dropped afterwards, so no
+im2col is built. BatchNorm is folded into the weights and bias, and the residual add and the
+activation (a clamp: ReLU, ReLU6) are fused into the kernel's epilogue.
+
+Weights are stored in CSR by output channel: ``values`` (float32), ``indices`` (the column
+in the flattened ``(C_in / groups, kH, kW)`` weight; int16 where it fits, else int32) and
+``row_ptr`` (int32). The input offsets of the nonzeros depend on the input's size, so they
+are computed per input shape and cached, never stored.
+
+A layer whose sparsity would not pay (see ``to_sparse``'s per-layer rule) holds a dense
+``weight`` and runs PyTorch's kernel instead (``mode == "dense"``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from strsparse.inference._native import backend
+
+__all__ = ["SparseConv2d", "SparseLinear", "csr_from_dense"]
+
+_INT32_MAX = 2**31 - 1
+_CACHE_SIZE = 4  # input shapes whose offsets a layer keeps
+
+
+def csr_from_dense(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(values, indices, row_ptr)`` of a dense weight flattened to ``(C_out, K)``.
+
+    ``indices`` is int16 when ``K`` fits, which makes a stored nonzero 6 bytes.
+    """
+    w2 = weight.detach().reshape(weight.shape[0], -1).float()
+    mask = w2 != 0
+    counts = mask.sum(dim=1)
+    row_ptr = torch.zeros(w2.shape[0] + 1, dtype=torch.int32)
+    row_ptr[1:] = counts.cumsum(0).to(torch.int32)
+    cols = mask.nonzero()[:, 1]  # row-major: sorted by output channel, then column
+    index_dtype = torch.int16 if w2.shape[1] <= 2**15 - 1 else torch.int32
+    return w2[mask].contiguous(), cols.to(index_dtype).contiguous(), row_ptr
+
+
+def _dense_from_csr(values: Tensor, indices: Tensor, row_ptr: Tensor, shape: tuple[int, ...]):
+    c_out = shape[0]
+    k = math.prod(shape[1:])
+    rows = torch.repeat_interleave(torch.arange(c_out), (row_ptr[1:] - row_ptr[:-1]).long())
+    dense = torch.zeros(c_out, k)
+    dense[rows, indices.long()] = values
+    return dense.view(shape)
+
+
+class _SparseBase(nn.Module):
+    """CSR storage, the dense/sparse mode, the fused clamp and the offsets cache."""
+
+    values: Tensor
+    indices: Tensor
+    row_ptr: Tensor
+    weight: Tensor
+    bias: Tensor | None
+
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mode: str,
+        clamp: tuple[float, float],
+    ) -> None:
+        super().__init__()
+        if mode not in ("sparse", "dense"):
+            raise ValueError(f"mode must be 'sparse' or 'dense', got {mode!r}")
+        self.mode = mode
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.clamp = (float(clamp[0]), float(clamp[1]))
+        c_out = self.weight_shape[0]
+        if weight is None:  # structure only: the tensors come from a saved state
+            weight = torch.zeros(0)
+        if mode == "sparse":
+            if weight.numel():
+                values, indices, row_ptr = csr_from_dense(weight)
+            else:
+                values = torch.zeros(0)
+                indices = torch.zeros(0, dtype=torch.int16)
+                row_ptr = torch.zeros(c_out + 1, dtype=torch.int32)
+            self.register_buffer("values", values)
+            self.register_buffer("indices", indices)
+            self.register_buffer("row_ptr", row_ptr)
+        else:
+            self.register_buffer("weight", weight.detach().float().contiguous())
+        self.register_buffer(
+            "bias", None if bias is None else bias.detach().float().contiguous().clone()
+        )
+        self._offsets: OrderedDict[tuple[int, ...], tuple] = OrderedDict()
+
+    @property
+    def nnz(self) -> int:
+        return (
+            int(self.values.numel()) if self.mode == "sparse" else int(self.weight.count_nonzero())
+        )
+
+    @property
+    def density(self) -> float:
+        return self.nnz / math.prod(self.weight_shape)
+
+    def dense_weight(self) -> Tensor:
+        """The layer's weight as a dense tensor (BatchNorm folded in)."""
+        if self.mode == "dense":
+            return self.weight
+        return _dense_from_csr(self.values, self.indices, self.row_ptr, self.weight_shape)
+
+    def _cached(self, key: tuple[int, ...], build):
+        hit = self._offsets.get(key)
+        if hit is None:
+            hit = build()
+            self._offsets[key] = hit
+            if len(self._offsets) > _CACHE_SIZE:
+                self._offsets.popitem(last=False)
+        else:
+            self._offsets.move_to_end(key)
+        return hit
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # CSR tensors change size with the weights: take the stored ones as they are
+        for name in ("values", "indices", "row_ptr", "weight"):
+            key = prefix + name
+            if key in state_dict and name in self._buffers:
+                self._buffers[name] = state_dict[key].clone()
+        if prefix + "bias" in state_dict:
+            self._buffers["bias"] = state_dict[prefix + "bias"].clone()
+        self._offsets.clear()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply_clamp(self, y: Tensor) -> Tensor:
+        lo, hi = self.clamp
+        if lo == -math.inf and hi == math.inf:
+            return y
+        return y.clamp_(min=None if lo == -math.inf else lo, max=None if hi == math.inf else hi)
+
+
+class SparseLinear(_SparseBase):
+    """``clamp(x @ W.T + b)`` on a standard ``(..., in_features)`` input."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        *,
+        mode: str = "sparse",
+        clamp: tuple[float, float] = (-math.inf, math.inf),
+    ) -> None:
+        super().__init__((out_features, in_features), weight, bias, mode, clamp)
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features}, {self.out_features}, mode={self.mode}, "
+            f"density={self.density:.3f}, clamp={self.clamp}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "dense":
+            return self._apply_clamp(F.linear(x, self.weight, self.bias))
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        m = x2.shape[0]
+        xt = x2.t().contiguous().float()  # (in_features, M): channel-major
+        if self.in_features * m > _INT32_MAX:
+            w = self.dense_weight()
+            return self._apply_clamp(F.linear(x, w, self.bias))
+        offsets = self._cached((m,), lambda: (self.indices.int() * m).contiguous())
+        out = torch.empty(self.out_features, m)
+        lo, hi = self.clamp
+        backend().spmm(
+            xt, out, self.values, offsets, self.row_ptr, self.bias, None, m, m, 0, lo, hi
+        )
+        return out.t().contiguous().view(*lead, self.out_features)
+
+
+class SparseConv2d(_SparseBase):
+    """``clamp(conv2d(x) + b (+ residual))`` on channel-major ``(C, N, H, W)`` activations;
+    the output is channel-major too."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: int,
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        *,
+        mode: str = "sparse",
+        clamp: tuple[float, float] = (-math.inf, math.inf),
+    ) -> None:
+        shape = (out_channels, in_channels // groups, *kernel_size)
+        super().__init__(shape, weight, bias, mode, clamp)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = tuple(kernel_size)
+        self.stride = int(stride)
+        self.padding = tuple(padding)
+        self.dilation = tuple(dilation)
+        self.groups = groups
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"groups={self.groups}, mode={self.mode}, density={self.density:.3f}, "
+            f"clamp={self.clamp}"
+        )
+
+    @property
+    def pointwise(self) -> bool:
+        return self.kernel_size == (1, 1) and self.padding == (0, 0)
+
+    def _output_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (ph, pw), (dh, dw), s = self.kernel_size, self.padding, self.dilation, self.stride
+        return (h + 2 * ph - dh * (kh - 1) - 1) // s + 1, (w + 2 * pw - dw * (kw - 1) - 1) // s + 1
+
+    def _nonzero_coords(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per nonzero: input channel, kernel row, kernel column (int64)."""
+        kh, kw = self.kernel_size
+        c_out = self.out_channels
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(c_out), counts)
+        cols = self.indices.long()
+        per_group_in = self.in_channels // self.groups
+        per_group_out = c_out // self.groups
+        ci = (rows // per_group_out) * per_group_in + cols // (kh * kw)
+        r = (cols % (kh * kw)) // kw
+        t = cols % kw
+        return ci, r, t, rows
+
+    def _geometry(self, n: int, h: int, w: int) -> tuple:
+        ho, wo = self._output_size(h, w)
+        ci, r, t, _ = self._nonzero_coords()
+        if self.pointwise:
+            count = n * ho * wo
+            if self.in_channels * count > _INT32_MAX:
+                return None
+            return ((ci * count).to(torch.int32).contiguous(), ho, wo)
+        (ph, pw), (dh, dw), s = self.padding, self.dilation, self.stride
+        hq, wq = -(-(h + 2 * ph) // s), -(-(w + 2 * pw) // s)
+        plane = n * hq * wq
+        ch_stride = s * s * plane
+        if self.in_channels * ch_stride > _INT32_MAX or self.out_channels * plane > _INT32_MAX:
+            return None
+        dy, dx = r * dh, t * dw
+        offsets = ci * ch_stride + ((dy % s) * s + dx % s) * plane + (dy // s) * wq + dx // s
+        return (offsets.to(torch.int32).contiguous(), ho, wo, hq, wq, plane, ch_stride)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"SparseConv2d takes channel-major (C, N, H, W) input, got shape {tuple(x.shape)}"
+            )
+        x = x.contiguous().float()
+        c, n, h, w = x.shape
+        geometry = None
+        if self.mode == "sparse":
+            geometry = self._cached((n, h, w), lambda: self._geometry(n, h, w))
+        if geometry is None:  # dense layer, or too large for 32-bit offsets
+            return self._dense_forward(x, residual)
+        lo, hi = self.clamp
+        if residual is not None:
+            residual = residual.contiguous().float()
+        if self.pointwise:
+            offsets, ho, wo = geometry
+            if self.stride > 1:
+                x = x[:, :, :: self.stride, :: self.stride].contiguous()
+            count = n * ho * wo
+            out = torch.empty(self.out_channels, n, ho, wo)
+            if residual is not None and residual.shape != out.shape:
+                return self._apply_clamp_residual(
+                    self._spmm(x, out, offsets, count, count), residual
+                )
+            backend().spmm(
+                x, out, self.values, offsets, self.row_ptr, self.bias, residual, count, count,
+                count, lo, hi,
+            )  # fmt: skip
+            return out
+        offsets, ho, wo, hq, wq, plane, ch_stride = geometry
+        planes = backend().pad_planes(x, self.padding, self.stride, hq, wq, ch_stride)
+        n_pix = (n - 1) * hq * wq + (ho - 1) * wq + wo
+        y = torch.empty(self.out_channels * plane)
+        fused = residual is None
+        backend().spmm(
+            planes, y, self.values, offsets, self.row_ptr, self.bias, None, n_pix, plane, 0,
+            lo if fused else -math.inf, hi if fused else math.inf,
+        )  # fmt: skip
+        shape = (self.out_channels, n, ho, wo)
+        if residual is not None and tuple(residual.shape) != shape:
+            out = backend().compact(y, shape, hq, wq, plane, None, -math.inf, math.inf)
+            return self._apply_clamp_residual(out, residual)
+        return backend().compact(y, shape, hq, wq, plane, residual, lo, hi)
+
+    def _spmm(self, x: Tensor, out: Tensor, offsets: Tensor, n_pix: int, ld: int) -> Tensor:
+        backend().spmm(
+            x, out, self.values, offsets, self.row_ptr, self.bias, None, n_pix, ld, 0,
+            -math.inf, math.inf,
+        )  # fmt: skip
+        return out
+
+    def _apply_clamp_residual(self, out: Tensor, residual: Tensor) -> Tensor:
+        return self._apply_clamp(out + residual)
+
+    def _dense_forward(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        y = F.conv2d(
+            x.transpose(0, 1),
+            self.dense_weight(),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
+        y = y.transpose(0, 1)
+        if residual is not None:
+            y = y + residual
+        return self._apply_clamp(y.contiguous())

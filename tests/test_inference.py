@@ -1,0 +1,286 @@
+"""Sparse inference: to_sparse's outputs equal the dense model's, the per-layer rule, save/load,
+the native kernels' instruction sets and the fallbacks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import strsparse
+from strsparse.inference import _native, backend, load_sparse, save_sparse, set_isa, to_sparse
+from strsparse.inference.layers import SparseConv2d, SparseLinear
+
+TOL = 1e-4
+
+needs_native = pytest.mark.skipif(
+    not backend().native, reason="the native kernels could not be built on this machine"
+)
+
+
+def _prune(model: nn.Module, sparsity: float, seed: int = 0) -> nn.Module:
+    """Random weights and BatchNorm statistics; every layer magnitude-pruned to ``sparsity``."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    strsparse.sparsify(model, "magnitude", sparsity=sparsity)
+    return strsparse.finalize(model).eval()
+
+
+def _check_close(dense: nn.Module, sparse: nn.Module, x: torch.Tensor) -> None:
+    with torch.inference_mode():
+        expected = dense(x)
+        got = sparse(x)
+    assert got.shape == expected.shape
+    scale = max(1.0, float(expected.abs().max()))
+    assert float((got - expected).abs().max()) <= TOL * scale
+
+
+CONVS = {
+    "1x1": dict(in_channels=16, out_channels=24, kernel_size=1),
+    "1x1-stride2": dict(in_channels=16, out_channels=24, kernel_size=1, stride=2),
+    "3x3": dict(in_channels=16, out_channels=24, kernel_size=3, padding=1),
+    "3x3-stride2": dict(in_channels=16, out_channels=24, kernel_size=3, stride=2, padding=1),
+    "5x5-nopad-bias": dict(in_channels=8, out_channels=12, kernel_size=5, bias=True),
+    "7x7-stride2": dict(in_channels=3, out_channels=16, kernel_size=7, stride=2, padding=3),
+    "grouped": dict(in_channels=16, out_channels=24, kernel_size=3, padding=1, groups=4),
+    "depthwise": dict(in_channels=16, out_channels=16, kernel_size=3, padding=1, groups=16),
+    "depthwise-stride2": dict(
+        in_channels=16, out_channels=16, kernel_size=3, stride=2, padding=1, groups=16
+    ),
+    "dilated": dict(in_channels=16, out_channels=24, kernel_size=3, padding=2, dilation=2),
+    "rect-kernel": dict(in_channels=8, out_channels=8, kernel_size=(1, 3), padding=(0, 1)),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("name", list(CONVS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv_bn_relu_matches_dense(name: str, batch: int) -> None:
+    opts = dict(CONVS[name])
+    opts.setdefault("bias", False)
+    out_channels = opts["out_channels"]
+    model = _prune(nn.Sequential(nn.Conv2d(**opts), nn.BatchNorm2d(out_channels), nn.ReLU()), 0.7)
+    sparse = to_sparse(model, max_density=1.0)
+    assert sparse.sparse_plan == {"0": "sparse"}
+    layer = sparse.get_submodule("0")
+    assert isinstance(layer, SparseConv2d) and layer.clamp == (0.0, math.inf)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())  # folded
+    _check_close(model, sparse, torch.randn(batch, opts["in_channels"], 13, 11))
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(1, 50), (8, 50), (2, 3, 50)])
+def test_linear_matches_dense(shape: tuple[int, ...]) -> None:
+    model = _prune(nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 7)), 0.8)
+    sparse = to_sparse(model, max_density=1.0)
+    assert isinstance(sparse.get_submodule("0"), SparseLinear)
+    assert sparse.get_submodule("0").clamp == (0.0, math.inf)
+    _check_close(model, sparse, torch.randn(*shape))
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size"),
+    [
+        ("resnet20", {"shortcut": "B"}, 32),
+        ("resnet20", {}, 32),
+        ("resnet18", {}, 40),
+        ("mobilenet_v1", {"width_multiplier": 0.25}, 64),
+        ("lenet5", {}, 28),
+    ],
+)
+def test_model_matches_dense(name: str, kwargs: dict, size: int) -> None:
+    in_channels = 1 if name == "lenet5" else 3
+    model = _prune(strsparse.create_model(name, in_channels=in_channels, **kwargs), 0.85)
+    sparse = to_sparse(model, max_density=1.0)
+    assert "sparse" in sparse.sparse_plan.values()
+    _check_close(model, sparse, torch.randn(2, in_channels, size, size))
+
+
+@needs_native
+def test_resnet_downsample_and_residual_are_fused() -> None:
+    model = _prune(strsparse.create_model("resnet18"), 0.9)
+    sparse = to_sparse(model)
+    # the second conv of a block takes the shortcut as its residual; the graph holds no BN
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())
+    conv2 = sparse.get_submodule("layer2.0.conv2")
+    assert conv2.clamp == (0.0, math.inf)
+    calls = [
+        n for n in sparse.graph.nodes if n.op == "call_module" and n.target == "layer2.0.conv2"
+    ]
+    assert len(calls) == 1 and len(calls[0].args) == 2  # input and fused residual
+    _check_close(model, sparse, torch.randn(1, 3, 48, 48))
+
+
+@needs_native
+def test_threads_give_the_same_outputs() -> None:
+    model = _prune(strsparse.create_model("resnet20", shortcut="B"), 0.9)
+    sparse = to_sparse(model)
+    x = torch.randn(4, 3, 32, 32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            one = sparse(x)
+        torch.set_num_threads(3)
+        with torch.inference_mode():
+            three = sparse(x)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, three, rtol=0, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_every_instruction_set_matches_dense(isa: str) -> None:
+    try:
+        set_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        model = _prune(
+            nn.Sequential(nn.Conv2d(8, 20, 3, padding=1), nn.ReLU(), nn.Conv2d(20, 9, 1)), 0.6
+        )
+        sparse = to_sparse(model, max_density=1.0)
+        # 37x29 pixels: full tiles and masked tails of every length
+        _check_close(model, sparse, torch.randn(2, 8, 37, 29))
+    finally:
+        set_isa("auto")
+
+
+def test_per_layer_rule_keeps_dense_layers_dense() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
+    model.eval()
+    with torch.no_grad():  # the conv 0% sparse, the linear layer 95% sparse
+        w = model[3].weight
+        w[torch.rand_like(w) < 0.95] = 0.0
+    sparse = to_sparse(model)
+    assert sparse.sparse_plan["0"] == "dense"
+    assert sparse.get_submodule("0").mode == "dense"
+    assert sparse.sparse_plan["3"] == ("sparse" if backend().available else "dense")
+    _check_close(model, sparse, torch.randn(2, 4, 8, 8))
+    all_dense = to_sparse(model, max_density=0.0)
+    assert set(all_dense.sparse_plan.values()) == {"dense"}
+    _check_close(model, all_dense, torch.randn(2, 4, 8, 8))
+
+
+def test_bad_max_density_is_an_error() -> None:
+    with pytest.raises(ValueError, match="max_density"):
+        to_sparse(nn.Linear(2, 2), max_density=1.5)
+    with pytest.raises(ValueError, match="unknown"):
+        to_sparse(nn.Linear(2, 2), max_density={"lineer": 0.5})
+
+
+def test_sparsified_model_is_finalized_on_a_copy() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 4))
+    strsparse.sparsify(model, "magnitude", sparsity=0.8)
+    model.eval()
+    sparse = to_sparse(model)
+    assert strsparse.sparse_layers(model)  # unchanged
+    _check_close(model, sparse, torch.randn(3, 30))
+
+
+def test_untraceable_model_is_swapped_layer_by_layer() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            if y.sum() > 0:  # data-dependent: torch.fx cannot trace this
+                y = y * 2
+            return self.fc(y.mean((2, 3)))
+
+    model = _prune(Branchy(), 0.8)
+    with pytest.warns(RuntimeWarning, match="could not trace"):
+        sparse = to_sparse(model, max_density=1.0)
+    _check_close(model, sparse, torch.randn(2, 3, 9, 9))
+
+
+def test_save_and_load_round_trip(tmp_path) -> None:
+    model = _prune(strsparse.create_model("resnet20", shortcut="B"), 0.9)
+    sparse = to_sparse(model)
+    arch = {"name": "resnet20", "num_classes": 10, "in_channels": 3, "kwargs": {"shortcut": "B"}}
+    path = save_sparse(sparse, tmp_path / "sparse.safetensors", architecture=arch)
+    loaded = load_sparse(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), sparse(x), rtol=0, atol=0)
+    assert loaded.sparse_plan == sparse.sparse_plan
+    # with the architecture passed in instead
+    again = load_sparse(path, strsparse.create_model("resnet20", shortcut="B"))
+    with torch.inference_mode():
+        torch.testing.assert_close(again(x), sparse(x), rtol=0, atol=0)
+    # in proportion to the density: 10% of the weights, 6 bytes each instead of 4
+    from safetensors.torch import save_file
+
+    dense_path = tmp_path / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dense_path))
+    if backend().available:
+        assert path.stat().st_size < 0.25 * dense_path.stat().st_size
+
+
+def test_load_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="save_sparse"):
+        load_sparse(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="to_sparse"):
+        save_sparse(nn.Linear(2, 2), tmp_path / "x.safetensors")
+    sparse = to_sparse(nn.Sequential(nn.Linear(4, 2)))
+    path = save_sparse(sparse, tmp_path / "noarch.safetensors")
+    with pytest.raises(ValueError, match="pass the dense model"):
+        load_sparse(path)
+
+
+@needs_native
+def test_torch_layout_helpers_match_native() -> None:
+    """The layout helpers' PyTorch versions (used with numba) equal the native ones."""
+    plain = _native.Backend("numba")
+    x = torch.randn(3, 2, 7, 6)
+    for stride, pad in [(1, (1, 1)), (2, (1, 1)), (2, (3, 0)), (3, (2, 1))]:
+        hq, wq = -(-(7 + 2 * pad[0]) // stride), -(-(6 + 2 * pad[1]) // stride)
+        ch_stride = stride * stride * 2 * hq * wq
+        torch.testing.assert_close(
+            plain.pad_planes(x, pad, stride, hq, wq, ch_stride),
+            backend().pad_planes(x, pad, stride, hq, wq, ch_stride),
+        )
+    y = torch.randn(4 * 2 * 9 * 8)
+    res = torch.randn(4, 2, 7, 6)
+    for r in (None, res):
+        torch.testing.assert_close(
+            plain.compact(y, (4, 2, 7, 6), 9, 8, 2 * 9 * 8, r, 0.0, 6.0),
+            backend().compact(y, (4, 2, 7, 6), 9, 8, 2 * 9 * 8, r, 0.0, 6.0),
+        )
+
+
+def test_without_native_kernels_everything_stays_dense(monkeypatch) -> None:
+    monkeypatch.setenv("STRSPARSE_NATIVE", "0")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.warns(RuntimeWarning, match="keeps every layer dense"):
+        fallback = _native._load()
+    assert fallback.name == "none" and not fallback.available
+    monkeypatch.setattr(_native, "_BACKEND", fallback)
+    model = _prune(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)), 0.9)
+    sparse = to_sparse(model)
+    assert set(sparse.sparse_plan.values()) == {"dense"}
+    _check_close(model, sparse, torch.randn(2, 3, 10, 10))
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("numba") is None, reason="numba is not installed"
+)
+def test_numba_fallback_matches_dense(monkeypatch) -> None:
+    monkeypatch.setattr(_native, "_BACKEND", _native.Backend("numba"))
+    model = _prune(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Linear(4, 3)), 0.7)
+    sparse = to_sparse(model, max_density=1.0)
+    _check_close(model, sparse, torch.randn(2, 3, 9, 9))
