@@ -21,6 +21,7 @@ LAYERS = [
     ("strsparse.__main__", 7),
     ("strsparse.cli", 6),
     ("strsparse.export", 5),
+    ("strsparse.inference.deploy", 5),  # convert --format sparse|onnx from a run
     ("strsparse.training", 4),
     ("strsparse.sparsify", 2),
     ("strsparse.methods", 1),
