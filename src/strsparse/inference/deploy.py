@@ -49,7 +49,7 @@ def convert_run(
     """Write ``model`` (restored from a run with config ``cfg``) in format ``fmt`` to
     ``out_dir``; returns the lines to print."""
     from strsparse.export import DenseModelSpec
-    from strsparse.training.build import dataset_info
+    from strsparse.data import dataset_info
 
     out_dir = Path(out_dir)
     _check_destination(out_dir, force)
@@ -70,7 +70,7 @@ def convert_run(
             "load it with strsparse.load_sparse(path) and run it under torch.inference_mode()",
         ]
     if fmt == "onnx":
-        shape = tuple(int(d) for d in dataset_info(cfg).input_shape)
+        shape = tuple(int(d) for d in dataset_info(cfg.data).input_shape)
         path = export_onnx(model, out_dir / ONNX_FILE, torch.zeros(1, *shape))
         return [
             f"wrote {spec.name} as ONNX (input (batch, {', '.join(map(str, shape))}), checked "
