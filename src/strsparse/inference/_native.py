@@ -259,6 +259,26 @@ def _built_library() -> Path | None:
     return Path(spec.origin)
 
 
+def _source_hash() -> str:
+    """What ``setup.py`` stamps into the library: the first 16 hex digits of the source's
+    SHA-256."""
+    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
+
+
+def _open(path: Path) -> ctypes.CDLL | None:
+    """The library at ``path`` if it was built from the current source, else ``None``."""
+    lib = ctypes.CDLL(str(path))
+    try:
+        lib.ss_source_hash.restype = ctypes.c_char_p
+        stamp = lib.ss_source_hash().decode()
+    except AttributeError:
+        stamp = ""
+    if stamp != _source_hash():
+        logger.info("ignoring %s: built from another version of kernels.c", path)
+        return None
+    return lib
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "strsparse"
@@ -267,9 +287,8 @@ def _cache_dir() -> Path:
 def _compile_cached() -> Path | None:
     """Compile ``kernels.c`` with the system C compiler into the user cache (once per source
     version); ``None`` if there is no compiler or the build fails."""
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + sys.platform.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"kernels-{digest}.so"
+    digest = _source_hash()
+    target = _cache_dir() / f"kernels-{digest}-{sys.platform}.so"
     if target.is_file():
         return target
     compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
@@ -282,6 +301,7 @@ def _compile_cached() -> Path | None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         cmd = [compiler, "-O3", "-std=c11", "-shared", "-fPIC", "-pthread", "-DSS_NO_PYTHON"]
+        cmd += [f'-DSS_SOURCE_HASH="{digest}"']
         cmd += [str(_SOURCE), "-o", str(out)]
         try:
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
@@ -302,14 +322,17 @@ def _load() -> Backend:
         if path is None:
             continue
         try:
-            return Backend("native", ctypes.CDLL(str(path)))
+            lib = _open(path)
+            if lib is not None:
+                return Backend("native", lib)
         except OSError as exc:
             errors.append(f"{path}: {exc}")
     if candidates:
         try:
             path = _compile_cached()
-            if path is not None:
-                return Backend("native", ctypes.CDLL(str(path)))
+            lib = None if path is None else _open(path)
+            if lib is not None:
+                return Backend("native", lib)
             errors.append("no C compiler to build them")
         except OSError as exc:
             errors.append(str(exc))

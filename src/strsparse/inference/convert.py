@@ -34,7 +34,7 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
 from strsparse.inference._native import backend
-from strsparse.inference.layers import SparseConv2d, SparseLinear
+from strsparse.inference.layers import SparseConv2d, SparseLinear, channel_major_max_pool2d
 
 __all__ = ["DEFAULT_MAX_DENSITY", "SparsePlan", "to_sparse"]
 
@@ -362,6 +362,28 @@ def _layout_free(node: fx.Node, modules: Mapping[str, nn.Module], layout) -> boo
     return False
 
 
+def _native_max_pool(
+    node: fx.Node, modules: Mapping[str, nn.Module]
+) -> tuple[int, int, int] | None:
+    """(kernel, stride, padding) of an ``nn.MaxPool2d`` the native kernel can run."""
+    if node.op != "call_module":
+        return None
+    m = modules[str(node.target)]
+    if type(m) is not nn.MaxPool2d or m.ceil_mode or m.return_indices:
+        return None
+    params = []
+    for value in (m.kernel_size, m.stride, m.padding, m.dilation):
+        if isinstance(value, tuple):
+            if len(set(value)) != 1:
+                return None
+            value = value[0]
+        params.append(int(value))
+    kernel, stride, padding, dilation = params
+    if dilation != 1 or len(node.args) != 1 or node.kwargs:
+        return None
+    return kernel, stride, padding
+
+
 def _rewrite(
     gm: fx.GraphModule,
     max_density: Mapping[str, float],
@@ -402,6 +424,12 @@ def _rewrite(
             env[(node, in_layout)] = out
             continue
         want = layout.get(node, "std")
+        pool = _native_max_pool(node, modules) if want == "cm" else None
+        if pool is not None:
+            env[(node, want)] = graph.call_function(
+                channel_major_max_pool2d, (value(node.args[0], "cm"), *pool)
+            )
+            continue
         if node.op == "output":
             graph.output(mapped(node.args[0], "std"))
             continue

@@ -48,8 +48,8 @@ def convert_run(
 ) -> list[str]:
     """Write ``model`` (restored from a run with config ``cfg``) in format ``fmt`` to
     ``out_dir``; returns the lines to print."""
-    from strsparse.export import DenseModelSpec
     from strsparse.data import dataset_info
+    from strsparse.export import DenseModelSpec
 
     out_dir = Path(out_dir)
     _check_destination(out_dir, force)

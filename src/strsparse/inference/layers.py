@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from strsparse.inference._native import backend
 
-__all__ = ["SparseConv2d", "SparseLinear", "csr_from_dense"]
+__all__ = ["SparseConv2d", "SparseLinear", "channel_major_max_pool2d", "csr_from_dense"]
 
 _INT32_MAX = 2**31 - 1
 _CACHE_SIZE = 4  # input shapes whose offsets a layer keeps
@@ -334,3 +334,13 @@ class SparseConv2d(_SparseBase):
         if residual is not None:
             y = y + residual
         return self._apply_clamp(y.contiguous())
+
+
+def channel_major_max_pool2d(x: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
+    """``max_pool2d`` of a channel-major (C, N, H, W) tensor, natively where possible
+    (PyTorch's kernel is slow on planes laid out this way)."""
+    if x.dtype == torch.float32 and x.is_contiguous():
+        out = backend().maxpool(x, kernel_size, stride, padding)
+        if out is not None:
+            return out
+    return F.max_pool2d(x, kernel_size, stride, padding)

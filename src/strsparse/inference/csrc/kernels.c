@@ -36,6 +36,14 @@
 
 enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
+#ifndef SS_SOURCE_HASH
+#define SS_SOURCE_HASH "unknown"
+#endif
+
+/* A digest of this file, set by the build, so that a library built from an older version of
+ * it is not used. */
+SS_EXPORT const char *ss_source_hash(void) { return SS_SOURCE_HASH; }
+
 /* ------------------------------------------------------------------------------------------ */
 /* Thread pool: workers 1..n-1 wait for a ticket; the calling thread runs chunk 0.             */
 
@@ -193,7 +201,24 @@ spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, cons
         __m512 acc[8];
         for (int k = 0; k < nv; k++) acc[k] = _mm512_setzero_ps();
         const int32_t j1 = a->row_ptr[co + 1];
-        for (int32_t j = a->row_ptr[co]; j < j1; j++) {
+        int32_t j = a->row_ptr[co];
+        if (nv == 1) {
+            /* one vector: four independent sums, or the FMA latency bounds the loop */
+            __m512 s1 = _mm512_setzero_ps(), s2 = s1, s3 = s1;
+            const float *in = a->in + p0;
+            for (; j + 4 <= j1; j += 4) {
+                acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(a->values[j]),
+                                         _mm512_maskz_loadu_ps(m[0], in + a->offsets[j]), acc[0]);
+                s1 = _mm512_fmadd_ps(_mm512_set1_ps(a->values[j + 1]),
+                                     _mm512_maskz_loadu_ps(m[0], in + a->offsets[j + 1]), s1);
+                s2 = _mm512_fmadd_ps(_mm512_set1_ps(a->values[j + 2]),
+                                     _mm512_maskz_loadu_ps(m[0], in + a->offsets[j + 2]), s2);
+                s3 = _mm512_fmadd_ps(_mm512_set1_ps(a->values[j + 3]),
+                                     _mm512_maskz_loadu_ps(m[0], in + a->offsets[j + 3]), s3);
+            }
+            acc[0] = _mm512_add_ps(_mm512_add_ps(acc[0], s1), _mm512_add_ps(s2, s3));
+        }
+        for (; j < j1; j++) {
             const __m512 w = _mm512_set1_ps(a->values[j]);
             const float *src = a->in + a->offsets[j] + p0;
             for (int k = 0; k < nv; k++)
@@ -239,7 +264,24 @@ spmm_tile_avx2_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, const 
         __m256 acc[8];
         for (int k = 0; k < nv; k++) acc[k] = _mm256_setzero_ps();
         const int32_t j1 = a->row_ptr[co + 1];
-        for (int32_t j = a->row_ptr[co]; j < j1; j++) {
+        int32_t j = a->row_ptr[co];
+        if (nv == 1) {
+            /* one vector: four independent sums, or the FMA latency bounds the loop */
+            __m256 s1 = _mm256_setzero_ps(), s2 = s1, s3 = s1;
+            const float *in = a->in + p0;
+            for (; j + 4 <= j1; j += 4) {
+                acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(a->values[j]),
+                                         _mm256_maskload_ps(in + a->offsets[j], m[0]), acc[0]);
+                s1 = _mm256_fmadd_ps(_mm256_set1_ps(a->values[j + 1]),
+                                     _mm256_maskload_ps(in + a->offsets[j + 1], m[0]), s1);
+                s2 = _mm256_fmadd_ps(_mm256_set1_ps(a->values[j + 2]),
+                                     _mm256_maskload_ps(in + a->offsets[j + 2], m[0]), s2);
+                s3 = _mm256_fmadd_ps(_mm256_set1_ps(a->values[j + 3]),
+                                     _mm256_maskload_ps(in + a->offsets[j + 3], m[0]), s3);
+            }
+            acc[0] = _mm256_add_ps(_mm256_add_ps(acc[0], s1), _mm256_add_ps(s2, s3));
+        }
+        for (; j < j1; j++) {
             const __m256 w = _mm256_set1_ps(a->values[j]);
             const float *src = a->in + a->offsets[j] + p0;
             for (int k = 0; k < nv; k++)
@@ -477,26 +519,39 @@ typedef struct {
 
 static void maxpool_task(void *ctx, int64_t begin, int64_t end) {
     const pool_args *a = (const pool_args *)ctx;
+    float *row = (float *)malloc(sizeof(float) * (size_t)a->w);
+    if (!row) return;
     for (int64_t plane = begin; plane < end; plane++) {
         const float *src = a->in + plane * a->h * a->w;
         float *dst = a->out + plane * a->ho * a->wo;
-        for (int64_t i = 0; i < a->ho; i++)
+        for (int64_t i = 0; i < a->ho; i++) {
+            /* the max over the window's rows, for every column (vectorizes), ... */
+            const int64_t y0 = i * a->stride - a->pad;
+            int first = 1;
+            for (int64_t dy = 0; dy < a->kh; dy++) {
+                const int64_t y = y0 + dy;
+                if (y < 0 || y >= a->h) continue;
+                const float *r = src + y * a->w;
+                if (first) {
+                    memcpy(row, r, sizeof(float) * (size_t)a->w);
+                    first = 0;
+                } else {
+                    for (int64_t x = 0; x < a->w; x++) row[x] = r[x] > row[x] ? r[x] : row[x];
+                }
+            }
+            /* ... then over the window's columns */
             for (int64_t j = 0; j < a->wo; j++) {
                 float m = -INFINITY;
-                const int64_t y0 = i * a->stride - a->pad, x0 = j * a->stride - a->pad;
-                for (int64_t dy = 0; dy < a->kh; dy++) {
-                    const int64_t y = y0 + dy;
-                    if (y < 0 || y >= a->h) continue;
-                    for (int64_t dx = 0; dx < a->kw; dx++) {
-                        const int64_t x = x0 + dx;
-                        if (x < 0 || x >= a->w) continue;
-                        const float v = src[y * a->w + x];
-                        m = (v > m || v != v) ? v : m;
-                    }
+                const int64_t x0 = j * a->stride - a->pad;
+                for (int64_t dx = 0; dx < a->kw; dx++) {
+                    const int64_t x = x0 + dx;
+                    if (x >= 0 && x < a->w && !first && row[x] > m) m = row[x];
                 }
                 dst[i * a->wo + j] = m;
             }
+        }
     }
+    free(row);
 }
 
 /* Max pooling over `planes` contiguous (h, w) planes (padding counts as -inf). */
