@@ -13,7 +13,7 @@ from setuptools import Extension, setup
 
 SOURCE = "src/strsparse/inference/csrc/kernels.c"
 # the loader compares this digest with the installed source's and ignores a stale build
-digest = hashlib.sha256(Path(__file__).with_name(SOURCE).read_bytes()).hexdigest()[:16]
+digest = hashlib.sha256((Path(__file__).parent / SOURCE).read_bytes()).hexdigest()[:16]
 
 extra_compile_args = [] if sys.platform == "win32" else ["-O3", "-std=c11", "-pthread"]
 extra_link_args = [] if sys.platform == "win32" else ["-pthread"]
