@@ -350,6 +350,9 @@ def test_convert_to_sparse_and_onnx(str_run: tuple[Path, str], tmp_path: Path, c
         torch.testing.assert_close(strsparse.load_sparse(out)(x), expected, rtol=1e-4, atol=1e-4)
     assert main(["convert", str(run), "-o", str(out), "--format", "sparse"]) == 2  # not empty
     assert "--force" in _one_error_line(capsys.readouterr().err)
+    argv = ["convert", str(run), "-o", str(tmp_path / "x"), "--format", "sparse", "--slim"]
+    assert main(argv) == 2
+    assert "--slim" in _one_error_line(capsys.readouterr().err)
     if importlib.util.find_spec("onnxruntime") is None:
         pytest.skip("onnxruntime is not installed (pip install 'strsparse[onnx]')")
     out = tmp_path / "onnx"

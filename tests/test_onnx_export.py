@@ -61,3 +61,21 @@ def test_export_refuses_a_to_sparse_model(tmp_path) -> None:
 def test_bad_example_inputs(tmp_path) -> None:
     with pytest.raises(ValueError, match="example_inputs"):
         export_onnx(nn.Linear(2, 2), tmp_path / "m.onnx", [1, 2])
+
+
+@needs_ort
+def test_slim_model_round_trip(tmp_path) -> None:
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = strsparse.create_model("lenet5").eval()
+    with torch.no_grad():
+        model.conv2.weight[:12] = 0.0  # 12 of conv2's 32 filters zeroed: slim removes them
+    small = strsparse.slim(model)
+    assert small.conv2.out_channels == 20
+    path = export_onnx(small, tmp_path / "slim.onnx", torch.randn(1, 1, 28, 28))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 1, 28, 28)
+    (got,) = session.run(None, {"input": x.numpy()})
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)

@@ -3,8 +3,8 @@
 from strsparse import flops, models
 from strsparse.budgets import Budget, list_paper_budgets
 from strsparse.functional import cubic_sparsity, soft_threshold
-from strsparse.layers import LowRankLinear
 from strsparse.inference import export_onnx, load_sparse, save_sparse, to_sparse
+from strsparse.layers import LowRankLinear
 from strsparse.methods import get_parametrization, list_methods
 from strsparse.methods.structured import structure_report
 from strsparse.models import create_model, list_models

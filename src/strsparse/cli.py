@@ -371,7 +371,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.format != "dense":
         from strsparse.inference.deploy import convert_run
 
-        for line in convert_run(model, cfg, args.output, args.format, force=args.force):
+        lines = convert_run(model, cfg, args.output, args.format, force=args.force, slim=args.slim)
+        for line in lines:
             print(line)
         return EXIT_OK
     out = export_dense(model, cfg, args.output, force=args.force)
@@ -673,7 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--slim",
         action="store_true",
         help="remove zeroed filters and rank-one components (strsparse.slim) and write the "
-        "smaller architecture beside the weights; load with strsparse.export.load_slim(OUT)",
+        "smaller architecture beside the weights; load with strsparse.export.load_slim(OUT) "
+        "(with --format onnx: the slim model as ONNX)",
+    )
+    p.add_argument(
         "--format",
         choices=("dense", "sparse", "onnx"),
         default="dense",

@@ -44,14 +44,27 @@ def _check_destination(out_dir: Path, force: bool) -> None:
 
 
 def convert_run(
-    model: nn.Module, cfg: Any, out_dir: str | os.PathLike, fmt: str, *, force: bool = False
+    model: nn.Module,
+    cfg: Any,
+    out_dir: str | os.PathLike,
+    fmt: str,
+    *,
+    force: bool = False,
+    slim: bool = False,
 ) -> list[str]:
     """Write ``model`` (restored from a run with config ``cfg``) in format ``fmt`` to
-    ``out_dir``; returns the lines to print."""
+    ``out_dir``; returns the lines to print. With ``slim``, the slimmed model (ONNX only)."""
     from strsparse.data import dataset_info
     from strsparse.export import DenseModelSpec
 
     out_dir = Path(out_dir)
+    if fmt not in ("sparse", "onnx"):
+        raise ValueError(f"unknown format {fmt!r}; choose dense, sparse or onnx")
+    if slim and fmt == "sparse":
+        raise ValueError(
+            "--slim goes with --format dense or onnx; a sparse model keeps the architecture "
+            "(drop --slim)"
+        )
     _check_destination(out_dir, force)
     spec = DenseModelSpec.from_config(cfg)
     if fmt == "sparse":
@@ -71,9 +84,14 @@ def convert_run(
         ]
     if fmt == "onnx":
         shape = tuple(int(d) for d in dataset_info(cfg.data).input_shape)
-        path = export_onnx(model, out_dir / ONNX_FILE, torch.zeros(1, *shape))
+        example = torch.zeros(1, *shape)
+        if slim:
+            from strsparse.slimming import slim as slim_model
+
+            model = slim_model(model, example)
+        path = export_onnx(model, out_dir / ONNX_FILE, example)
         return [
-            f"wrote {spec.name} as ONNX (input (batch, {', '.join(map(str, shape))}), checked "
-            f"in onnxruntime) to {path}"
+            f"wrote {'a slim ' if slim else ''}{spec.name} as ONNX (input (batch, "
+            f"{', '.join(map(str, shape))}), checked in onnxruntime) to {path}"
         ]
-    raise ValueError(f"unknown format {fmt!r}; choose dense, sparse or onnx")
+    raise AssertionError(fmt)
