@@ -110,6 +110,9 @@ class StructuredSoftThreshold(SparsityMethod):
         with torch.no_grad():
             return float(self.threshold_tensor().mean())
 
+    def learnable_thresholds(self) -> list[nn.Parameter]:
+        return [self.s]
+
     @torch.no_grad()
     def alive(self) -> int:
         """How many filters / components are nonzero."""
