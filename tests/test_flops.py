@@ -12,6 +12,7 @@ import strsparse
 from strsparse.budgets import load_paper_budget
 from strsparse.flops import FlopsProfile, apply_budget, profile
 from strsparse.models import create_model
+from tests.lookalikes import Conv1D
 
 # Appendix Table 6 (= Table 7): layer, dense params, dense FLOPs, in the table's order.
 RESNET50_TABLE6 = [
@@ -397,3 +398,74 @@ def test_table_and_csv(tmp_path):
     assert lines[-2].startswith("overall_no_pool,,400,24280,")
     assert lines[-1].startswith("backbone,,320,24200,")
     assert math.isclose(prof.overall.flops_fraction, (24_680 - 10_800) / 24_680)
+
+
+# -- token inputs, RNNs, attention, Conv1D -------------------------------------------------
+class TokenModel(nn.Module):
+    """Token ids -> embedding -> 2-layer bidirectional LSTM -> attention -> Conv1D -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 6)
+        self.rnn = nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True)
+        self.attn = nn.MultiheadAttention(10, 2, batch_first=True)
+        self.proj = Conv1D(4, 10)  # weight (10, 4): in x out
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        h, _ = self.rnn(self.embed(ids))  # (B, T, 10)
+        h, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(self.proj(h)[:, -1] * scale)
+
+
+def _token_model_flops(steps: int) -> dict[str, int]:
+    """Hand count per sample for ``steps`` tokens."""
+    flops = {}
+    for suffix in ("", "_reverse"):
+        flops[f"rnn.weight_ih_l0{suffix}"] = 4 * 5 * 6 * steps  # (4H, D) per step
+        flops[f"rnn.weight_hh_l0{suffix}"] = 4 * 5 * 5 * steps  # (4H, H) per step
+        flops[f"rnn.weight_ih_l1{suffix}"] = 4 * 5 * 10 * steps  # (4H, 2H) per step
+        flops[f"rnn.weight_hh_l1{suffix}"] = 4 * 5 * 5 * steps
+    flops["attn.in_proj_weight"] = 10 * 10 * (steps + 2 * steps)  # q per query, k v per key
+    flops["attn.out_proj"] = 10 * 10 * steps
+    flops["proj"] = 10 * 4 * steps
+    flops["head"] = 4 * 3
+    return flops
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_profile_with_token_ids_counts_lstm_attention_and_conv1d(batch: int) -> None:
+    model = TokenModel()
+    ids = torch.randint(0, 20, (batch, 7))
+    prof = profile(model, example_inputs=ids)
+    assert {r.name: r.flops for r in prof.layers} == _token_model_flops(7)
+    assert prof["rnn.weight_ih_l1"].params == 4 * 5 * 10 and prof["rnn.weight_ih_l1"].kind == "rnn"
+    assert prof["attn.in_proj_weight"].params == 300 and prof["attn.out_proj"].params == 100
+    assert prof.classifier == "head"
+    assert model.training  # mode restored
+    # a tuple and a dict of keyword inputs call the model the same way
+    assert profile(model, example_inputs=(ids, 2.0)).overall == prof.overall
+    assert profile(model, example_inputs={"ids": ids}).overall == prof.overall
+
+
+def test_profile_reads_the_sparsity_of_rnn_and_attention_weights() -> None:
+    model = TokenModel()
+    strsparse.sparsify(model, "magnitude", sparsity=0.5)
+    prof = profile(model, example_inputs=torch.randint(0, 20, (1, 4)))
+    for name in ("rnn.weight_hh_l1_reverse", "attn.in_proj_weight", "attn.out_proj", "proj"):
+        assert prof[name].sparsity == pytest.approx(0.5), name
+        assert prof[name].sparse_flops == pytest.approx(0.5 * prof[name].flops)
+    budgeted = profile(TokenModel(), example_inputs=torch.randint(0, 20, (1, 4)))
+    budgeted = budgeted.with_budget({"rnn.weight_ih_l0": 0.75})
+    assert budgeted["rnn.weight_ih_l0"].sparse_flops == pytest.approx(0.25 * 120 * 4)
+
+
+def test_profile_input_errors() -> None:
+    with pytest.raises(ValueError, match="exactly one of input_shape"):
+        profile(TokenModel())
+    with pytest.raises(ValueError, match="exactly one of input_shape"):
+        profile(TokenModel(), (4,), example_inputs=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="a tuple of positional inputs"):
+        profile(TokenModel(), example_inputs=[torch.zeros(1, 4, dtype=torch.long)])
+    with pytest.raises(ValueError, match="forward failed on example_inputs"):
+        profile(TokenModel(), example_inputs=torch.zeros(1, 4))  # float ids

@@ -15,7 +15,12 @@ Conventions (Kusupati et al., ICML 2020, Appendix Tables 6-8):
   - average pooling (``AvgPool*``, ``AdaptiveAvgPool*``) is its own record costing the size
     of its input, ``C * H * W`` (ResNet-50: 2048 x 7 x 7 = 100,352). Max pooling, BatchNorm,
     activations and functional ops (``x.mean()``) are not counted, as in the paper;
-  - a module called several times in one forward (a recurrent cell) costs the sum of its calls.
+  - a module called several times in one forward (a recurrent cell) costs the sum of its calls;
+  - each weight matrix of ``nn.LSTM``/``nn.GRU``/``nn.RNN`` is its own record
+    (``rnn.weight_ih_l0``, ``rnn.weight_hh_l0_reverse``) costing its weight count per time
+    step; ``nn.MultiheadAttention``'s input projection costs its weights per query (q) and
+    key (k, v) position and its ``out_proj`` per query position (the products QK^T and AV
+    multiply activations and are not counted). Hugging Face's ``Conv1D`` counts as linear.
 
 - A layer with sparsity ``s_l`` costs ``(1 - s_l) * FLOPs_l`` and keeps ``(1 - s_l) * params_l``
   weights.
@@ -39,12 +44,14 @@ import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from strsparse.atomic import write_atomic
 from strsparse.errors import did_you_mean
+from strsparse.methods.base import is_conv1d, output_axis
 
 __all__ = ["FlopsProfile", "FlopsSummary", "LayerFlops", "apply_budget", "profile"]
 
@@ -58,7 +65,7 @@ _POOLS = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d,
 )
-_WEIGHT_KINDS = ("conv", "conv_transpose", "linear")
+_WEIGHT_KINDS = ("conv", "conv_transpose", "linear", "rnn")
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ class LayerFlops:
     """
 
     name: str
-    kind: str  # "conv", "conv_transpose", "linear" or "pool"
+    kind: str  # "conv", "conv_transpose", "linear", "rnn" or "pool"
     params: int
     flops: int
     nonzero_params: float
@@ -249,11 +256,62 @@ def _kind(module: nn.Module) -> str | None:
         return "conv_transpose"
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv"
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_conv1d(module):  # Hugging Face's in x out linear
         return "linear"
+    if isinstance(module, nn.RNNBase):
+        return "rnn"
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention"
     if isinstance(module, _POOLS):
         return "pool"
     return None
+
+
+def _rnn_counts(module: nn.RNNBase, inputs: tuple) -> list[tuple[str, int, int]]:
+    """(tensor, params, FLOPs per sample) for each weight matrix of an RNN call: every
+    matrix multiplies one vector per time step (per direction and layer)."""
+    x = inputs[0]
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        batch, total_steps = int(x.batch_sizes[0]), x.data.shape[0]  # steps of all sequences
+    elif x.dim() == 2:  # unbatched (T, D)
+        batch, total_steps = 1, x.shape[0]
+    else:
+        batch = x.shape[0] if module.batch_first else x.shape[1]
+        total_steps = x.shape[0] * x.shape[1]
+    counts = []
+    for tensor in module._flat_weights_names:
+        if tensor.startswith("weight_"):  # not the biases
+            params = getattr(module, tensor).numel()
+            counts.append((tensor, params, params * total_steps // batch))
+    return counts
+
+
+def _attention_counts(
+    module: nn.MultiheadAttention, args: tuple, kwargs: dict
+) -> list[tuple[str, int, int]]:
+    """(tensor, params, FLOPs per sample) of MultiheadAttention's projections: q for every
+    query position, k and v for every key position, ``out_proj`` for every query position.
+    (``out_proj`` is applied functionally, so its own forward hook never fires; the
+    attention products QK^T and AV multiply activations and are not counted.)"""
+    names = ("query", "key", "value")
+    q, k, v = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(names))
+    if q.dim() == 2:  # unbatched (L, E)
+        length, source = q.shape[0], k.shape[0]
+    elif module.batch_first:
+        length, source = q.shape[1], k.shape[1]
+    else:
+        length, source = q.shape[0], k.shape[0]
+    e = module.embed_dim
+    if module.in_proj_weight is not None:  # packed (3E, E)
+        projections = [("in_proj_weight", e * e * (length + 2 * source))]
+    else:
+        projections = [
+            ("q_proj_weight", module.q_proj_weight.numel() * length),
+            ("k_proj_weight", module.k_proj_weight.numel() * source),
+            ("v_proj_weight", module.v_proj_weight.numel() * source),
+        ]
+    counts = [(t, getattr(module, t).numel(), f) for t, f in projections]
+    return [*counts, ("out_proj", module.out_proj.weight.numel(), e * e * length)]
 
 
 def _sparse_record(record: LayerFlops, sparsity: float, nonzero: float) -> LayerFlops:
@@ -315,93 +373,163 @@ def _example_input(model: nn.Module, shape: tuple[int, ...]) -> Tensor:
     return torch.zeros(shape, device=device, dtype=dtype)
 
 
+def _call_form(example_inputs: Any) -> tuple[tuple, dict]:
+    """``model(*args, **kwargs)`` for a tensor, a tuple of positional inputs or a dict of
+    keyword inputs."""
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    raise ValueError(
+        f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword "
+        f"inputs, got {type(example_inputs).__name__}; wrap a list in tuple(...)"
+    )
+
+
 def profile(
     model: nn.Module,
-    input_shape: Sequence[int],
+    input_shape: Sequence[int] | None = None,
     *,
+    example_inputs: Tensor | tuple | Mapping[str, Any] | None = None,
     budget: Mapping[str, float] | None = None,
     classifier: str | None = None,
     batched: bool | None = None,
 ) -> FlopsProfile:
-    """Params and FLOPs of every conv, linear and average-pool layer of ``model``, per sample.
+    """Params and FLOPs of every weight layer and average pool of ``model``, per sample.
 
-    Runs one forward pass on zeros of ``input_shape`` in eval mode under ``torch.no_grad``,
-    recording each layer through forward hooks (removed afterwards, even on error; each
-    module's training mode is restored). Only modules the forward executes are recorded.
+    Runs one forward pass in eval mode under ``torch.no_grad``, recording each layer through
+    forward hooks (removed afterwards, even on error; each module's training mode is
+    restored). Only modules the forward executes are recorded. Counted: convolutions,
+    transposed convolutions, Linear and Hugging Face ``Conv1D`` layers, each weight matrix of
+    ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (once per time step, one record per matrix named like
+    the sparsified layer, e.g. ``rnn.weight_ih_l0``), ``nn.MultiheadAttention``'s input
+    projections (per query or key position) and its ``out_proj`` (per query position), and
+    average pooling.
 
-    ``input_shape`` is one sample's shape, e.g. ``(3, 224, 224)``, or a batch's, e.g.
-    ``(1, 3, 224, 224)``. With ``batched=None`` a leading batch dimension of 1 is tried first
-    and, if the model rejects that, ``input_shape`` is used as a batch; counts are always per
-    sample. For models that accept any number of leading dimensions (an MLP), pass one
-    sample's shape or say ``batched=True``: ``(8, 784)`` would otherwise read as 8 positions.
+    The input is zeros of ``input_shape`` or ``example_inputs`` (give exactly one):
 
-    Sparsity per layer is measured from ``model`` (the fraction of exact zeros in
-    ``module.weight``, which on a sparsified layer is the effective sparse weight), or, when
-    ``budget`` is given (layer name -> fraction, e.g. a :class:`strsparse.Budget`), taken from
-    it: unnamed layers are dense, a name the model lacks is a ``ValueError``.
+    - ``input_shape`` is one sample's shape, e.g. ``(3, 224, 224)``, or a batch's, e.g.
+      ``(1, 3, 224, 224)``. With ``batched=None`` a leading batch dimension of 1 is tried
+      first and, if the model rejects that, ``input_shape`` is used as a batch. For models
+      that accept any number of leading dimensions (an MLP), pass one sample's shape or say
+      ``batched=True``: ``(8, 784)`` would otherwise read as 8 positions.
+    - ``example_inputs`` is what the model is called with: a tensor (``model(x)``), a tuple
+      (``model(*inputs)``) or a dict of keyword inputs (``model(**inputs)``), e.g. token ids
+      ``torch.randint(0, vocab, (1, 128))``. The batch size is the leading dimension of the
+      first tensor; counts are divided by it.
+
+    Counts are always per sample. Sparsity per layer is measured from ``model`` (the fraction
+    of exact zeros in the weight, which on a sparsified layer is the effective sparse
+    weight), or, when ``budget`` is given (layer name -> fraction, e.g. a
+    :class:`strsparse.Budget`), taken from it: unnamed layers are dense, a name the model
+    lacks is a ``ValueError``.
 
     The classifier is ``classifier`` if given, else the model's ``classifier_name`` attribute,
-    else the last conv/linear layer executed.
+    else the last weight layer executed.
     """
-    shape = tuple(int(d) for d in input_shape)
-    if not shape or any(d < 1 for d in shape):
-        raise ValueError(f"input_shape must be a non-empty tuple of positive ints, got {shape}")
+    if (input_shape is None) == (example_inputs is None):
+        raise ValueError(
+            "give exactly one of input_shape (one sample's shape, e.g. (3, 224, 224)) and "
+            "example_inputs (what the model is called with, e.g. token ids)"
+        )
     if batched not in (None, True, False):
         raise ValueError(f"batched must be None (guess), True or False, got {batched!r}")
-    # One sample gets a leading batch dimension of 1; a batch's shape is used as is.
-    attempts = {None: [(1, *shape), shape], True: [shape], False: [(1, *shape)]}[batched]
+    if example_inputs is not None:
+        args, kwargs = _call_form(example_inputs)
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
+        if not tensors or tensors[0].dim() == 0:
+            raise ValueError(
+                "example_inputs holds no tensor with a batch dimension to count per sample; "
+                "give e.g. torch.randint(0, vocab, (1, 128)) for token ids"
+            )
+        shape = tuple(tensors[0].shape[1:])
+        attempts = [(args, kwargs, tensors[0].shape[0], tuple(tensors[0].shape))]
+    else:
+        shape = tuple(int(d) for d in input_shape)
+        if not shape or any(d < 1 for d in shape):
+            raise ValueError(f"input_shape must be a non-empty tuple of positive ints, got {shape}")
+        # One sample gets a leading batch dimension of 1; a batch's shape is used as is.
+        shapes = {None: [(1, *shape), shape], True: [shape], False: [(1, *shape)]}[batched]
+        attempts = [((_example_input(model, a),), {}, a[0], a) for a in shapes]
 
     names = {m: n for n, m in model.named_modules()}
     modes = {m: m.training for m in model.modules()}
-    calls: dict[str, dict] = {}  # name -> kind, params, flops (per sample, summed), calls
+    # record name -> module, tensor, kind, params, flops (per sample, summed), calls
+    calls: dict[str, dict] = {}
     order: list[str] = []
     batch = [1]
 
-    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+    def add(module: nn.Module, tensor: str | None, kind: str, params: int, flops: int) -> None:
         name = names[module]
+        if tensor is not None and tensor != "weight":
+            name = f"{name}.{tensor}" if name else tensor
+        if name not in calls:
+            calls[name] = {"owner": names[module], "module": module, "tensor": tensor}
+            calls[name].update(kind=kind, params=params, flops=0, calls=0)
+            order.append(name)
+        calls[name]["flops"] += flops
+        calls[name]["calls"] += 1
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         kind = _kind(module)
         n = batch[0]
         if kind == "pool":
-            params, flops = 0, inputs[0].numel() // n  # C x H x W of its input
+            add(module, None, kind, 0, args[0].numel() // n)  # C x H x W of its input
+        elif kind == "rnn":
+            for tensor, params, flops in _rnn_counts(module, args):
+                add(module, tensor, "rnn", params, flops)
+        elif kind == "attention":
+            for tensor, params, flops in _attention_counts(module, args, kwargs):
+                target = module.out_proj if tensor == "out_proj" else module
+                add(target, "weight" if tensor == "out_proj" else tensor, "linear", params, flops)
         else:
             params = module.weight.numel()
             if kind == "conv":  # weight count x output positions
                 positions = output.numel() // (n * module.out_channels)
             elif kind == "conv_transpose":  # each input position scatters the whole kernel
-                positions = inputs[0].numel() // (n * module.in_channels)
+                positions = args[0].numel() // (n * module.in_channels)
             else:  # linear: once per leading non-batch position
-                positions = output.numel() // (n * module.out_features)
-            flops = params * positions
-        if name not in calls:
-            calls[name] = {"kind": kind, "params": params, "flops": 0, "calls": 0}
-            order.append(name)
-        calls[name]["flops"] += flops
-        calls[name]["calls"] += 1
+                positions = output.numel() // (n * module.weight.shape[output_axis(module)])
+            add(module, "weight", kind, params, params * positions)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if _kind(m) is not None]
+    handles = [
+        m.register_forward_hook(hook, with_kwargs=True)
+        for m in model.modules()
+        if _kind(m) is not None
+    ]
     errors: list[BaseException] = []
     try:
         model.eval()
         with torch.no_grad():
-            for attempt in attempts:
+            for args, kwargs, n, attempt in attempts:
                 calls.clear()
                 order.clear()
-                batch[0] = attempt[0]
+                batch[0] = n
                 try:
-                    model(_example_input(model, attempt))
+                    model(*args, **kwargs)
                     break
                 except (RuntimeError, ValueError, TypeError, IndexError) as err:
                     errors.append(err)
                     logger.debug("forward on shape %s failed: %s", attempt, err)
             else:
-                tried = "; ".join(f"{a}: {e}" for a, e in zip(attempts, errors, strict=True))
+                if example_inputs is not None:
+                    raise ValueError(
+                        f"the model's forward failed on example_inputs: {errors[-1]}"
+                    ) from errors[-1]
+                tried = "; ".join(f"{a[3]}: {e}" for a, e in zip(attempts, errors, strict=True))
                 raise ValueError(
                     f"the model's forward failed on the input shape(s) tried ({tried}); pass "
-                    "one sample's shape, e.g. (3, 224, 224), or a batch's with batched=True"
+                    "one sample's shape, e.g. (3, 224, 224), or a batch's with batched=True, "
+                    "or the inputs themselves with example_inputs=..."
                 ) from errors[-1]
             # Records follow module registration order, like the paper's tables (torchvision
-            # registers downsample after conv3 even where a forward runs it first).
-            records = _records(model, [n for n in names.values() if n in calls], calls)
+            # registers downsample after conv3 even where a forward runs it first); the
+            # records of one module (an LSTM's matrices) in the order they were counted.
+            ranks = {n: i for i, n in enumerate(names.values())}
+            ordered = sorted(order, key=lambda r: ranks[calls[r]["owner"]])
+            records = _records(ordered, calls)
             executed = [n for n in order if calls[n]["kind"] in _WEIGHT_KINDS]
     finally:
         for handle in handles:
@@ -421,16 +549,15 @@ def profile(
     return result if budget is None else apply_budget(result, budget)
 
 
-def _records(model: nn.Module, order: list[str], calls: dict[str, dict]) -> list[LayerFlops]:
-    modules = dict(model.named_modules())
+def _records(order: list[str], calls: dict[str, dict]) -> list[LayerFlops]:
     records = []
     for name in order:
         info = calls[name]
         params, flops = info["params"], info["flops"]
         if info["kind"] == "pool":
             nonzero = 0
-        else:
-            weight = modules[name].weight  # the effective (sparse) weight when parametrized
+        else:  # the effective (sparse) weight when parametrized
+            weight = getattr(info["module"], info["tensor"])
             nonzero = int(torch.count_nonzero(weight))
         sparsity = 1.0 - nonzero / params if params else 0.0
         records.append(

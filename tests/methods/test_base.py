@@ -241,4 +241,7 @@ def test_output_axis_of_each_layer_type() -> None:
     assert output_axis(nn.Conv2d(3, 4, 3)) == 0
     assert output_axis(nn.ConvTranspose2d(3, 4, 3)) == 1  # (C_in, C_out, kH, kW)
     assert output_axis(Conv1D(4, 3)) == 1  # (in, out)
+    sparsified = Conv1D(4, 3)
+    strsparse.sparsify(sparsified, "magnitude", sparsity=0.5)
+    assert output_axis(sparsified) == 1  # its class is now ParametrizedConv1D
     assert output_axis(nn.LSTM(3, 4), "weight_ih_l0") == 0  # (4H, in)

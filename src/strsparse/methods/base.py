@@ -28,6 +28,7 @@ __all__ = [
     "check_target_options",
     "get_method",
     "get_parametrization",
+    "is_conv1d",
     "list_methods",
     "output_axis",
     "raw_weight",
@@ -169,10 +170,16 @@ def output_axis(module: nn.Module, tensor: str = "weight") -> int:
     ``granularity="channel"``) and ST-3's per-channel rescaling run along it.
     """
     if tensor == "weight" and (
-        isinstance(module, nn.modules.conv._ConvTransposeNd) or type(module).__name__ == "Conv1D"
+        isinstance(module, nn.modules.conv._ConvTransposeNd) or is_conv1d(module)
     ):
         return 1
     return 0
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D`` (GPT-2's linear layer, weight in x out),
+    recognised by class name (also once parametrized) so that transformers is not needed."""
+    return any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
 
 
 def _unpack(layer: nn.Module | LayerWeight, tensor: str) -> tuple[nn.Module, str]:
