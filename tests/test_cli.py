@@ -152,6 +152,46 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
         main(["report", str(tmp_path / "nope.pt"), "--debug"])
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        KeyError("internal"),
+        ValueError("an unchecked value deep inside"),
+        ImportError("a missing internal module"),
+        RuntimeError("a tensor shape bug"),
+    ],
+)
+def test_a_library_bug_keeps_its_traceback(
+    error: Exception, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Only user errors (StrsparseError, OSError) become one line; a bug is not hidden."""
+    from strsparse import flops
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(flops, "profile", broken)
+    with pytest.raises(type(error)):
+        main(["flops", "--model", "lenet5"])
+    assert "strsparse: error" not in capsys.readouterr().err
+
+
+def test_any_strsparse_error_is_one_line_with_status_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from strsparse import StrsparseError, flops
+
+    class Custom(StrsparseError):
+        pass
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise Custom("bad input:\n  change this")
+
+    monkeypatch.setattr(flops, "profile", refuse)
+    assert main(["flops", "--model", "lenet5"]) == 2
+    assert _one_error_line(capsys.readouterr().err) == "strsparse: error: bad input: change this"
+
+
 def test_a_bad_device_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
     assert main(["eval", "run", "--device", "gpu"]) == 2
     assert "'gpu' is not a device" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 
@@ -31,3 +32,34 @@ def test_human_numbers(value: float, text: str) -> None:
 @pytest.mark.parametrize("value", [None, math.nan, math.inf])
 def test_human_unknown_is_na(value: float | None) -> None:
     assert human(value) == "n/a"
+
+
+def _user_mistakes() -> dict[str, Callable[[], object]]:
+    from torch import nn
+
+    import strsparse
+    from strsparse import data
+    from strsparse.config import load_config
+    from strsparse.export import read_spec
+
+    return {
+        "method": lambda: strsparse.sparsify(nn.Linear(2, 2), "strr"),
+        "option": lambda: strsparse.sparsify(nn.Linear(2, 2), "gmp", sparsty=0.5),
+        "pattern": lambda: strsparse.sparsify(nn.Linear(2, 2), "str", include=["fc*"]),
+        "model": lambda: strsparse.create_model("resnet5O"),
+        "paper budget": lambda: strsparse.Budget.from_paper("resnet50-str-90"),
+        "budget file": lambda: strsparse.Budget.from_csv("no/such/budget.csv"),
+        "config": lambda: load_config("fashion_mnist_str", ["optim.lrr=0.1"]),
+        "dataset": lambda: data.get_dataset("mnist_fashion"),
+        "checkpoint": lambda: strsparse.load_checkpoint("no/such/run"),
+        "export": lambda: read_spec("no/such/export"),
+    }
+
+
+@pytest.mark.parametrize("mistake", list(_user_mistakes()))
+def test_user_mistakes_raise_a_strsparse_error(mistake: str) -> None:
+    import strsparse
+
+    with pytest.raises(strsparse.StrsparseError) as info:
+        _user_mistakes()[mistake]()
+    assert "\n" not in str(info.value).strip()

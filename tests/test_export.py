@@ -47,6 +47,37 @@ def test_dense_state_dict_has_the_plain_keys_and_the_sparse_weights() -> None:
     assert strsparse.sparse_layers(model)
 
 
+class _Scale(torch.nn.Module):
+    """A foreign parametrization with state of its own (not a strsparse method)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.factor = torch.nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def test_dense_state_dict_walks_every_parametrization() -> None:
+    """Parametrizations on the root module, on a bias, chained ones: each tensor's effective
+    value under its plain key, and none of the parametrizations' own state."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(3, 2)
+    model = torch.nn.Linear(3, 2)
+    model.load_state_dict(plain.state_dict())
+    parametrize.register_parametrization(model, "bias", _Scale())
+    parametrize.register_parametrization(model, "weight", _Scale())
+    parametrize.register_parametrization(model, "weight", _Scale())  # chained: 4x
+    state = dense_state_dict(model)
+    assert set(state) == set(plain.state_dict()) == {"weight", "bias"}
+    torch.testing.assert_close(state["weight"], 4 * plain.weight.detach())
+    torch.testing.assert_close(state["bias"], 2 * plain.bias.detach())
+    nested = torch.nn.Sequential(torch.nn.Linear(3, 3), model)
+    assert set(dense_state_dict(nested)) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+
+
 def test_convert_loads_strictly_into_the_plain_model_with_the_same_outputs(
     tmp_path: Path,
 ) -> None:

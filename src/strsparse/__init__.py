@@ -2,6 +2,7 @@
 
 from strsparse import flops, models
 from strsparse.budgets import Budget, list_paper_budgets
+from strsparse.errors import StrsparseError
 from strsparse.functional import cubic_sparsity, soft_threshold
 from strsparse.inference import export_onnx, load_sparse, save_sparse, to_sparse
 from strsparse.layers import LowRankLinear
@@ -30,6 +31,7 @@ __all__ = [
     "SlimError",
     "SparsityHandle",
     "SparsityReport",
+    "StrsparseError",
     "TrainResult",
     "TrainingDiverged",
     "create_model",

@@ -3,8 +3,10 @@
 Every command is a thin wrapper over library functions (``strsparse.training``,
 ``strsparse.export``, ``strsparse.flops``, ``strsparse.plots``); nothing here is needed to use
 the library from Python. Errors a user can fix (a bad config key, a missing file, a foreign
-checkpoint) end the command with exit status 2 and one ``strsparse: error: ...`` line on
-stderr; ``--debug`` shows the traceback instead.
+checkpoint: a ``strsparse.StrsparseError``, or an ``OSError`` for a file the system refuses)
+end the command with exit status 2 and one ``strsparse: error: ...`` line on stderr;
+``--debug`` shows the traceback instead. Any other exception is a bug in strsparse and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from strsparse.atomic import write_atomic
+from strsparse.errors import OptionError, StrsparseError
 from strsparse.formatting import human
 
 if TYPE_CHECKING:  # the commands import the library lazily, so that --help starts fast
@@ -243,7 +246,7 @@ def _check_budget_method(method: str) -> None:
 
     fields = () if method == DENSE else dataclasses.fields(get_method(method).Options)
     if "budget" not in {f.name for f in fields}:
-        raise ValueError(
+        raise OptionError(
             f"--budget sets per-layer targets, but the config's sparsity.method is {method!r}, "
             "which takes none (STR learns its own budget); train with a method that follows "
             "one, e.g. add sparsity.method=gmp 'sparsity.options={}'"
@@ -869,8 +872,6 @@ def _setup_logging(quiet: bool) -> None:
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
-    if isinstance(exc, KeyError) and text.startswith("'") and text.endswith("'"):
-        text = text[1:-1]
     return text or type(exc).__name__
 
 
@@ -907,7 +908,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, KeyError, OSError, ImportError) as exc:
+    except (StrsparseError, OSError) as exc:  # anything else is a bug: its traceback shows
         if debug:
             raise
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)

@@ -39,7 +39,7 @@ import yaml
 
 from strsparse.atomic import write_atomic
 from strsparse.data import list_datasets
-from strsparse.errors import closest_match
+from strsparse.errors import StrsparseError, closest_match
 from strsparse.methods import list_methods
 from strsparse.models import list_models
 
@@ -74,7 +74,7 @@ DENSE = "dense"  # sparsity.method of a dense baseline: the model is not sparsif
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-class ConfigError(ValueError):
+class ConfigError(StrsparseError, ValueError):
     """An invalid configuration: the message names the key, the value and what is allowed."""
 
 

@@ -32,7 +32,13 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from strsparse.errors import StrsparseError, did_you_mean
+from strsparse.errors import (
+    MissingDependencyError,
+    MissingFileError,
+    OptionError,
+    StrsparseError,
+    did_you_mean,
+)
 
 if TYPE_CHECKING:  # annotations only: the config validates names against this registry
     from strsparse.config import DataConfig
@@ -123,7 +129,7 @@ def register_dataset(name: str, *, info: Callable[[DataConfig], DatasetInfo]) ->
 
     def register(build: B) -> B:
         if name in _DATASETS:
-            raise ValueError(f"a dataset named {name!r} is already registered")
+            raise OptionError(f"a dataset named {name!r} is already registered")
         _DATASETS[name] = DatasetSpec(name, build, info)
         return build
 
@@ -240,16 +246,16 @@ class TensorImageDataset(Dataset):
         padding: int = 2,
     ) -> None:
         if images.dim() != 4 or images.dtype != torch.uint8:
-            raise ValueError(
+            raise OptionError(
                 f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
             )
         if labels.shape != (images.shape[0],):
-            raise ValueError(
+            raise OptionError(
                 f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}"
             )
         channels = images.shape[1]
         if len(mean) != channels or len(std) != channels:
-            raise ValueError(f"mean and std need {channels} values each, got {mean}, {std}")
+            raise OptionError(f"mean and std need {channels} values each, got {mean}, {std}")
         self.images = images
         self.labels = labels.long()
         self.mean = tuple(float(m) for m in mean)
@@ -322,7 +328,7 @@ def load_fashion_mnist(
     if missing:
         wanted = ", ".join(f"{stem}[.gz]" for stem in FASHION_MNIST_FILES.values())
         what = "not found" if len(missing) == 4 else f"incomplete (missing {', '.join(missing)})"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Fashion-MNIST {what} in {root}: install Debian's package with "
             f"'apt-get install dataset-fashion-mnist', or set data.root to a directory "
             f"holding {wanted}"
@@ -387,9 +393,9 @@ class SequenceDataset(Dataset):
         self, data: Tensor, labels: Tensor, *, scale: Tensor, shift: Tensor, num_classes: int
     ) -> None:
         if data.dim() != 3:
-            raise ValueError(f"data must be (N, T, F), got {tuple(data.shape)}")
+            raise OptionError(f"data must be (N, T, F), got {tuple(data.shape)}")
         if labels.shape != (data.shape[0],):
-            raise ValueError(
+            raise OptionError(
                 f"labels must have shape ({data.shape[0]},), got {tuple(labels.shape)}"
             )
         self.data = data
@@ -604,7 +610,7 @@ class SyntheticDataset(Dataset):
         split: str = "train",
     ) -> None:
         if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+            raise OptionError(f"split must be 'train' or 'val', got {split!r}")
         self.shape = tuple(int(d) for d in shape)
         self.num_classes = int(num_classes)
         self.seed = int(seed)
@@ -683,7 +689,7 @@ def _imagefolder_root(data_cfg: DataConfig) -> Path:
     root = Path(data_cfg.root)
     missing = [split for split in ("train", "val") if not (root / split).is_dir()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"ImageFolder data not found: {root} has no {' or '.join(f'{m}/' for m in missing)} "
             "directory; data.root must hold train/ and val/, one sub-directory per class"
         )
@@ -699,7 +705,7 @@ def _import_torchvision() -> Any:
         import torchvision  # noqa: F401
         from torchvision import datasets, transforms
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             "data.name=imagefolder needs torchvision, an optional extra: "
             "pip install 'strsparse[vision]'"
         ) from exc
@@ -793,7 +799,7 @@ class ShardSampler(Sampler[int]):
 
     def __init__(self, length: int, *, rank: int, world_size: int) -> None:
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} out of range for world size {world_size}")
+            raise OptionError(f"rank {rank} out of range for world size {world_size}")
         self.length, self.rank, self.world_size = int(length), int(rank), int(world_size)
 
     def __iter__(self):  # type: ignore[no-untyped-def]

@@ -11,7 +11,16 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["StrsparseError", "closest_match", "did_you_mean"]
+__all__ = [
+    "BudgetError",
+    "MissingDependencyError",
+    "MissingFileError",
+    "OptionError",
+    "OutputExistsError",
+    "StrsparseError",
+    "closest_match",
+    "did_you_mean",
+]
 
 # difflib similarity a suggestion needs: 'sgdd' -> 'sgd', 'fashoin_mnist' -> 'fashion_mnist',
 # but an unrelated word gets no suggestion rather than a misleading one
@@ -19,7 +28,34 @@ _CUTOFF = 0.5
 
 
 class StrsparseError(Exception):
-    """Base of the errors caused by user input; the message says what to change."""
+    """Base of the errors caused by user input; the message says what to change.
+
+    Module-specific ones live beside their module: ``ConfigError`` (``strsparse.config``),
+    ``DatasetError`` (``strsparse.data``), ``CheckpointError`` (``strsparse.training``),
+    ``ExportError`` (``strsparse.export``), ``TrainingDiverged`` (``strsparse.training``).
+    Each also derives from the built-in exception it replaced, so ``except ValueError``
+    keeps working.
+    """
+
+
+class OptionError(StrsparseError, ValueError):
+    """A bad argument, option or name (method, model, schedule, layer pattern, ...)."""
+
+
+class BudgetError(OptionError):
+    """A sparsity budget that does not fit: unknown layers, bad values, an unreadable CSV."""
+
+
+class MissingFileError(StrsparseError, FileNotFoundError):
+    """A file or directory the user pointed to does not exist."""
+
+
+class OutputExistsError(StrsparseError, FileExistsError):
+    """An output path is taken; the message says how to replace it or where else to write."""
+
+
+class MissingDependencyError(StrsparseError, ImportError):
+    """An optional dependency is needed; the message names the extra to install."""
 
 
 def closest_match(name: object, valid: Iterable[str]) -> str | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -29,8 +28,10 @@ from typing import Any
 import torch
 import yaml
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from strsparse.data import dataset_info
+from strsparse.errors import MissingFileError, OutputExistsError, StrsparseError
 from strsparse.models import create_model
 from strsparse.report import sparsity_report
 
@@ -40,6 +41,7 @@ __all__ = [
     "SLIM_FORMAT",
     "WEIGHTS_FILE",
     "DenseModelSpec",
+    "ExportError",
     "dense_state_dict",
     "export_dense",
     "export_slim",
@@ -55,11 +57,9 @@ EXPORT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 
-# "<module>.parametrizations.<tensor>.original" (the raw tensor) and
-# "<module>.parametrizations.<tensor>.<index>.<name>" (the parametrization's own state).
-_PARAMETRIZED_KEY = re.compile(
-    r"^(?:(?P<module>.*)\.)?parametrizations\.(?P<tensor>[^.]+)\.(?P<rest>.+)$"
-)
+
+class ExportError(StrsparseError, ValueError):
+    """An export cannot be written or read: unexportable options, a damaged directory."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise ValueError(
+    raise ExportError(
         f"model option value {value!r} ({type(value).__name__}) cannot be exported; "
         "model options must be numbers, strings, booleans or lists of them"
     )
@@ -122,18 +122,27 @@ def dense_state_dict(model: nn.Module) -> dict[str, Tensor]:
     sparse weight) under its plain name; the parametrizations' own state (STR's ``s``,
     masks, schedule buffers) is dropped. Tensors are detached, contiguous CPU copies.
     """
+    # The keys a parametrization owns (its raw tensor and its own state) are found by walking
+    # the modules, not by parsing key names: each parametrized tensor's first owned key is
+    # replaced, in place, by its plain name holding the effective value; the rest are dropped.
+    module_names = {id(m): name for name, m in model.named_modules()}
+    replaced: dict[str, tuple[str, Tensor] | None] = {}
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, chain in module.parametrizations.items():
+            owned = [f"{module_names[id(chain)]}.{key}" for key in chain.state_dict()]
+            plain = f"{name}.{tensor_name}" if name else tensor_name
+            replaced.update(dict.fromkeys(owned))
+            replaced[owned[0]] = (plain, getattr(module, tensor_name))
     state: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
-        match = _PARAMETRIZED_KEY.match(key)
-        if match is None:
-            state[key] = value.detach().cpu().contiguous().clone()
-            continue
-        if match["rest"] != "original":
-            continue  # the parametrization's own state
-        module_name, tensor_name = match["module"] or "", match["tensor"]
-        module = model.get_submodule(module_name)
-        plain_key = f"{module_name}.{tensor_name}" if module_name else tensor_name
-        state[plain_key] = getattr(module, tensor_name).detach().cpu().contiguous().clone()
+        if key in replaced:
+            entry = replaced[key]
+            if entry is None:
+                continue  # the parametrization's own state
+            key, value = entry
+        state[key] = value.detach().cpu().contiguous().clone()
     return state
 
 
@@ -143,7 +152,7 @@ def _check_loads(spec: DenseModelSpec, state: Mapping[str, Tensor]) -> None:
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(
+        raise ExportError(
             f"the model's weights do not fit {spec.name!r} with num_classes={spec.num_classes}, "
             f"in_channels={spec.in_channels}, kwargs={spec.kwargs}: {exc}"
         ) from exc
@@ -157,18 +166,18 @@ def _check_destination(out_dir: Path, force: bool) -> None:
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{str(out_dir)!r} exists and is not a directory; choose another output path"
         )
     if not any(out_dir.iterdir()):
         return
     if not force:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{str(out_dir)!r} exists and is not empty; choose another output directory "
             "or pass force=True (--force) to replace a previous export"
         )
     if not _is_previous_export(out_dir):
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{str(out_dir)!r} is not empty and holds no previous export ({WEIGHTS_FILE} or "
             f"{CONFIG_FILE}); refusing to replace it even with force: choose another directory"
         )
@@ -269,31 +278,31 @@ def read_spec(out_dir: str | os.PathLike) -> DenseModelSpec:
     """The architecture spec of an export directory (its ``config.yaml``)."""
     path = Path(out_dir) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{str(path)!r} does not exist; pass a directory written by export_dense "
             "(`strsparse convert`)"
         )
     try:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ValueError(f"{str(path)!r} is not valid YAML: {exc}") from exc
+        raise ExportError(f"{str(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a strsparse dense-model config (format)")
+        raise ExportError(f"{str(path)!r} is not a strsparse dense-model config (format)")
     version = document.get("version")
     if not isinstance(version, int) or version > EXPORT_VERSION:
-        raise ValueError(
+        raise ExportError(
             f"{str(path)!r} has version {version!r}; this strsparse reads versions up to "
             f"{EXPORT_VERSION}: upgrade strsparse"
         )
     model = document.get("model")
     if not isinstance(model, dict):
-        raise ValueError(f"{str(path)!r} lacks the 'model' section")
+        raise ExportError(f"{str(path)!r} lacks the 'model' section")
     missing = [k for k in ("name", "num_classes", "in_channels") if k not in model]
     if missing:
-        raise ValueError(f"{str(path)!r}: model section lacks {', '.join(missing)}")
+        raise ExportError(f"{str(path)!r}: model section lacks {', '.join(missing)}")
     kwargs = model.get("kwargs") or {}
     if not isinstance(kwargs, dict):
-        raise ValueError(f"{str(path)!r}: model.kwargs must be a mapping, got {kwargs!r}")
+        raise ExportError(f"{str(path)!r}: model.kwargs must be a mapping, got {kwargs!r}")
     return DenseModelSpec(
         name=str(model["name"]),
         num_classes=int(model["num_classes"]),
@@ -311,16 +320,16 @@ def load_dense(out_dir: str | os.PathLike, *, device: str | torch.device = "cpu"
     spec = read_spec(out_dir)
     weights = Path(out_dir) / WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"{str(weights)!r} does not exist; the export is incomplete")
+        raise MissingFileError(f"{str(weights)!r} does not exist; the export is incomplete")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"cannot read {str(weights)!r}: {exc}") from exc
+        raise ExportError(f"cannot read {str(weights)!r}: {exc}") from exc
     model = spec.create()
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(
+        raise ExportError(
             f"{str(weights)!r} does not match the architecture in {CONFIG_FILE}: {exc}"
         ) from exc
     return model.to(device).eval()
@@ -394,7 +403,7 @@ def _build_slim(document: Mapping[str, Any], where: Path) -> nn.Module:
     model_doc = document.get("model")
     layers = document.get("layers")
     if not isinstance(model_doc, dict) or not isinstance(layers, dict):
-        raise ValueError(f"{str(where)!r}: a slim export needs 'model' and 'layers' mappings")
+        raise ExportError(f"{str(where)!r}: a slim export needs 'model' and 'layers' mappings")
     spec = DenseModelSpec(
         name=str(model_doc["name"]),
         num_classes=int(model_doc["num_classes"]),
@@ -404,7 +413,7 @@ def _build_slim(document: Mapping[str, Any], where: Path) -> nn.Module:
     try:
         return rebuild_layers(spec.create(), layers, {"ChannelPlacement": ChannelPlacement})
     except (SlimError, TypeError, KeyError) as exc:
-        raise ValueError(f"{str(where)!r}: cannot rebuild the slim architecture: {exc}") from exc
+        raise ExportError(f"{str(where)!r}: cannot rebuild the slim architecture: {exc}") from exc
 
 
 def load_slim(out_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
@@ -416,22 +425,22 @@ def load_slim(out_dir: str | os.PathLike, *, device: str | torch.device = "cpu")
     out_dir = Path(out_dir)
     path = out_dir / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{str(path)!r} does not exist; pass a directory written by export_slim "
             "(`strsparse convert --slim`)"
         )
     try:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ValueError(f"{str(path)!r} is not valid YAML: {exc}") from exc
+        raise ExportError(f"{str(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(document, dict) or document.get("format") != SLIM_FORMAT:
-        raise ValueError(
+        raise ExportError(
             f"{str(path)!r} is not a slim-model config (format {SLIM_FORMAT!r}); a dense "
             "export loads with load_dense"
         )
     version = document.get("version")
     if not isinstance(version, int) or version > SLIM_VERSION:
-        raise ValueError(
+        raise ExportError(
             f"{str(path)!r} has version {version!r}; this strsparse reads versions up to "
             f"{SLIM_VERSION}: upgrade strsparse"
         )
@@ -440,11 +449,11 @@ def load_slim(out_dir: str | os.PathLike, *, device: str | torch.device = "cpu")
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"cannot read {str(weights)!r}: {exc}") from exc
+        raise ExportError(f"cannot read {str(weights)!r}: {exc}") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(
+        raise ExportError(
             f"{str(weights)!r} does not match the slim architecture in {CONFIG_FILE}: {exc}"
         ) from exc
     return model.to(device).eval()

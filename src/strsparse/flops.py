@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from strsparse.atomic import write_atomic
-from strsparse.errors import did_you_mean
+from strsparse.errors import OptionError, did_you_mean
 from strsparse.methods.base import is_conv1d, output_axis
 
 __all__ = ["FlopsProfile", "FlopsSummary", "LayerFlops", "apply_budget", "profile"]
@@ -332,7 +332,7 @@ def apply_budget(profile: FlopsProfile, budget: Mapping[str, float]) -> FlopsPro
     known = {r.name for r in profile.weight_layers}
     unknown = [name for name in budget if name not in known]
     if unknown:
-        raise ValueError(
+        raise OptionError(
             f"the budget names layer(s) the model has no conv/linear layer for: "
             f"{', '.join(map(repr, unknown[:5]))}{did_you_mean(unknown[0], sorted(known))} "
             f"(the model's layers: {', '.join(sorted(known)[:8])}, ...)"
@@ -344,10 +344,10 @@ def apply_budget(profile: FlopsProfile, budget: Mapping[str, float]) -> FlopsPro
             continue
         value = budget.get(r.name, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"budget[{r.name!r}] must be a number in [0, 1], got {value!r}")
+            raise OptionError(f"budget[{r.name!r}] must be a number in [0, 1], got {value!r}")
         s = float(value)
         if not 0.0 <= s <= 1.0:
-            raise ValueError(
+            raise OptionError(
                 f"budget[{r.name!r}] = {s!r} is not a fraction in [0, 1]; "
                 "give sparsities as fractions (90% -> 0.9)"
             )
@@ -382,7 +382,7 @@ def _call_form(example_inputs: Any) -> tuple[tuple, dict]:
         return example_inputs, {}
     if isinstance(example_inputs, Mapping):
         return (), dict(example_inputs)
-    raise ValueError(
+    raise OptionError(
         f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword "
         f"inputs, got {type(example_inputs).__name__}; wrap a list in tuple(...)"
     )
@@ -430,17 +430,17 @@ def profile(
     else the last weight layer executed.
     """
     if (input_shape is None) == (example_inputs is None):
-        raise ValueError(
+        raise OptionError(
             "give exactly one of input_shape (one sample's shape, e.g. (3, 224, 224)) and "
             "example_inputs (what the model is called with, e.g. token ids)"
         )
     if batched not in (None, True, False):
-        raise ValueError(f"batched must be None (guess), True or False, got {batched!r}")
+        raise OptionError(f"batched must be None (guess), True or False, got {batched!r}")
     if example_inputs is not None:
         args, kwargs = _call_form(example_inputs)
         tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
         if not tensors or tensors[0].dim() == 0:
-            raise ValueError(
+            raise OptionError(
                 "example_inputs holds no tensor with a batch dimension to count per sample; "
                 "give e.g. torch.randint(0, vocab, (1, 128)) for token ids"
             )
@@ -449,7 +449,9 @@ def profile(
     else:
         shape = tuple(int(d) for d in input_shape)
         if not shape or any(d < 1 for d in shape):
-            raise ValueError(f"input_shape must be a non-empty tuple of positive ints, got {shape}")
+            raise OptionError(
+                f"input_shape must be a non-empty tuple of positive ints, got {shape}"
+            )
         # One sample gets a leading batch dimension of 1; a batch's shape is used as is.
         shapes = {None: [(1, *shape), shape], True: [shape], False: [(1, *shape)]}[batched]
         attempts = [((_example_input(model, a),), {}, a[0], a) for a in shapes]
@@ -515,11 +517,11 @@ def profile(
                     logger.debug("forward on shape %s failed: %s", attempt, err)
             else:
                 if example_inputs is not None:
-                    raise ValueError(
+                    raise OptionError(
                         f"the model's forward failed on example_inputs: {errors[-1]}"
                     ) from errors[-1]
                 tried = "; ".join(f"{a[3]}: {e}" for a, e in zip(attempts, errors, strict=True))
-                raise ValueError(
+                raise OptionError(
                     f"the model's forward failed on the input shape(s) tried ({tried}); pass "
                     "one sample's shape, e.g. (3, 224, 224), or a batch's with batched=True, "
                     "or the inputs themselves with example_inputs=..."
@@ -541,7 +543,7 @@ def profile(
     if chosen is None:
         chosen = executed[-1] if executed else None  # the last weight layer run
     elif chosen not in executed:
-        raise ValueError(
+        raise OptionError(
             f"classifier {chosen!r}{did_you_mean(chosen, executed)} is not a conv/linear layer "
             "executed in the forward"
         )

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from strsparse.errors import did_you_mean
+from strsparse.errors import OptionError, did_you_mean
 
 __all__ = [
     "THRESHOLD_FUNCTIONS",
@@ -129,7 +129,7 @@ def resolve_threshold_function(name: str) -> Callable[[Tensor], Tensor]:
         return THRESHOLD_FUNCTIONS[name]
     except KeyError:
         valid = sorted(THRESHOLD_FUNCTIONS)
-        raise ValueError(
+        raise OptionError(
             f"unknown threshold function g={name!r}{did_you_mean(name, valid)}; "
             f"valid: {', '.join(valid)}"
         ) from None
@@ -228,7 +228,7 @@ def str_weights(
         s_index = range(len(weights))
     s_index = tuple(s_index)
     if len(s_index) != len(weights) or any(not 0 <= j < len(s) for j in s_index):
-        raise ValueError(
+        raise OptionError(
             f"s_index={list(s_index)} must give one position in s (0..{len(s) - 1}) per weight "
             f"({len(weights)} weights)"
         )

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from strsparse.errors import OptionError
+
 __all__ = ["LowRankLinear"]
 
 
@@ -28,9 +30,9 @@ class LowRankLinear(nn.Module):
         super().__init__()
         for value, name in ((in_features, "in_features"), (out_features, "out_features")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                raise OptionError(f"{name} must be an integer >= 1, got {value!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+            raise OptionError(f"rank must be an integer >= 1, got {rank!r}")
         self.in_features = in_features
         self.out_features = out_features
         # the product of two N(0, std^2) factors has entries of variance rank * std^4:

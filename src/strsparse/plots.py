@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from strsparse.atomic import write_atomic
+from strsparse.errors import OptionError
 from strsparse.formatting import human
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def _layer_order(
         for name, budget in budgets.items():
             unknown = [layer for layer in budget if layer not in known]
             if unknown:
-                raise ValueError(
+                raise OptionError(
                     f"budget {name!r} names layers the FLOPs profile lacks: "
                     f"{', '.join(map(repr, unknown[:5]))}; profile the same model the budget "
                     "is for"
@@ -92,7 +93,7 @@ def _check_fractions(budgets: Mapping[str, Mapping[str, float]]) -> None:
     for name, budget in budgets.items():
         for layer, value in budget.items():
             if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(
+                raise OptionError(
                     f"budget {name!r}: sparsity of {layer!r} is {value!r}, not a fraction in "
                     "[0, 1]; give sparsities as fractions (90% -> 0.9)"
                 )
@@ -112,11 +113,11 @@ def plot_budgets(
     as black ticks; layers a budget leaves out count as dense. Writes a PNG and returns its path.
     """
     if not budgets:
-        raise ValueError("plot_budgets needs at least one budget")
+        raise OptionError("plot_budgets needs at least one budget")
     _check_fractions(budgets)
     layers = _layer_order(budgets, flops_profile)
     if not layers:
-        raise ValueError("the budgets name no layers; nothing to plot")
+        raise OptionError("the budgets name no layers; nothing to plot")
     n_layers, n_budgets = len(layers), len(budgets)
     panels = 2 if flops_profile is not None else 1
     width = min(max(8.0, 0.1 * n_layers * (n_budgets + 1) + 2.0), 30.0)
@@ -185,16 +186,16 @@ def plot_thresholds(
     legend, more get a colour bar. Writes a PNG and returns its path.
     """
     if not history:
-        raise ValueError("plot_thresholds needs at least one layer's history")
+        raise OptionError("plot_thresholds needs at least one layer's history")
     lengths = {len(v) for v in history.values()}
     if len(lengths) != 1 or 0 in lengths:
-        raise ValueError(
+        raise OptionError(
             f"every layer needs the same non-zero number of values; got lengths {sorted(lengths)}"
         )
     (length,) = lengths
     xs = list(range(length)) if epochs is None else list(epochs)
     if len(xs) != length:
-        raise ValueError(f"epochs has {len(xs)} values but each history has {length}")
+        raise OptionError(f"epochs has {len(xs)} values but each history has {length}")
 
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
@@ -237,11 +238,11 @@ def plot_metrics(
     returns its path.
     """
     if not series:
-        raise ValueError("plot_metrics needs at least one series")
+        raise OptionError("plot_metrics needs at least one series")
     xs = [float(e) for e in epochs]
     for name, values in series.items():
         if len(values) != len(xs):
-            raise ValueError(
+            raise OptionError(
                 f"series {name!r} has {len(values)} values but there are {len(xs)} epochs"
             )
     n = len(series)

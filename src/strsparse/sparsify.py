@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from strsparse.errors import did_you_mean
+from strsparse.errors import OptionError, did_you_mean
 from strsparse.methods.base import (
     LayerWeight,
     SparsityMethod,
@@ -71,7 +71,7 @@ class SparsityHandle:
         """Advance training-dependent state (GMP masks, ST-3 thresholds) to optimizer step
         ``step`` of ``total_steps``; call it once per optimizer step (a no-op for STR)."""
         if total_steps <= 0:
-            raise ValueError(f"total_steps={total_steps} must be positive")
+            raise OptionError(f"total_steps={total_steps} must be positive")
         self.method_cls.update(self.layers, step, total_steps)
 
     def threshold_parameters(self) -> list[nn.Parameter]:
@@ -174,13 +174,13 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 def _check_patterns(patterns: Sequence[str], names: list[str], option: str) -> None:
     if isinstance(patterns, str):
-        raise ValueError(
+        raise OptionError(
             f"{option}={patterns!r} must be a list of glob patterns, e.g. [{patterns!r}]"
         )
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
-            raise ValueError(
+            raise OptionError(
                 f"{option} pattern {pattern!r} matches no sparsifiable layer"
                 f"{did_you_mean(pattern, names)}; layers are: {shown}"
             )
@@ -225,7 +225,7 @@ def sparsify(
         candidates = structured_candidates(model, structure)
     if not candidates:
         what = {"filter": "conv or Linear layer", "rank": "LowRankLinear layer"}
-        raise ValueError(
+        raise OptionError(
             f"{type(model).__name__} has no "
             f"{what.get(structure, '>= 2-dim weight tensor')} to sparsify"
         )
@@ -244,12 +244,12 @@ def sparsify(
             n for n in names if not any(_matches(a, exclude) for a in _names(n, candidates[n]))
         ]
     if not names:
-        raise ValueError("include/exclude leave no layer to sparsify")
+        raise OptionError("include/exclude leave no layer to sparsify")
 
     layers = {name: candidates[name] for name in names}
     for name, layer in layers.items():
         if get_parametrization(layer) is not None:
-            raise ValueError(
+            raise OptionError(
                 f"layer {name!r} is already sparsified; call strsparse.finalize(model) first"
             )
         if layer.tied:

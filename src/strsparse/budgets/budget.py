@@ -18,6 +18,7 @@ from torch import nn
 
 from strsparse.atomic import write_atomic
 from strsparse.budgets.paper import paper_budget_info
+from strsparse.errors import BudgetError, MissingFileError
 from strsparse.methods.base import check_fraction, zero_fraction
 from strsparse.sparsify import eligible_layers, sparse_layers
 
@@ -106,10 +107,10 @@ class Budget(Mapping[str, float]):
         """Read a CSV with columns ``layer`` and ``sparsity`` (a fraction)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"budget file {str(path)!r} does not exist")
+            raise MissingFileError(f"budget file {str(path)!r} does not exist")
         reader = csv.DictReader(io.StringIO(path.read_text()))
         if reader.fieldnames is None or not {"layer", "sparsity"} <= set(reader.fieldnames):
-            raise ValueError(
+            raise BudgetError(
                 f"budget file {str(path)!r} needs the columns 'layer' and 'sparsity'; "
                 f"it has {reader.fieldnames}"
             )
@@ -118,7 +119,7 @@ class Budget(Mapping[str, float]):
             try:
                 sparsities[row["layer"]] = float(row["sparsity"])
             except (TypeError, ValueError):
-                raise ValueError(
+                raise BudgetError(
                     f"{path}:{line}: sparsity {row['sparsity']!r} of layer {row['layer']!r} "
                     "is not a number"
                 ) from None
@@ -145,7 +146,7 @@ class Budget(Mapping[str, float]):
         shapes = _layer_shapes(model_or_shapes)
         missing = [n for n in self if n not in shapes]
         if missing:
-            raise ValueError(f"budget layers not in the model: {', '.join(missing[:5])}")
+            raise BudgetError(f"budget layers not in the model: {', '.join(missing[:5])}")
         total = sum(math.prod(shapes[n]) for n in self)
         return sum(self[n] * math.prod(shapes[n]) for n in self) / total
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from importlib import resources
 from types import MappingProxyType
 
-from strsparse.errors import did_you_mean
+from strsparse.errors import BudgetError, did_you_mean
 
 __all__ = [
     "PaperBudget",
@@ -112,7 +112,7 @@ def _catalog() -> Mapping[str, PaperBudget]:
 def list_paper_budgets(model: str | None = None) -> list[str]:
     """Names of the published budgets (all of them, or those of ``model``), in table order."""
     if model is not None and model not in _MODELS:
-        raise ValueError(f"no paper budgets for model {model!r}; models with budgets: {_MODELS}")
+        raise BudgetError(f"no paper budgets for model {model!r}; models with budgets: {_MODELS}")
     return [n for n, b in _catalog().items() if model is None or b.model == model]
 
 
@@ -121,7 +121,7 @@ def paper_budget_info(name: str) -> PaperBudget:
     catalog = _catalog()
     if name not in catalog:
         valid = list(catalog)
-        raise ValueError(
+        raise BudgetError(
             f"unknown paper budget {name!r}{did_you_mean(name, valid)}; "
             f"valid names: {', '.join(valid)}"
         )
@@ -134,6 +134,6 @@ def paper_layer_table(model: str) -> dict[str, tuple[int, int]]:
     Useful to compute a budget's overall sparsity or FLOPs without building the model.
     """
     if model not in _MODELS:
-        raise ValueError(f"no paper table for model {model!r}; models with tables: {_MODELS}")
+        raise BudgetError(f"no paper table for model {model!r}; models with tables: {_MODELS}")
     table = _model_table(model)
     return {layer: (table.params[layer], table.flops[layer]) for layer in table.params}

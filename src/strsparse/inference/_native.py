@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from strsparse.errors import OptionError
+
 __all__ = ["ISA_NAMES", "Backend", "backend", "set_isa"]
 
 logger = logging.getLogger(__name__)
@@ -242,9 +244,9 @@ def set_isa(name: str, lib: ctypes.CDLL | None = None) -> str:
     if key == "auto":
         return ISA_NAMES[lib.ss_set_isa(-1)]
     if key not in ISA_NAMES:
-        raise ValueError(f"unknown instruction set {name!r}; choose one of auto, {ISA_NAMES}")
+        raise OptionError(f"unknown instruction set {name!r}; choose one of auto, {ISA_NAMES}")
     if lib.ss_set_isa(ISA_NAMES.index(key)) < 0:
-        raise ValueError(f"this CPU does not support {name!r}; choose one of auto, portable")
+        raise OptionError(f"this CPU does not support {name!r}; choose one of auto, portable")
     return key
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
+from strsparse.errors import OptionError
 from strsparse.inference._native import backend
 from strsparse.inference.layers import SparseConv2d, SparseLinear, channel_major_max_pool2d
 
@@ -100,7 +101,7 @@ _LAYOUT_FREE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "add", "mul", "sub",
 def _swap01(x: Tensor) -> Tensor:
     """Standard (N, C, H, W) <-> channel-major (C, N, H, W)."""
     if x.dim() != 4:
-        raise ValueError(f"expected a 4-D activation, got shape {tuple(x.shape)}")
+        raise OptionError(f"expected a 4-D activation, got shape {tuple(x.shape)}")
     return x.transpose(0, 1).contiguous()
 
 
@@ -221,7 +222,7 @@ def _max_density(value: float | Mapping[str, float] | None) -> dict[str, float]:
     if isinstance(value, Mapping):
         unknown = set(value) - set(limits)
         if unknown:
-            raise ValueError(
+            raise OptionError(
                 f"max_density keys {sorted(unknown)} are unknown; use {sorted(limits)}"
             )
         limits.update({k: float(v) for k, v in value.items()})
@@ -229,7 +230,7 @@ def _max_density(value: float | Mapping[str, float] | None) -> dict[str, float]:
         limits = dict.fromkeys(limits, float(value))
     for key, v in limits.items():
         if not 0.0 <= v <= 1.0:
-            raise ValueError(f"max_density[{key!r}] must be in [0, 1], got {v}")
+            raise OptionError(f"max_density[{key!r}] must be in [0, 1], got {v}")
     return limits
 
 
@@ -254,7 +255,7 @@ def _build_layer(
         kind = "depthwise" if depthwise and module.groups > 1 else "conv"
     if forced is not None:
         if name not in forced:
-            raise ValueError(f"the saved plan has no entry for layer {name!r}")
+            raise OptionError(f"the saved plan has no entry for layer {name!r}")
         mode = forced[name]
     else:
         mode = _choose_mode(kind, weight, max_density)
@@ -496,12 +497,12 @@ def to_sparse(
     model = _finalized_copy(model)
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != torch.float32:
-            raise ValueError(
+            raise OptionError(
                 f"to_sparse runs float32 models; this one has {p.dtype} parameters: "
                 "call model.float() first"
             )
         if p.device.type != "cpu":
-            raise ValueError(
+            raise OptionError(
                 f"to_sparse runs on the CPU; this model is on {p.device}: call model.cpu() first"
             )
     try:

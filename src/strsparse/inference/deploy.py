@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from strsparse.errors import OptionError, OutputExistsError
 from strsparse.inference.convert import to_sparse
 from strsparse.inference.onnx_export import export_onnx
 from strsparse.inference.serialize import SPARSE_FILE, save_sparse
@@ -28,16 +29,16 @@ def _check_destination(out_dir: Path, force: bool) -> None:
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise FileExistsError(f"{str(out_dir)!r} exists and is not a directory; choose another")
+        raise OutputExistsError(f"{str(out_dir)!r} exists and is not a directory; choose another")
     if not any(out_dir.iterdir()):
         return
     if not force:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{str(out_dir)!r} exists and is not empty; choose another output directory or "
             "pass --force to replace a previous export"
         )
     if not any((out_dir / name).is_file() for name in _OUTPUTS):
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{str(out_dir)!r} holds no previous export; refusing to write into it even with "
             "--force: choose another directory"
         )
@@ -59,9 +60,9 @@ def convert_run(
 
     out_dir = Path(out_dir)
     if fmt not in ("sparse", "onnx"):
-        raise ValueError(f"unknown format {fmt!r}; choose dense, sparse or onnx")
+        raise OptionError(f"unknown format {fmt!r}; choose dense, sparse or onnx")
     if slim and fmt == "sparse":
-        raise ValueError(
+        raise OptionError(
             "--slim goes with --format dense or onnx; a sparse model keeps the architecture "
             "(drop --slim)"
         )

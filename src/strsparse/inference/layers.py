@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from strsparse.errors import OptionError
 from strsparse.inference._native import backend
 
 __all__ = ["SparseConv2d", "SparseLinear", "channel_major_max_pool2d", "csr_from_dense"]
@@ -77,7 +78,7 @@ class _SparseBase(nn.Module):
     ) -> None:
         super().__init__()
         if mode not in ("sparse", "dense"):
-            raise ValueError(f"mode must be 'sparse' or 'dense', got {mode!r}")
+            raise OptionError(f"mode must be 'sparse' or 'dense', got {mode!r}")
         self.mode = mode
         self.weight_shape = tuple(int(s) for s in weight_shape)
         self.clamp = (float(clamp[0]), float(clamp[1]))
@@ -267,7 +268,7 @@ class SparseConv2d(_SparseBase):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if x.dim() != 4:
-            raise ValueError(
+            raise OptionError(
                 f"SparseConv2d takes channel-major (C, N, H, W) input, got shape {tuple(x.shape)}"
             )
         x = x.contiguous().float()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from strsparse.atomic import atomic_path
+from strsparse.errors import MissingDependencyError, OptionError
 from strsparse.inference.convert import _finalized_copy
 from strsparse.inference.layers import SparseConv2d, SparseLinear
 
@@ -29,7 +30,7 @@ DEFAULT_OPSET = 17
 def _as_tuple(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise ValueError(
+        raise OptionError(
             "example_inputs must be a tensor or a sequence of tensors, e.g. "
             "torch.randn(1, 3, 224, 224)"
         )
@@ -49,7 +50,7 @@ def verify_onnx(
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             "checking an ONNX export needs onnxruntime: pip install 'strsparse[onnx]' "
             "(or pass verify=False)"
         ) from exc
@@ -98,7 +99,7 @@ def export_onnx(
     atomically: a failed export or check leaves nothing behind.
     """
     if any(isinstance(m, (SparseConv2d, SparseLinear)) for m in model.modules()):
-        raise ValueError(
+        raise OptionError(
             "export_onnx takes the finalized model, not the one to_sparse made: ONNX runtimes "
             "do not have strsparse's sparse kernels. Export the model you passed to to_sparse"
         )

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from strsparse.atomic import atomic_path
+from strsparse.errors import MissingFileError, OptionError
 from strsparse.inference.convert import to_sparse
 
 __all__ = ["SPARSE_FILE", "SPARSE_FORMAT", "load_sparse", "save_sparse"]
@@ -37,7 +38,7 @@ def save_sparse(
     """
     plan = getattr(model, "sparse_plan", None)
     if plan is None:
-        raise ValueError(
+        raise OptionError(
             "save_sparse takes a model made by strsparse.to_sparse (it has no sparse_plan); "
             "convert it first: save_sparse(to_sparse(model), path)"
         )
@@ -70,24 +71,24 @@ def load_sparse(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
     if path.is_dir():  # what `strsparse convert --format sparse` writes
         path = path / SPARSE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist; pass a file written by save_sparse")
+        raise MissingFileError(f"{str(path)!r} does not exist; pass a file written by save_sparse")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"cannot read {str(path)!r}: {exc}") from exc
+        raise OptionError(f"cannot read {str(path)!r}: {exc}") from exc
     if metadata.get("format") != SPARSE_FORMAT:
-        raise ValueError(f"{str(path)!r} is not a strsparse sparse model (save_sparse writes one)")
+        raise OptionError(f"{str(path)!r} is not a strsparse sparse model (save_sparse writes one)")
     if int(metadata.get("version", "0")) > SPARSE_VERSION:
-        raise ValueError(
+        raise OptionError(
             f"{str(path)!r} has version {metadata.get('version')}; this strsparse reads up to "
             f"{SPARSE_VERSION}: upgrade strsparse"
         )
     plan = json.loads(metadata["plan"])
     if model is None:
         if "architecture" not in metadata:
-            raise ValueError(
+            raise OptionError(
                 f"{str(path)!r} does not name its architecture; pass the dense model: "
                 "load_sparse(path, model)"
             )
@@ -104,5 +105,5 @@ def load_sparse(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
     try:
         sparse.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{str(path)!r} does not match the architecture: {exc}") from exc
+        raise OptionError(f"{str(path)!r} does not match the architecture: {exc}") from exc
     return sparse.eval()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from strsparse.errors import did_you_mean
+from strsparse.errors import OptionError, did_you_mean
 
 __all__ = [
     "SCOPES",
@@ -78,7 +78,7 @@ class SparsityMethod(nn.Module):
         fields = [f.name for f in dataclasses.fields(cls.Options)]
         for key in options:
             if key not in fields:
-                raise ValueError(
+                raise OptionError(
                     f"unknown option {key!r} for method {cls.name!r}{did_you_mean(key, fields)}; "
                     f"valid options: {', '.join(fields)}"
                 )
@@ -102,7 +102,7 @@ class SparsityMethod(nn.Module):
 def register_method(cls: M) -> M:
     """Class decorator adding a method to the registry under ``cls.name``."""
     if cls.name in _REGISTRY:
-        raise ValueError(f"a sparsity method named {cls.name!r} is already registered")
+        raise OptionError(f"a sparsity method named {cls.name!r} is already registered")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -118,7 +118,7 @@ def get_method(name: str) -> type[SparsityMethod]:
         return _REGISTRY[name]
     except (KeyError, TypeError):
         valid = list_methods()
-        raise ValueError(
+        raise OptionError(
             f"unknown sparsity method {name!r}{did_you_mean(str(name), valid)}; "
             f"valid methods: {', '.join(valid)}"
         ) from None
@@ -213,16 +213,16 @@ def raw_weight(layer: nn.Module | LayerWeight, tensor: str = "weight") -> Tensor
 def resolve_step(value: int | float, total_steps: int, option: str) -> int:
     """A schedule point given as a step count (int) or a fraction of training (float in [0, 1])."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{option}={value!r} must be a step (int) or a fraction of training")
+        raise OptionError(f"{option}={value!r} must be a step (int) or a fraction of training")
     if isinstance(value, float):
         if not 0.0 <= value <= 1.0:
-            raise ValueError(
+            raise OptionError(
                 f"{option}={value} is a fraction of training and must lie in [0, 1]; "
                 "pass an int for an absolute step"
             )
         return round(value * total_steps)
     if value < 0:
-        raise ValueError(f"{option}={value} must be >= 0")
+        raise OptionError(f"{option}={value} must be >= 0")
     return value
 
 
@@ -231,7 +231,7 @@ def check_schedule_options(start: int | float, end: int | float) -> None:
     resolve_step(start, 1, "start")
     resolve_step(end, 1, "end")
     if type(start) is type(end) and end < start:
-        raise ValueError(f"end={end!r} comes before start={start!r}; pruning must end after it")
+        raise OptionError(f"end={end!r} comes before start={start!r}; pruning must end after it")
 
 
 def schedule_window(start: int | float, end: int | float, total_steps: int) -> tuple[int, int]:
@@ -247,12 +247,12 @@ def schedule_window(start: int | float, end: int | float, total_steps: int) -> t
     if isinstance(end, float):
         last_step = min(last_step, last)
     elif last_step > last:
-        raise ValueError(
+        raise OptionError(
             f"end={end} is after the last step {last} of total_steps={total_steps}: the final "
             "sparsity would never be reached; pass a smaller end or a fraction such as 0.75"
         )
     if last_step < first_step:
-        raise ValueError(
+        raise OptionError(
             f"end={end!r} (step {last_step}) comes before start={start!r} (step {first_step}) "
             f"with total_steps={total_steps}; pruning must end after it starts"
         )
@@ -265,7 +265,7 @@ def check_fraction(value: float, option: str, *, allow_one: bool = False) -> flo
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not upper_ok:
         interval = "[0, 1]" if allow_one else "[0, 1)"
         hint = "; it is a fraction, not a percentage" if isinstance(value, (int, float)) else ""
-        raise ValueError(f"{option}={value!r} must be a fraction in {interval}{hint}")
+        raise OptionError(f"{option}={value!r} must be a fraction in {interval}{hint}")
     return float(value)
 
 
@@ -278,27 +278,27 @@ def check_target_options(
     """Validate the options shared by the mask-based methods: one of ``sparsity`` (a fraction)
     or ``budget`` (layer -> fraction), and a ``scope`` that a budget allows."""
     if sparsity is None and budget is None:
-        raise ValueError(
+        raise OptionError(
             f"method {method!r} needs a target: give sparsity=<fraction in [0, 1)>, e.g. 0.9, "
             "or budget=<layer -> sparsity>, e.g. Budget.erk(model, 0.9)"
         )
     if sparsity is not None and budget is not None:
-        raise ValueError(
+        raise OptionError(
             f"method {method!r} got both sparsity={sparsity!r} and a budget; give only one"
         )
     if sparsity is not None:
         check_fraction(sparsity, "sparsity")
     if budget is not None and not isinstance(budget, Mapping):
-        raise ValueError(
+        raise OptionError(
             f"budget must map layer names to sparsities (a strsparse.Budget or a dict), "
             f"got {type(budget).__name__}; read a CSV with Budget.from_csv(path)"
         )
     if scope not in SCOPES:
-        raise ValueError(
+        raise OptionError(
             f"unknown scope {scope!r}{did_you_mean(scope, SCOPES)}; valid: {', '.join(SCOPES)}"
         )
     if budget is not None and scope != "layer":
-        raise ValueError(
+        raise OptionError(
             f"scope={scope!r} ranks all layers together and cannot follow a per-layer budget; "
             "use scope='layer' with a budget, or sparsity=<fraction> with scope='global'"
         )
@@ -316,12 +316,12 @@ def resolve_targets(
     extra = [n for n in budget if n not in names]
     if extra:
         hint = did_you_mean(extra[0], names)
-        raise ValueError(
+        raise OptionError(
             f"budget names layers that are not sparsified here: {', '.join(extra[:5])}"
             f"{' ...' if len(extra) > 5 else ''}{hint}; check include/exclude or the budget's model"
         )
     if missing:
-        raise ValueError(
+        raise OptionError(
             f"budget has no entry for layers {', '.join(missing[:5])}"
             f"{' ...' if len(missing) > 5 else ''}; add them or exclude them from sparsify"
         )

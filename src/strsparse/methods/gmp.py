@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from strsparse.errors import OptionError
 from strsparse.functional import (
     cubic_sparsity,
     global_magnitude_masks,
@@ -77,7 +78,7 @@ class GradualMagnitudeOptions:
             or not isinstance(self.frequency, int)
             or self.frequency < 1
         ):
-            raise ValueError(f"frequency={self.frequency!r} must be a positive number of steps")
+            raise OptionError(f"frequency={self.frequency!r} must be a positive number of steps")
 
 
 @register_method
@@ -124,7 +125,7 @@ class GradualMagnitude(SparsityMethod):
         targets = resolve_targets(list(layers), options.sparsity, options.budget)
         for name, final in targets.items():
             if options.initial_sparsity > final:
-                raise ValueError(
+                raise OptionError(
                     f"initial_sparsity={options.initial_sparsity} exceeds layer {name!r}'s "
                     f"final sparsity {final}; lower initial_sparsity"
                 )

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from strsparse.errors import did_you_mean
+from strsparse.errors import OptionError, did_you_mean
 from strsparse.functional import THRESHOLD_FUNCTIONS, resolve_threshold_function, str_weights
 from strsparse.methods.base import LayerWeight, SparsityMethod, register_method
 
@@ -65,31 +65,31 @@ class SoftThresholdOptions:
 
     def __post_init__(self) -> None:
         if self.structure not in STRUCTURES:
-            raise ValueError(
+            raise OptionError(
                 f"unknown structure {self.structure!r}{did_you_mean(self.structure, STRUCTURES)}; "
                 f"valid: {', '.join(STRUCTURES)}"
             )
         if self.g is None:
             object.__setattr__(self, "g", "exp" if self.structure == "rank" else "sigmoid")
         if self.structure != "weight" and self.granularity == "weight":
-            raise ValueError(
+            raise OptionError(
                 f"granularity='weight' has no meaning for structure={self.structure!r} (one "
                 "importance value per filter or component); use 'layer', 'channel' (one "
                 "threshold per filter or component) or 'global'"
             )
         if self.granularity not in GRANULARITIES:
-            raise ValueError(
+            raise OptionError(
                 f"unknown granularity {self.granularity!r}"
                 f"{did_you_mean(self.granularity, GRANULARITIES)}; "
                 f"valid: {', '.join(GRANULARITIES)}"
             )
         resolve_threshold_function(self.g)
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or self.k <= 0:
-            raise ValueError(f"k={self.k!r} must be a positive number")
+            raise OptionError(f"k={self.k!r} must be a positive number")
         if isinstance(self.init_threshold, bool) or not isinstance(
             self.init_threshold, (int, float)
         ):
-            raise ValueError(f"init_threshold={self.init_threshold!r} must be a number")
+            raise OptionError(f"init_threshold={self.init_threshold!r} must be a number")
 
 
 def _threshold_shape(weight_shape: torch.Size, granularity: str, axis: int = 0) -> tuple[int, ...]:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from strsparse.errors import OptionError
 from strsparse.functional import cubic_sparsity, straight_through
 from strsparse.methods.base import (
     LayerWeight,
@@ -109,9 +110,9 @@ class StraightThroughSoftThresholdOptions:
         for option in ("normalize", "rescale"):
             value = getattr(self, option)
             if not isinstance(value, bool):
-                raise ValueError(f"{option}={value!r} must be True or False")
+                raise OptionError(f"{option}={value!r} must be True or False")
         if self.normalize and self.budget is not None:
-            raise ValueError(
+            raise OptionError(
                 "normalize=True scales the global quantile and has no effect with a budget "
                 "(per-layer quantiles); drop normalize or give sparsity=<fraction>"
             )
@@ -241,7 +242,7 @@ class StraightThroughSoftThreshold(SparsityMethod):
         for module in layers.values():
             p = get_parametrization(module)
             if not isinstance(p, cls):
-                raise ValueError(
+                raise OptionError(
                     f"freeze expects layers sparsified with 'st3', got {type(p).__name__}"
                 )
             if p._frozen:

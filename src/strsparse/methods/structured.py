@@ -38,6 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import parametrize
 
+from strsparse.errors import OptionError
 from strsparse.functional import THRESHOLD_FUNCTIONS, soft_threshold
 from strsparse.layers import LowRankLinear
 from strsparse.methods.base import LayerWeight, SparsityMethod
@@ -82,7 +83,7 @@ class StructuredSoftThreshold(SparsityMethod):
     ) -> None:
         super().__init__()
         if mode not in ("scale", "mask"):
-            raise ValueError(f"mode must be 'scale' or 'mask', got {mode!r}")
+            raise OptionError(f"mode must be 'scale' or 'mask', got {mode!r}")
         self.g_name = g
         self.k = float(k)
         self.granularity = granularity

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from strsparse.errors import OptionError
+
 from .registry import check_positive_int, register_model
 
 __all__ = [
@@ -44,7 +46,7 @@ class PadShortcut(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         if out_channels < in_channels:
-            raise ValueError(
+            raise OptionError(
                 f"option-A shortcut cannot reduce channels ({in_channels} -> {out_channels})"
             )
         self.in_channels = in_channels
@@ -168,9 +170,11 @@ class CifarResNet(nn.Module):
         check_positive_int(in_channels, "in_channels")
         self.input_shape = (in_channels, 32, 32)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or depth % 6 != 2:
-            raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, ...), got {depth}")
+            raise OptionError(
+                f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, ...), got {depth}"
+            )
         if shortcut not in ("A", "B"):
-            raise ValueError(
+            raise OptionError(
                 f"shortcut must be 'A' (zero-padding) or 'B' (1x1 conv), got {shortcut!r}"
             )
         n = (depth - 2) // 6

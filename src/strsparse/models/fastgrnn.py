@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from strsparse.errors import OptionError
 from strsparse.layers import LowRankLinear
 
 from .registry import check_positive_int, register_model
@@ -69,7 +70,7 @@ class FastGRNN(nn.Module):
     def hidden_states(self, x: Tensor) -> Tensor:
         """All hidden states h_1..h_T: (batch, time, features) -> (batch, time, hidden)."""
         if x.dim() != 3 or x.shape[-1] != self.input_size:
-            raise ValueError(
+            raise OptionError(
                 f"FastGRNN expects (batch, time, {self.input_size}) inputs, "
                 f"got shape {tuple(x.shape)}"
             )
@@ -113,7 +114,7 @@ def fastgrnn(
     per step (``in_channels``, the trainer's generic name, is accepted for it). ``rank_w`` /
     ``rank_u``: low-rank W and U (None: full rank, dense). Defaults: row-wise 28x28 images."""
     if input_size is not None and in_channels is not None and input_size != in_channels:
-        raise ValueError(
+        raise OptionError(
             f"fastgrnn got input_size={input_size} and in_channels={in_channels}; they name the "
             "same thing (features per time step): give one"
         )

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from strsparse.errors import OptionError
+
 from .registry import check_positive_int, register_model
 
 __all__ = ["LeNet5", "LeNet300100", "lenet5", "lenet_300_100"]
@@ -53,7 +55,7 @@ class LeNet5(nn.Module):
         # conv1 keeps the size (padding 2) then pools; conv2 (no padding) removes 4 then pools.
         side = (image_size // 2 - 4) // 2
         if side < 1:
-            raise ValueError(f"image_size must be >= 12 for lenet5, got {image_size}")
+            raise OptionError(f"image_size must be >= 12 for lenet5, got {image_size}")
         self.conv1 = nn.Conv2d(in_channels, 16, 5, padding=2, bias=not batch_norm)
         self.bn1 = nn.BatchNorm2d(16) if batch_norm else nn.Identity()
         self.conv2 = nn.Conv2d(16, 32, 5, bias=not batch_norm)

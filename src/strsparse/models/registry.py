@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from strsparse.errors import did_you_mean
+from strsparse.errors import OptionError, did_you_mean
 
 __all__ = [
     "check_positive_float",
@@ -48,7 +48,7 @@ def register_model(fn: _F) -> _F:
     """
     name = fn.__name__
     if name in _MODELS:
-        raise ValueError(f"model {name!r} is already registered; choose a different name")
+        raise OptionError(f"model {name!r} is already registered; choose a different name")
     _MODELS[name] = fn
     return fn
 
@@ -61,7 +61,7 @@ def list_models() -> list[str]:
 def _get_builder(name: str) -> ModelBuilder:
     if not isinstance(name, str) or name not in _MODELS:
         valid = list_models()
-        raise ValueError(
+        raise OptionError(
             f"unknown model {name!r}{did_you_mean(name, valid)}; valid models: {', '.join(valid)}"
         )
     return _MODELS[name]
@@ -83,16 +83,16 @@ def model_options(name: str) -> dict[str, Any]:
 def check_positive_int(value: object, name: str) -> int:
     """Return ``value`` if it is an int >= 1, else raise a ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise OptionError(f"{name} must be an integer >= 1, got {value!r}")
     return value
 
 
 def check_positive_float(value: object, name: str) -> float:
     """Return ``value`` as a float if it is a finite number > 0, else raise ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+        raise OptionError(f"{name} must be a positive number, got {value!r}")
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise OptionError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
@@ -114,7 +114,7 @@ def create_model(
     accepted = model_options(name)
     for key in kwargs:
         if key not in accepted:
-            raise ValueError(
+            raise OptionError(
                 f"model {name!r} got an unknown option {key!r}{did_you_mean(key, accepted)}; "
                 f"accepted options: {', '.join(sorted(accepted))}"
             )
@@ -144,7 +144,7 @@ def classifier_name(model: nn.Module) -> str:
         if module_name and weight is not None and getattr(weight, "ndim", 0) >= 2:
             last = module_name
     if last is None:
-        raise ValueError(
+        raise OptionError(
             f"cannot find a classifier in {type(target).__name__}: it declares no "
             "`classifier_name` attribute and has no layer with a >= 2-dim weight"
         )

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from strsparse.errors import OptionError
+
 from .registry import check_positive_int, register_model
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50"]
@@ -121,7 +123,7 @@ class ResNet(nn.Module):
         if len(layers) != 4 or any(
             isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers
         ):
-            raise ValueError(f"layers must be four integers >= 1 (blocks per stage), got {layers}")
+            raise OptionError(f"layers must be four integers >= 1 (blocks per stage), got {layers}")
         self._norm_layer = norm_layer
         self.inplanes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)

@@ -14,7 +14,7 @@ from torch import nn
 from strsparse.budgets import Budget, list_paper_budgets
 from strsparse.config import DENSE, Config, config_from_dict
 from strsparse.data import DatasetInfo, dataset_info
-from strsparse.errors import did_you_mean
+from strsparse.errors import BudgetError, did_you_mean
 from strsparse.methods.soft_threshold import InitThresholdWarning
 from strsparse.models import create_model
 from strsparse.sparsify import SparsityHandle, eligible_layers, sparsify
@@ -54,7 +54,7 @@ def build_model(
     budget_spec = sp.budget
     if budget_spec:
         if "budget" in options or "sparsity" in options:
-            raise ValueError(
+            raise BudgetError(
                 "sparsity.budget is set together with sparsity.options.budget/sparsity; "
                 "give the target once"
             )
@@ -113,14 +113,14 @@ def resolve_budget(spec: str | os.PathLike, model: nn.Module) -> Budget:
     else:
         names = list_paper_budgets()
         if str(spec) not in names:
-            raise ValueError(
+            raise BudgetError(
                 f"budget {str(spec)!r} is neither a CSV file, a checkpoint nor a paper budget"
                 f"{did_you_mean(str(spec), names)}; paper budgets: {', '.join(names)}"
             )
         budget = Budget.from_paper(str(spec))
     layers = list(eligible_layers(model))
     if not set(budget) & set(layers):
-        raise ValueError(
+        raise BudgetError(
             f"budget {str(spec)!r} names none of this model's layers (it has e.g. "
             f"{', '.join(list(budget)[:3])}; the model has {', '.join(layers[:3])} ...): "
             "is it for another architecture?"

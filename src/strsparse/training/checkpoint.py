@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from strsparse.atomic import write_atomic
+from strsparse.errors import StrsparseError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -52,7 +53,7 @@ CHECKPOINT_VERSION = 1
 _REQUIRED_KEYS = ("config", "model", "epoch", "step")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(StrsparseError, ValueError):
     """A checkpoint is missing, truncated, corrupt, foreign or from a newer version."""
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from strsparse.errors import OptionError
+
 __all__ = [
     "DistributedEnv",
     "all_reduce_sum",
@@ -54,7 +56,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+        raise OptionError(f"environment variable {name}={value!r} must be an integer") from None
 
 
 def setup_distributed(device: str) -> tuple[DistributedEnv, torch.device]:
@@ -95,11 +97,11 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise ValueError(
+        raise OptionError(
             f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
         ) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} asked for CUDA, but no CUDA device is available")
+        raise OptionError(f"device={device!r} asked for CUDA, but no CUDA device is available")
     return resolved
 
 

@@ -36,6 +36,7 @@ from strsparse.atomic import write_atomic
 from strsparse.budgets import Budget
 from strsparse.config import Config, config_to_dict, save_config
 from strsparse.data import build_datasets, build_loaders
+from strsparse.errors import StrsparseError
 from strsparse.flops import FlopsProfile
 from strsparse.flops import profile as profile_flops
 from strsparse.methods.base import get_parametrization
@@ -71,7 +72,7 @@ logger = logging.getLogger(__name__)
 _AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(StrsparseError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 

@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from strsparse.config import OPTIMIZERS
-from strsparse.errors import did_you_mean
+from strsparse.errors import OptionError, did_you_mean
 
 __all__ = ["GROUPS", "NORM_TYPES", "build_optimizer", "parameter_groups"]
 
@@ -109,13 +109,13 @@ def build_optimizer(
     key = str(name).lower()
     if key == "sgd":
         if nesterov and momentum <= 0:
-            raise ValueError(f"nesterov=True needs momentum > 0, got momentum={momentum}")
+            raise OptionError(f"nesterov=True needs momentum > 0, got momentum={momentum}")
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if key == "adam":
         return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), eps=eps)
     if key == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
-    raise ValueError(
+    raise OptionError(
         f"unknown optimizer {name!r}{did_you_mean(key, OPTIMIZERS)}; valid optimizers: "
         f"{', '.join(OPTIMIZERS)}"
     )

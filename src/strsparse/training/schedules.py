@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 
 from strsparse.config import SCHEDULES
-from strsparse.errors import did_you_mean
+from strsparse.errors import OptionError, did_you_mean
 
 __all__ = ["learning_rate", "warmup_factor"]
 
@@ -55,12 +55,12 @@ def learning_rate(
     ``warmup_epochs`` (fractional epochs allowed). ``epoch`` here is ``step // steps_per_epoch``.
     """
     if name not in SCHEDULES:
-        raise ValueError(
+        raise OptionError(
             f"unknown learning-rate schedule {name!r}{did_you_mean(str(name), SCHEDULES)}; "
             f"valid schedules: {', '.join(SCHEDULES)}"
         )
     if steps_per_epoch <= 0 or total_steps <= 0:
-        raise ValueError(
+        raise OptionError(
             f"steps_per_epoch={steps_per_epoch} and total_steps={total_steps} must be positive"
         )
     warmup_steps = round(warmup_epochs * steps_per_epoch)
@@ -71,7 +71,7 @@ def learning_rate(
         lr = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
     elif name == "step":
         if step_size <= 0:
-            raise ValueError(f"step_size={step_size} must be a positive number of epochs")
+            raise OptionError(f"step_size={step_size} must be a positive number of epochs")
         lr = base_lr * gamma ** (epoch // step_size)
     elif name == "multistep":
         lr = base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
