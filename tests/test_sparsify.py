@@ -237,3 +237,29 @@ def test_separate_qkv_projections_are_sparsified() -> None:
     strsparse.finalize(attn)
     assert (attn.k_proj_weight == 0).float().mean() == pytest.approx(0.5)
     torch.testing.assert_close(attn(q, k, v)[0], out)
+
+
+def _resnet_like() -> nn.Module:
+    block = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1))
+    return nn.Sequential(
+        nn.Sequential(block, nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1))),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
+
+
+def test_exclude_leaves_the_matching_layers_dense() -> None:
+    model = _resnet_like()
+    handle = strsparse.sparsify(model, "magnitude", sparsity=0.5, exclude=["0.1.*", "2"])
+    assert list(handle.layers) == ["0.0.0", "0.0.1"]
+    assert list(strsparse.sparse_layers(model)) == ["0.0.0", "0.0.1"]
+    for name in ("0.1.0", "0.1.1", "2"):  # excluded: plain, dense weights
+        module = model.get_submodule(name)
+        assert get_parametrization(module) is None
+        assert bool((module.weight != 0).all())
+
+
+def test_include_then_exclude() -> None:
+    model = _resnet_like()
+    handle = strsparse.sparsify(model, "magnitude", sparsity=0.5, include=["0.*"], exclude=["*.1"])
+    assert list(handle.layers) == ["0.0.0", "0.1.0"]

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -25,15 +23,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from strsparse.atomic import write_atomic
 from strsparse.errors import OptionError, StrsparseError
+from strsparse.formatting import count as _count
 from strsparse.formatting import human
 
 if TYPE_CHECKING:  # the commands import the library lazily, so that --help starts fast
     from torch import nn
 
     from strsparse.config import Config
-    from strsparse.flops import FlopsProfile, LayerFlops
+    from strsparse.flops import FlopsProfile
     from strsparse.sparsify import SparsityHandle
     from strsparse.training import TrainResult
 
@@ -51,48 +49,6 @@ _CLI_HANDLER_FLAG = "_strsparse_cli_handler"
 # -- small output helpers -------------------------------------------------------------------
 
 
-# Columns of the per-layer table that train, report and eval print.
-LAYER_TABLE_HEADER = (
-    "layer",
-    "shape",
-    "params",
-    "nonzero",
-    "sparsity_%",
-    "threshold",
-    "flops",
-    "sparse_flops",
-)
-
-
-def _count(value: Any) -> str:
-    """An exact count with thousands separators ('4,089,284,608'); 'n/a' when unknown."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{round(value):,}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
-    """Fixed-width text table; the first ``left`` columns are left-aligned, the rest right."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            str(c).ljust(w) if i < left else str(c).rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    rule = "-" * max(len(line(header)), *(len(line(r)) for r in rows)) if rows else ""
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
-
-
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _percent(fraction: Any) -> str:
     if fraction is None or (isinstance(fraction, float) and not math.isfinite(fraction)):
         return "n/a"
@@ -106,11 +62,6 @@ def _profile(model: nn.Module, input_shape: Sequence[int]) -> FlopsProfile:
     from strsparse.flops import profile
 
     return profile(model, tuple(int(d) for d in input_shape))
-
-
-def _layer_flops(profile: FlopsProfile) -> dict[str, LayerFlops]:
-    """Layer name -> the profile's per-layer record."""
-    return {record.name: record for record in profile.layers}
 
 
 def _totals_lines(profile: FlopsProfile) -> list[str]:
@@ -140,78 +91,6 @@ def _input_shape_of(cfg: Config) -> tuple[int, ...]:
     from strsparse.data import dataset_info
 
     return tuple(int(d) for d in dataset_info(cfg.data).input_shape)
-
-
-def _layer_rows(
-    model: nn.Module, profile: FlopsProfile | None
-) -> tuple[list[str], list[list[str]], list[list[Any]]]:
-    """Per-layer rows of a sparsity report joined with a FLOPs profile: (header, text rows,
-    raw rows for CSV), with a total row."""
-    from strsparse import sparsity_report
-
-    report = sparsity_report(model)
-    flops = _layer_flops(profile) if profile is not None else {}
-    header = LAYER_TABLE_HEADER
-    text_rows: list[list[str]] = []
-    raw_rows: list[list[Any]] = []
-    total_flops = total_sparse = 0.0
-    for row in report.layers:
-        lp = flops.get(row.name)
-        f = lp.flops if lp is not None else None
-        sf = lp.sparse_flops if lp is not None else None
-        total_flops += f or 0
-        total_sparse += sf or 0
-        threshold = "" if row.threshold is None else f"{row.threshold:.4g}"
-        shape = "x".join(map(str, row.shape))
-        text_rows.append(
-            [
-                row.name,
-                shape,
-                _count(row.params),
-                _count(row.nonzero),
-                f"{100 * row.sparsity:.2f}",
-                threshold,
-                _count(f) if lp else "",
-                _count(sf) if lp else "",
-            ]
-        )
-        raw_rows.append(
-            [
-                row.name,
-                shape,
-                row.params,
-                row.nonzero,
-                f"{100 * row.sparsity:.4f}",
-                "" if row.threshold is None else repr(row.threshold),
-                "" if f is None else int(f),
-                "" if sf is None else int(sf),
-            ]
-        )
-    text_rows.append(
-        [
-            "total",
-            "",
-            _count(report.params),
-            _count(report.nonzero),
-            f"{100 * report.sparsity:.2f}",
-            "",
-            _count(total_flops) if flops else "",
-            _count(total_sparse) if flops else "",
-        ]
-    )
-    raw_rows.append(
-        [
-            "total",
-            "",
-            report.params,
-            report.nonzero,
-            f"{100 * report.sparsity:.4f}",
-            "",
-            int(total_flops) if flops else "",
-            int(total_sparse) if flops else "",
-        ]
-    )
-    return header, text_rows, raw_rows
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -254,44 +133,9 @@ def _check_budget_method(method: str) -> None:
 
 
 def _print_train_summary(result: TrainResult) -> None:
-    summary: dict[str, Any] = {}
-    summary_path = Path(result.summary_path)
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-    layers = summary.get("layers") or []
-    if layers:
-        header = LAYER_TABLE_HEADER
-        rows = []
-        for r in layers:
-            t = r.get("threshold")
-            rows.append(
-                [
-                    r["name"],
-                    "x".join(map(str, r.get("shape", []))),
-                    _count(r.get("params")),
-                    _count(r.get("nonzero")),
-                    f"{100 * r.get('sparsity', 0.0):.2f}",
-                    "" if t is None else f"{t:.4g}",
-                    _count(r["flops"]) if r.get("flops") is not None else "",
-                    _count(r["sparse_flops"]) if r.get("sparse_flops") is not None else "",
-                ]
-            )
-        params = sum(r.get("params") or 0 for r in layers)
-        nonzero = sum(r.get("nonzero") or 0 for r in layers)
-        has_flops = all(r.get("flops") is not None for r in layers)
-        rows.append(
-            [
-                "total",
-                "",
-                _count(params),
-                _count(nonzero),
-                f"{100 * (1 - nonzero / params) if params else 0.0:.2f}",
-                "",
-                _count(sum(r["flops"] for r in layers)) if has_flops else "",
-                _count(sum(r["sparse_flops"] for r in layers)) if has_flops else "",
-            ]
-        )
-        print(_table(header, rows, left=2))
+    layers = result.layers
+    if layers is not None and layers.layers:
+        print(layers.to_table())
         print()
     final = result.final
     best = result.best or {}
@@ -314,7 +158,7 @@ def _print_train_summary(result: TrainResult) -> None:
     plots = run_dir / "plots"
     if plots.is_dir():
         print(f"plots: {plots}")
-    print(f"summary: {summary_path}")
+    print(f"summary: {result.summary_path}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -389,16 +233,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from strsparse import sparsity_report
+
     model, cfg, _ = _restore(args.checkpoint)
     profile = _profile(model, _input_shape_of(cfg))
-    header, rows, raw = _layer_rows(model, profile)
-    print(_table(header, rows, left=2))
+    report = sparsity_report(model, flops=profile)
+    print(report.to_table())
     print()
     for line in _totals_lines(profile):
         print(line)
     if args.csv is not None:
-        path = write_atomic(Path(args.csv), _csv_text(header, raw))
-        print(f"wrote {path}")
+        report.to_csv(args.csv)
+        print(f"wrote {args.csv}")
     return EXIT_OK
 
 

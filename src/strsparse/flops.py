@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from strsparse.atomic import write_atomic
 from strsparse.errors import OptionError, did_you_mean
+from strsparse.formatting import render_table
 from strsparse.methods.base import is_conv1d, output_axis
 
 __all__ = ["FlopsProfile", "FlopsSummary", "LayerFlops", "apply_budget", "profile"]
@@ -219,18 +220,7 @@ class FlopsProfile:
 
         rows = [fmt(r) for r in self._rows()]
         totals = [fmt(r) for r in self._total_rows()]
-        widths = [
-            max(len(x) for x in col) for col in zip(self._HEADER, *rows, *totals, strict=True)
-        ]
-
-        def line(cells: Sequence[str]) -> str:
-            return "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip()
-
-        rule = "-" * len(line(totals[0]))
-        return "\n".join([line(self._HEADER), rule, *map(line, rows), rule, *map(line, totals)])
+        return render_table(self._HEADER, rows, totals=totals, left=2)
 
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
         """CSV text (records, then ``overall``, ``overall_no_pool``, ``backbone`` rows).

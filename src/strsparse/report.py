@@ -1,45 +1,77 @@
-"""Per-layer sparsity of a sparsified model, as a table or CSV."""
+"""The per-layer record of a sparsified model: sparsity and threshold of every sparsified
+layer, joined with its FLOPs when a profile is given. Training computes it once per epoch;
+``summary.json``, the CLI's tables and ``strsparse report`` all read this one record."""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from strsparse.atomic import write_atomic
+from strsparse.flops import FlopsProfile
+from strsparse.formatting import count, render_table
 from strsparse.methods.base import SparsityMethod, get_parametrization
 from strsparse.sparsify import DenseTensor, dense_tensors, sparse_layers
 
 __all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
 
+_HEADER = ("layer", "shape", "params", "nonzero", "sparsity_%", "threshold")
+_FLOPS_HEADER = ("flops", "sparse_flops")
+
 
 @dataclass(frozen=True)
 class LayerSparsity:
+    """One sparsified layer; ``flops``/``sparse_flops`` (per sample) when a FLOPs profile
+    was joined and holds the layer, else None."""
+
     name: str
     shape: tuple[int, ...]
     params: int
     nonzero: int
     threshold: float | None
+    flops: int | None = None
+    sparse_flops: float | None = None
     tied: tuple[str, ...] = ()  # other modules computing with the same (shared) weight
 
     @property
     def sparsity(self) -> float:
         """Fraction of zero weights."""
-        return 1.0 - self.nonzero / self.params if self.params else 0.0
+        return (self.params - self.nonzero) / self.params if self.params else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The layer as plain data (``summary.json``'s ``layers`` rows)."""
+        row: dict[str, Any] = {
+            "name": self.name,
+            "shape": list(self.shape),
+            "params": self.params,
+            "nonzero": self.nonzero,
+            "sparsity": self.sparsity,
+            "threshold": self.threshold,
+        }
+        if self.flops is not None:
+            row["flops"] = self.flops
+            row["sparse_flops"] = self.sparse_flops
+        return row
 
 
 @dataclass(frozen=True)
 class SparsityReport:
     """One row per sparsified layer plus totals over them; ``dense`` lists the >= 2-D
-    parameters left dense, each with the reason."""
+    parameters left dense, each with the reason; ``profile`` is the whole model's FLOPs
+    profile when one was joined (its totals include dense layers and pooling)."""
 
     layers: tuple[LayerSparsity, ...]
     dense: tuple[DenseTensor, ...] = ()
     vector_params: int = 0  # entries of 0-D/1-D parameters (biases, norm scales): never sparse
+    profile: FlopsProfile | None = None
 
     @property
     def params(self) -> int:
@@ -54,32 +86,44 @@ class SparsityReport:
         """Overall (parameter-weighted) sparsity of the sparsified layers."""
         return 1.0 - self.nonzero / self.params if self.params else 0.0
 
-    def _rows(self) -> list[list[str]]:
+    def model_totals(self) -> dict[str, float]:
+        """The whole model's dense and sparse FLOPs and parameters (``profile.overall``);
+        NaN for each when no profile was joined."""
+        if self.profile is None:
+            keys = ("flops", "sparse_flops", "params", "nonzero_params")
+            return dict.fromkeys(keys, math.nan)
+        o = self.profile.overall
+        return {
+            "flops": float(o.flops),
+            "sparse_flops": float(o.sparse_flops),
+            "params": float(o.params),
+            "nonzero_params": float(o.nonzero_params),
+        }
+
+    # -- rendering ------------------------------------------------------------------------
+    def _columns(self, count: Any, percent: Any, threshold: Any) -> tuple[list, list, list]:
+        """(header, rows, total row) with the counts, sparsity and thresholds formatted by
+        the given functions; the FLOPs columns only when a profile was joined."""
+        with_flops = self.profile is not None
+        header = [*_HEADER, *(_FLOPS_HEADER if with_flops else ())]
         rows = []
         for r in self.layers:
-            threshold = "" if r.threshold is None else f"{r.threshold:.4g}"
-            shape = "x".join(map(str, r.shape))
-            rows.append(
-                [r.name, shape, str(r.params), str(r.nonzero), f"{100 * r.sparsity:.2f}", threshold]
-            )
-        return rows
-
-    _HEADER = ("layer", "shape", "params", "nonzero", "sparsity_%", "threshold")
+            row = [r.name, "x".join(map(str, r.shape)), count(r.params), count(r.nonzero)]
+            row += [percent(r.sparsity), "" if r.threshold is None else threshold(r.threshold)]
+            if with_flops:
+                row += ["" if r.flops is None else count(r.flops)]
+                row += ["" if r.sparse_flops is None else count(r.sparse_flops)]
+            rows.append(row)
+        total = ["total", "", count(self.params), count(self.nonzero), percent(self.sparsity), ""]
+        if with_flops:
+            total += [count(sum(r.flops or 0 for r in self.layers))]
+            total += [count(sum(r.sparse_flops or 0 for r in self.layers))]
+        return header, rows, total
 
     def to_table(self) -> str:
-        """A fixed-width text table with a total row."""
-        rows = self._rows()
-        total = ["total", "", str(self.params), str(self.nonzero), f"{100 * self.sparsity:.2f}", ""]
-        widths = [max(len(x) for x in col) for col in zip(self._HEADER, *rows, total, strict=True)]
-
-        def line(cells: list[str] | tuple[str, ...]) -> str:
-            return "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip()
-
-        rule = "-" * len(line(total))
-        lines = [line(self._HEADER), rule, *map(line, rows), rule, line(total)]
+        """A fixed-width text table with a total row, then what stays dense and why."""
+        header, rows, total = self._columns(count, lambda s: f"{100 * s:.2f}", lambda t: f"{t:.4g}")
+        lines = render_table(header, rows, totals=[total], left=2).splitlines()
         if not self.layers:
             lines.insert(2, "(no sparsified layer)")
         if self.dense:
@@ -96,16 +140,15 @@ class SparsityReport:
             lines += [f"  {r.name}: also {', '.join(r.tied)}" for r in tied_rows]
         return "\n".join(lines)
 
-    def to_csv(self, path: str | Path | None = None) -> str:
-        """CSV text (one row per layer, then 'total'); also written to ``path`` if given."""
+    def to_csv(self, path: str | os.PathLike | None = None) -> str:
+        """CSV text (one row per layer, then 'total'); also written atomically to ``path``."""
+        header, rows, total = self._columns(int, lambda s: f"{100 * s:.4f}", repr)
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(self._HEADER)
-        writer.writerows(self._rows())
-        writer.writerow(["total", "", self.params, self.nonzero, f"{100 * self.sparsity:.2f}", ""])
+        writer.writerows([header, *rows, total])
         text = buf.getvalue()
         if path is not None:
-            Path(path).write_text(text)
+            write_atomic(path, text)
         return text
 
     def __str__(self) -> str:
@@ -113,13 +156,16 @@ class SparsityReport:
 
 
 @torch.no_grad()
-def sparsity_report(model: nn.Module) -> SparsityReport:
-    """Measure every sparsified layer: params, nonzero weights, sparsity and threshold; and
+def sparsity_report(model: nn.Module, *, flops: FlopsProfile | None = None) -> SparsityReport:
+    """Measure every sparsified layer: params, nonzero weights, sparsity and threshold, and
+    each layer's FLOPs from ``flops`` (a ``strsparse.flops.profile`` of ``model``) if given;
     list the >= 2-D parameters left dense with the reason (an embedding not opted in, not a
     weight matrix, excluded)."""
+    per_layer = {record.name: record for record in flops.layers} if flops is not None else {}
     rows = []
     for name, layer in sparse_layers(model).items():
         weight = layer.weight  # the effective (sparse) weight
+        record = per_layer.get(name)
         rows.append(
             LayerSparsity(
                 name=name,
@@ -127,6 +173,8 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
                 params=weight.numel(),
                 nonzero=int(torch.count_nonzero(weight)),
                 threshold=get_parametrization(layer).threshold(),
+                flops=None if record is None else record.flops,
+                sparse_flops=None if record is None else record.sparse_flops,
                 tied=tuple(n for n, _, _ in layer.tied),
             )
         )
@@ -137,4 +185,4 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
         for p in m.parameters(recurse=False)
         if p.dim() < 2
     )
-    return SparsityReport(tuple(rows), tuple(dense_tensors(model)), vectors)
+    return SparsityReport(tuple(rows), tuple(dense_tensors(model)), vectors, flops)

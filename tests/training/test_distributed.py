@@ -25,14 +25,14 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, sys.argv[2])
     from tests.training.runs import synthetic_config
 
-    finish = loop._Trainer._finish
+    finish = loop._finish
 
-    def finish_and_dump(self, state):
+    def finish_and_dump(run, *args):
         # each rank's final state, to compare across ranks
-        torch.save(self.model.state_dict(), f"{sys.argv[1]}/rank{self.env.rank}.pt")
-        return finish(self, state)
+        torch.save(run.model.state_dict(), f"{sys.argv[1]}/rank{run.env.rank}.pt")
+        return finish(run, *args)
 
-    loop._Trainer._finish = finish_and_dump
+    loop._finish = finish_and_dump
     from pathlib import Path
 
     loop.train(synthetic_config(Path(sys.argv[1]), "ddp"))

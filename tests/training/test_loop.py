@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from strsparse.training import (
     train,
 )
 from strsparse.training import loop as training_loop
-from strsparse.training.logs import CSV_COLUMNS
+from strsparse.training.recorder import CSV_COLUMNS
 from tests.training.runs import synthetic_config
 
 
@@ -271,11 +272,71 @@ def test_grad_clip_bounds_the_gradient_norm_at_each_optimizer_step(tmp_path: Pat
 def test_train_amp_sets_the_autocast_dtype_on_cuda_only(
     tmp_path: Path, amp: str, dtype: torch.dtype | None
 ) -> None:
-    from strsparse.training.distributed import DistributedEnv
+    train_cfg = synthetic_config(tmp_path, **{"train.amp": amp, "train.channels_last": True}).train
+    # reads the config only: no CUDA is touched
+    assert training_loop._precision(train_cfg, torch.device("cuda")) == (amp, dtype, True)
+    assert training_loop._precision(train_cfg, torch.device("cpu")) == ("off", None, False)
 
-    cfg = synthetic_config(tmp_path, **{"train.amp": amp})
-    # the constructor only reads the config: no CUDA is touched
-    on_cuda = training_loop._Trainer(cfg, DistributedEnv(), torch.device("cuda"))
-    assert (on_cuda.amp, on_cuda.autocast_dtype) == (amp, dtype)
-    on_cpu = training_loop._Trainer(cfg, DistributedEnv(), torch.device("cpu"))
-    assert (on_cpu.amp, on_cpu.autocast_dtype) == ("off", None)
+
+def _optimizer_lrs(run: Callable[[], object]) -> list[float]:
+    """The learning rate of every parameter group at every optimizer step of ``run()``."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    lrs: list[float] = []
+
+    def record(optimizer, args, kwargs):
+        (lr,) = {group["lr"] for group in optimizer.param_groups}
+        lrs.append(lr)
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        run()
+    finally:
+        hook.remove()
+    return lrs
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"name": "cosine", "warmup_epochs": 1.0, "min_lr": 0.01},
+        {"name": "multistep", "warmup_epochs": 0.5, "milestones": [2], "gamma": 0.5},
+        {"name": "step", "step_size": 1, "gamma": 0.3},
+    ],
+    ids=["cosine-warmup", "multistep-warmup", "step"],
+)
+def test_every_step_uses_the_configured_schedule(tmp_path: Path, schedule: dict) -> None:
+    # 3 epochs x 4 steps: each optimizer step's LR is the schedule's value at that step
+    changes = {"train.epochs": 3, "train.max_steps_per_epoch": 4, "train.tensorboard": False}
+    cfg = synthetic_config(tmp_path, **changes, **{f"schedule.{k}": v for k, v in schedule.items()})
+    lrs = _optimizer_lrs(lambda: train(cfg))
+    expected = [
+        learning_rate(step, base_lr=0.05, total_steps=12, steps_per_epoch=4, **schedule)
+        for step in range(12)
+    ]
+    assert lrs == pytest.approx(expected)
+    if schedule.get("warmup_epochs"):  # linear per step from base_lr / warmup_steps
+        warmup_steps = round(4 * schedule["warmup_epochs"])
+        assert lrs[0] == pytest.approx(0.05 / warmup_steps)
+        assert lrs[: warmup_steps - 1] == sorted(lrs[: warmup_steps - 1])
+
+
+def test_best_checkpoint_is_the_epoch_with_the_highest_top1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    top1 = iter([60.0, 80.0, 70.0])  # epoch 2 is the best; the last is not
+    evaluate_model = training_loop._evaluate
+
+    def scripted(run):
+        metrics = evaluate_model(run)
+        return {**metrics, "top1": next(top1)}
+
+    monkeypatch.setattr(training_loop, "_evaluate", scripted)
+    changes = {"train.epochs": 3, "train.max_steps_per_epoch": 2, "train.tensorboard": False}
+    result = train(synthetic_config(tmp_path, **changes))
+    run = tmp_path / "run"
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["epoch"] == 2 and best["best"]["top1"] == 80.0 and best["best"]["epoch"] == 2
+    assert result.best["top1"] == 80.0 and result.final["top1"] == 70.0
+    assert json.loads((run / "summary.json").read_text())["best"]["top1"] == 80.0
+    assert load_checkpoint(run)["epoch"] == 3

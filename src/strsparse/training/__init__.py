@@ -1,4 +1,5 @@
-"""Training engine: optimizer groups, pure LR schedules, the loop, checkpoints, logs."""
+"""Training engine: optimizer groups, pure LR schedules, the loop, its record, checkpoints and
+resume."""
 
 from strsparse.training.build import build_model, resolve_budget, restore_model
 from strsparse.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
