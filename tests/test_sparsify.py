@@ -263,3 +263,54 @@ def test_include_then_exclude() -> None:
     model = _resnet_like()
     handle = strsparse.sparsify(model, "magnitude", sparsity=0.5, include=["0.*"], exclude=["*.1"])
     assert list(handle.layers) == ["0.0.0", "0.1.0"]
+
+
+# -- pretrained weights ---------------------------------------------------------------------
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_load_pretrained_after_sparsify_equals_loading_before(method: str) -> None:
+    torch.manual_seed(0)
+    pretrained = Recurrent(nn.LSTM).state_dict()  # plain keys, as a dense checkpoint has
+    before = Recurrent(nn.LSTM)
+    before.load_state_dict(pretrained)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strsparse.sparsify(before, method, **METHOD_OPTIONS[method])
+        after = Recurrent(nn.LSTM)
+        handle = strsparse.sparsify(after, method, **METHOD_OPTIONS[method])
+        with pytest.raises(RuntimeError, match="parametrizations.weight.original"):
+            after.load_state_dict(pretrained)  # what torch alone does
+        strsparse.load_pretrained(after, pretrained, handle=handle)
+    expected = before.state_dict()
+    got = after.state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], equal_nan=True, msg=key)
+
+
+def test_load_pretrained_fills_a_tied_weight_saved_once() -> None:
+    torch.manual_seed(0)
+    source = TinyGPT()
+    checkpoint = {k: v for k, v in source.state_dict().items() if k != "lm_head.weight"}
+    model = TinyGPT()
+    handle = strsparse.sparsify(model, "magnitude", sparsity=0.5)
+    strsparse.load_pretrained(model, checkpoint, handle=handle)
+    assert torch.equal(raw_weight(model.lm_head), source.wte.weight)
+    assert float((model.wte.weight == 0).float().mean()) == pytest.approx(0.5)
+    ids = torch.randint(0, 50, (2, 5))
+    reference = copy.deepcopy(source)
+    strsparse.sparsify(reference, "magnitude", sparsity=0.5)
+    torch.testing.assert_close(model(ids), reference(ids))
+
+
+def test_load_pretrained_errors_name_the_keys() -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    strsparse.sparsify(model, "magnitude", sparsity=0.5)
+    wrong = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 2)).state_dict()
+    with pytest.raises(strsparse.PretrainedWeightsError, match="size mismatch"):
+        strsparse.load_pretrained(model, wrong)
+    extra = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).state_dict() | {"head.weight": 0}
+    with pytest.raises(strsparse.PretrainedWeightsError, match="head.weight"):
+        strsparse.load_pretrained(model, extra)
+    del extra["head.weight"], extra["1.bias"]
+    strsparse.load_pretrained(model, extra, strict=False)
+    assert torch.equal(raw_weight(model[1]), extra["1.weight"])

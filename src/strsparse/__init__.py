@@ -11,7 +11,14 @@ from strsparse.methods.structured import structure_report
 from strsparse.models import create_model, list_models
 from strsparse.report import SparsityReport, sparsity_report
 from strsparse.slimming import SlimError, slim
-from strsparse.sparsify import SparsityHandle, finalize, sparse_layers, sparsify
+from strsparse.sparsify import (
+    PretrainedWeightsError,
+    SparsityHandle,
+    finalize,
+    load_pretrained,
+    sparse_layers,
+    sparsify,
+)
 from strsparse.training import (
     CheckpointError,
     TrainingDiverged,
@@ -28,6 +35,7 @@ __all__ = [
     "Budget",
     "CheckpointError",
     "LowRankLinear",
+    "PretrainedWeightsError",
     "SlimError",
     "SparsityHandle",
     "SparsityReport",
@@ -44,6 +52,7 @@ __all__ = [
     "list_methods",
     "list_models",
     "list_paper_budgets",
+    "load_pretrained",
     "load_checkpoint",
     "load_sparse",
     "models",

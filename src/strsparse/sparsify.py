@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from strsparse.errors import OptionError, did_you_mean
+from strsparse.errors import OptionError, StrsparseError, did_you_mean
 from strsparse.methods.base import (
     LayerWeight,
     SparsityMethod,
@@ -29,10 +29,12 @@ from strsparse.methods.structured import (
 
 __all__ = [
     "DenseTensor",
+    "PretrainedWeightsError",
     "SparsityHandle",
     "dense_tensors",
     "eligible_layers",
     "finalize",
+    "load_pretrained",
     "sparse_layers",
     "sparsify",
 ]
@@ -372,3 +374,95 @@ def finalize(model: nn.Module) -> nn.Module:
                     del module._forward_hooks[key]
             module._init_flat_weights()  # the plain Parameters again
     return model
+
+
+class PretrainedWeightsError(StrsparseError, ValueError):
+    """A pretrained ``state_dict`` does not fit the model it is loaded into."""
+
+
+class _RawView(LayerWeight):
+    """A sparsified layer seen through its raw weight, for re-running a method's ``create``."""
+
+    @property
+    def weight(self) -> Tensor:
+        return self.raw
+
+
+def _plain_keys(model: nn.Module) -> dict[str, str]:
+    """Plain key -> parametrized key of every parametrized tensor:
+    ``"fc.weight"`` -> ``"fc.parametrizations.weight.original"``."""
+    keys = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if parametrize.is_parametrized(module):
+            prefix = f"{module_name}." if module_name else ""
+            for tensor in module.parametrizations:
+                keys[f"{prefix}{tensor}"] = f"{prefix}parametrizations.{tensor}.original"
+    return keys
+
+
+@torch.no_grad()
+def load_pretrained(
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    handle: SparsityHandle | None = None,
+    strict: bool = True,
+) -> nn.Module:
+    """Load a dense checkpoint (plain keys such as ``"fc.weight"``, as saved by the bare model,
+    torchvision, timm or ``finalize``) into a model that is already sparsified.
+
+    Each plain key of a sparsified tensor goes to its raw tensor
+    (``"fc.parametrizations.weight.original"``); the methods' own state (STR's ``s``, masks,
+    schedules) is kept from ``model``. A tied Parameter saved under one of its users' names
+    only (as Hugging Face's checkpoints do) fills all of them. With ``strict`` every other
+    key must match, as in ``load_state_dict``.
+
+    Pass ``handle`` (what ``sparsify`` returned) to recompute the state a method derived from
+    the weights at ``sparsify`` time from the loaded ones: one-shot magnitude masks, and
+    STR's initial thresholds and its check that they do not zero a layer. Without it only the
+    weights change. Loading before ``sparsify`` needs none of this:
+    ``model.load_state_dict(dense); sparsify(model, ...)``.
+    """
+    plain = _plain_keys(model)
+    state = {plain.get(key, key): value for key, value in state_dict.items()}
+    for layer_name, layer in sparse_layers(model).items():
+        keys = [plain[_key(n, t)] for n, _, t in ((layer_name, None, layer.tensor), *layer.tied)]
+        present = [k for k in keys if k in state]
+        for key in keys:
+            if present and key not in state:
+                state[key] = state[present[0]]
+    for key, value in model.state_dict().items():
+        if ".parametrizations." in f".{key}" and not key.endswith(".original"):
+            state.setdefault(key, value)  # the methods' own state stays
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as err:
+        raise PretrainedWeightsError(
+            f"the checkpoint does not fit {type(model).__name__}: {err}; check that it belongs "
+            "to this architecture, or pass strict=False to load only the matching keys"
+        ) from err
+    if handle is not None:
+        _recreate(handle)
+    return model
+
+
+def _recreate(handle: SparsityHandle) -> None:
+    """Run the method's ``create`` again on the layers' raw weights and take its state."""
+    parsed = handle.method_cls.parse_options(handle.options)
+    if getattr(parsed, "structure", "weight") != "weight":
+        return  # structured gates do not depend on the weights
+    views = {
+        name: _RawView(layer.module, layer.tensor, layer.tied)
+        for name, layer in handle.layers.items()
+    }
+    fresh = handle.method_cls.create(views, parsed)
+    for name, layer in handle.layers.items():
+        get_parametrization(layer).load_state_dict(fresh[name].state_dict())
+
+
+def _key(layer_name: str, tensor: str) -> str:
+    """The plain state_dict key of a layer user: ``"fc"`` -> ``"fc.weight"``;
+    ``"rnn.weight_ih_l0"`` stays."""
+    if tensor != "weight":
+        return layer_name
+    return f"{layer_name}.weight" if layer_name else "weight"
