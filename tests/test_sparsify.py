@@ -314,3 +314,41 @@ def test_load_pretrained_errors_name_the_keys() -> None:
     del extra["head.weight"], extra["1.bias"]
     strsparse.load_pretrained(model, extra, strict=False)
     assert torch.equal(raw_weight(model[1]), extra["1.weight"])
+
+
+# -- rough edges ----------------------------------------------------------------------------
+def test_whole_model_torch_save_says_what_to_save_instead(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    strsparse.sparsify(model, "str")
+    with pytest.raises(strsparse.SparsifiedPickleError, match="state_dict.*finalize"):
+        torch.save(model, tmp_path / "model.pt")
+    copy.deepcopy(model)  # copies still work
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    strsparse.finalize(model)
+    torch.save(model, tmp_path / "model.pt")  # a plain model again
+
+
+@pytest.mark.parametrize("method", ["str", "gmp", "dnw", "st3"])
+def test_sparsify_a_meta_device_model(method: str) -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    handle = strsparse.sparsify(model, method, **METHOD_OPTIONS[method])
+    model.to_empty(device="cpu")
+    assert model(torch.randn(2, 4)).shape == (2, 2) and len(handle.layers) == 2
+
+
+def test_magnitude_on_a_meta_model_asks_for_the_weights() -> None:
+    with torch.device("meta"):
+        model = nn.Linear(4, 3)
+    with pytest.raises(strsparse.errors.OptionError, match="meta device.*'gmp'"):
+        strsparse.sparsify(model, "magnitude", sparsity=0.5)
+
+
+def test_step_after_finalize_and_a_model_name_are_clear_errors() -> None:
+    model = nn.Linear(4, 3)
+    handle = strsparse.sparsify(model, "gmp", sparsity=0.5)
+    strsparse.finalize(model)
+    with pytest.raises(strsparse.errors.OptionError, match="no longer sparsified"):
+        handle.step(1, 10)
+    with pytest.raises(strsparse.errors.OptionError, match=r"create_model\('resnet50'\)"):
+        strsparse.sparsify("resnet50", "str")

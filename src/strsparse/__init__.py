@@ -13,6 +13,7 @@ from strsparse.report import SparsityReport, sparsity_report
 from strsparse.slimming import SlimError, slim
 from strsparse.sparsify import (
     PretrainedWeightsError,
+    SparsifiedPickleError,
     SparsityHandle,
     finalize,
     load_pretrained,
@@ -36,6 +37,7 @@ __all__ = [
     "CheckpointError",
     "LowRankLinear",
     "PretrainedWeightsError",
+    "SparsifiedPickleError",
     "SlimError",
     "SparsityHandle",
     "SparsityReport",

@@ -30,6 +30,7 @@ from strsparse.methods.structured import (
 __all__ = [
     "DenseTensor",
     "PretrainedWeightsError",
+    "SparsifiedPickleError",
     "SparsityHandle",
     "dense_tensors",
     "eligible_layers",
@@ -74,6 +75,13 @@ class SparsityHandle:
         ``step`` of ``total_steps``; call it once per optimizer step (a no-op for STR)."""
         if total_steps <= 0:
             raise OptionError(f"total_steps={total_steps} must be positive")
+        first = next(iter(self.layers.values()))
+        if get_parametrization(first) is None:
+            raise OptionError(
+                f"this {self.method!r} handle's layers are no longer sparsified "
+                "(strsparse.finalize removed the method): there is nothing to step; "
+                "sparsify the model again to continue pruning"
+            )
         self.method_cls.update(self.layers, step, total_steps)
 
     def threshold_parameters(self) -> list[nn.Parameter]:
@@ -218,6 +226,12 @@ def sparsify(
     ``sparsify(model, "str", init_threshold=-3200)`` or ``sparsify(model, "gmp", sparsity=0.9)``.
     The model is changed in place; the returned handle advances schedules with ``step``.
     """
+    if not isinstance(model, nn.Module):
+        hint = f", e.g. strsparse.create_model({model!r})" if isinstance(model, str) else ""
+        raise OptionError(
+            f"sparsify needs the model itself (an nn.Module), got {type(model).__name__} "
+            f"{model!r:.60}; build it first{hint}"
+        )
     method_cls = get_method(method)
     parsed = method_cls.parse_options(options)
     structure = getattr(parsed, "structure", "weight")  # STR's filter / rank structures
@@ -269,11 +283,28 @@ def sparsify(
     for name, layer in layers.items():
         for module, tensor in layer.users:
             parametrize.register_parametrization(module, tensor, parametrizations[name])
+            type(
+                module
+            ).__getstate__ = _refuse_pickling  # the parametrized class is the module's own
             if isinstance(module, nn.RNNBase) and _release_flat_weights not in _hooks(module):
                 module.register_forward_hook(_release_flat_weights)
     method_cls.attach(model, layers)
     logger.info("sparsified %d layers with %r", len(layers), method)
     return SparsityHandle(method=method, options=dict(options), layers=layers)
+
+
+class SparsifiedPickleError(StrsparseError, RuntimeError):
+    """A sparsified model was pickled whole (``torch.save(model)``)."""
+
+
+def _refuse_pickling(module: nn.Module) -> None:
+    raise SparsifiedPickleError(
+        f"a sparsified model (here its {type(module).__name__}) cannot be saved whole with "
+        "torch.save(model) "
+        "(torch pickles no parametrized module): save model.state_dict() instead (it loads "
+        "into the same model sparsified with the same options), or call "
+        "strsparse.finalize(model) first to save a plain model"
+    )
 
 
 def _release_flat_weights(module: nn.RNNBase, inputs: object, output: object) -> None:

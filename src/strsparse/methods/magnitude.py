@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from strsparse.errors import OptionError
 from strsparse.functional import global_magnitude_masks, magnitude_mask, pruned_cutoff
 from strsparse.methods.base import (
     LayerWeight,
@@ -78,6 +79,12 @@ class Magnitude(SparsityMethod):
     ) -> dict[str, SparsityMethod]:
         names = list(layers)
         weights = [layers[n].weight.detach() for n in names]
+        if any(w.is_meta for w in weights):
+            raise OptionError(
+                "one-shot magnitude pruning ranks the weights' values, and this model's are on "
+                "the meta device: load its weights first (model.to_empty(device=...) and "
+                "load_state_dict), or use 'gmp', which computes its masks during training"
+            )
         if options.scope == "global":
             masks = global_magnitude_masks(weights, options.sparsity)
         else:

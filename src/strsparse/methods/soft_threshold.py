@@ -275,6 +275,8 @@ class _LayerBatch:
 
 @torch.no_grad()
 def _warn_if_pruned_at_init(name: str, weight: Tensor, p: SoftThreshold) -> None:
+    if weight.is_meta:  # no values yet (a model built on the meta device)
+        return
     threshold = p.threshold_tensor().to(weight.device)
     pruned = float((weight.abs() <= threshold).float().mean())
     if pruned >= _INIT_PRUNED_WARNING:
