@@ -1,4 +1,4 @@
-"""strsparse.plots writes real, complete PNG files, atomically."""
+"""strsparse.plots writes real, complete images (the format of the suffix), atomically."""
 
 from __future__ import annotations
 
@@ -97,3 +97,34 @@ def test_thresholds_accept_scalar_tensors(tmp_path):
     # What a training loop logs: g(s) as 0-dim tensors, one per epoch.
     history = {"fc": [torch.sigmoid(torch.tensor(s)) for s in (-5.0, -4.0, -3.0)]}
     _assert_png(plot_thresholds(history, tmp_path / "t.png", epochs=[1, 2, 3]), tmp_path)
+
+
+@pytest.mark.parametrize(("suffix", "magic"), [(".pdf", b"%PDF-"), (".svg", b"<?xml")])
+def test_the_suffix_picks_the_format(tmp_path, suffix, magic):
+    path = plot_budgets(BUDGETS, tmp_path / f"m{suffix}")
+    assert path.read_bytes().startswith(magic)
+    assert [p.name for p in tmp_path.iterdir()] == [f"m{suffix}"]
+    _assert_png(
+        plot_metrics([0, 1], {"loss": [1.0, 0.5]}, tmp_path / "png" / "m"), tmp_path / "png"
+    )
+
+
+def test_an_unknown_suffix_is_a_clear_error_and_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match=r"'\.pdff' \(did you mean 'pdf'\?\).*\.png"):
+        plot_budgets(BUDGETS, tmp_path / "m.pdff")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_budgets_has_one_title(tmp_path, small_profile, monkeypatch):
+    from strsparse import plots
+
+    figures = []
+    save = plots._save_atomic
+    monkeypatch.setattr(
+        plots, "_save_atomic", lambda fig, path: figures.append(fig) or save(fig, path)
+    )
+    plot_budgets(BUDGETS, tmp_path / "b.png", flops_profile=small_profile, title="run: sparsity")
+    (fig,) = figures
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert fig._suptitle is None and titles.count("run: sparsity") == 1
+    assert not any("sparsity budget" in t for t in titles)  # the default gave way to the title

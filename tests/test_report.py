@@ -85,3 +85,18 @@ def test_sparsity_report_joined_with_flops(tmp_path: Path) -> None:
     assert lines[0] == ",".join([*CSV_HEADER, "flops", "sparse_flops"])
     assert lines[1].split(",")[-2] == str(prof["0"].flops)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["layers.csv"]  # no temp file left
+
+
+def test_report_csv_is_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    path = tmp_path / "report.csv"
+    path.write_text("old")
+
+    def fail(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        strsparse.sparsity_report(_net()).to_csv(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["report.csv"] and path.read_text() == "old"

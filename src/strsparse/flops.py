@@ -53,6 +53,7 @@ from strsparse.atomic import write_atomic
 from strsparse.errors import OptionError, did_you_mean
 from strsparse.formatting import render_table
 from strsparse.methods.base import is_conv1d, output_axis
+from strsparse.models.registry import declared_classifier_name
 
 __all__ = ["FlopsProfile", "FlopsSummary", "LayerFlops", "apply_budget", "profile"]
 
@@ -345,15 +346,6 @@ def apply_budget(profile: FlopsProfile, budget: Mapping[str, float]) -> FlopsPro
     return replace(profile, layers=tuple(records))
 
 
-def _declared_classifier(model: nn.Module) -> str | None:
-    target = getattr(model, "_orig_mod", model)  # look through torch.compile
-    for obj in (target, type(target)):
-        name = getattr(obj, "classifier_name", None)
-        if isinstance(name, str):
-            return name
-    return None
-
-
 def _example_input(model: nn.Module, shape: tuple[int, ...]) -> Tensor:
     ref = next(model.parameters(), None)
     if ref is None:
@@ -529,7 +521,7 @@ def profile(
         for module, mode in modes.items():
             module.training = mode
 
-    chosen = classifier if classifier is not None else _declared_classifier(model)
+    chosen = classifier if classifier is not None else declared_classifier_name(model)
     if chosen is None:
         chosen = executed[-1] if executed else None  # the last weight layer run
     elif chosen not in executed:

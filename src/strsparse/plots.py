@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from strsparse.atomic import write_atomic
-from strsparse.errors import OptionError
+from strsparse.errors import OptionError, did_you_mean
 from strsparse.formatting import human
 
 if TYPE_CHECKING:
@@ -46,10 +46,28 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
+def _image_format(fig: Figure, path: Path) -> str:
+    """The format ``path``'s suffix names (``m.pdf`` -> pdf); PNG without a suffix."""
+    if not path.suffix:
+        return "png"
+    fmt = path.suffix[1:].lower()
+    supported = fig.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise OptionError(
+            f"cannot write a plot as {path.name!r}: unknown image suffix {path.suffix!r}"
+            f"{did_you_mean(fmt, supported)}; use one of "
+            f"{', '.join('.' + s for s in sorted(supported))}"
+        )
+    return fmt
+
+
 def _save_atomic(fig: Figure, path: str | os.PathLike) -> Path:
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
+    """Write ``fig`` in the format of ``path``'s suffix (PNG, PDF, SVG, ...), atomically."""
+    path = Path(path)
+    fmt = _image_format(fig, path)  # the temporary file's name has no telling suffix
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=_DPI))
     logger.debug("wrote %s", path)
-    return Path(path)
+    return path
 
 
 def _percent_axis(ax: Any) -> None:
@@ -110,7 +128,9 @@ def plot_budgets(
 
     With ``flops_profile`` (a dense profile of the model the budgets are for) a second panel
     shows each layer's sparse FLOPs ``(1 - s_l) * FLOPs_l`` per budget, with the dense FLOPs
-    as black ticks; layers a budget leaves out count as dense. Writes a PNG and returns its path.
+    as black ticks; layers a budget leaves out count as dense. ``title`` replaces the
+    sparsity panel's. Writes the image format of ``path``'s suffix (PNG, PDF, SVG, ...; PNG
+    without one) and returns the path.
     """
     if not budgets:
         raise OptionError("plot_budgets needs at least one budget")
@@ -142,7 +162,7 @@ def plot_budgets(
     _percent_axis(ax)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize="small")
-    ax.set_title("Per-layer sparsity budget")
+    ax.set_title(title or "Per-layer sparsity budget")  # the figure's one title
 
     if flops_profile is not None:
         ax = axes[1]
@@ -168,8 +188,6 @@ def plot_budgets(
 
     axes[-1].set_xticks(x, layers, rotation=90, fontsize="x-small" if n_layers > 30 else "small")
     axes[-1].set_xlim(-0.6, n_layers - 0.4)
-    if title:
-        fig.suptitle(title)
     return _save_atomic(fig, path)
 
 
@@ -183,7 +201,8 @@ def plot_thresholds(
     """Each layer's threshold (layer -> one value per epoch) over training (paper Figure 1).
 
     Layers are coloured by their depth (first to last, as given); up to 12 are named in a
-    legend, more get a colour bar. Writes a PNG and returns its path.
+    legend, more get a colour bar. Writes the image format of ``path``'s suffix (PNG without
+    one) and returns the path.
     """
     if not history:
         raise OptionError("plot_thresholds needs at least one layer's history")
@@ -234,8 +253,8 @@ def plot_metrics(
     """One panel per series (e.g. ``{"top1_%": [...], "sparsity_%": [...]}``) over ``epochs``.
 
     Separate panels because the series have different units. A series name ending in ``%``
-    gets a percent axis. Values that are missing (``nan``) leave gaps. Writes a PNG and
-    returns its path.
+    gets a percent axis. Values that are missing (``nan``) leave gaps. Writes the image format
+    of ``path``'s suffix (PNG without one) and returns the path.
     """
     if not series:
         raise OptionError("plot_metrics needs at least one series")

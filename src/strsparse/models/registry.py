@@ -26,6 +26,7 @@ __all__ = [
     "check_positive_int",
     "classifier_name",
     "create_model",
+    "declared_classifier_name",
     "default_input_shape",
     "list_models",
     "model_options",
@@ -125,6 +126,12 @@ def create_model(
     return builder(**kwargs)
 
 
+def declared_classifier_name(model: nn.Module) -> str | None:
+    """The ``classifier_name`` ``model`` declares (looking through ``torch.compile``), if any."""
+    declared = getattr(getattr(model, "_orig_mod", model), "classifier_name", None)
+    return declared if isinstance(declared, str) else None
+
+
 def classifier_name(model: nn.Module) -> str:
     """Full dotted name of ``model``'s classifier layer (the rest is the "backbone").
 
@@ -134,10 +141,10 @@ def classifier_name(model: nn.Module) -> str:
     models it falls back to the last registered module with a weight of >= 2 dims, which is the
     classifier in the usual ``features -> head`` layout.
     """
-    target = getattr(model, "_orig_mod", model)
-    declared = getattr(target, "classifier_name", None)
-    if isinstance(declared, str):
+    declared = declared_classifier_name(model)
+    if declared is not None:
         return declared
+    target = getattr(model, "_orig_mod", model)
     last: str | None = None
     for module_name, module in target.named_modules():
         weight = getattr(module, "weight", None)
