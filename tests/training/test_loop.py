@@ -106,6 +106,26 @@ def test_train_synthetic_writes_the_run_directory(tmp_path: Path) -> None:
     assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 2
 
 
+@pytest.mark.slow
+def test_threshold_plot_starts_at_the_initial_threshold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from strsparse import plots
+
+    calls = []
+    monkeypatch.setattr(plots, "plot_thresholds", lambda *a, **kw: calls.append((a, kw)))
+    train(synthetic_config(tmp_path, **{"train.epochs": 1}))
+    initial = float(torch.sigmoid(torch.tensor(-6.0)))  # g(s) of init_threshold=-6
+    history = load_checkpoint(tmp_path / "run")["history"]
+    assert history["initial_threshold"] and all(
+        v == pytest.approx(initial) for v in history["initial_threshold"].values()
+    )
+    ((series, _path), kwargs) = calls[0]
+    assert kwargs["epochs"] == [0, 1]
+    for layer, values in series.items():
+        assert values == [history["initial_threshold"][layer], history["layer_threshold"][layer][0]]
+
+
 def _restored(run: Path) -> nn.Module:
     from strsparse.training import restore_model
 

@@ -623,6 +623,8 @@ def _fit(
         f", {run.env.world_size} processes" if run.env.enabled else "",
     )
     resume = ckpt if ckpt is not None and progress.batch > 0 else None  # a mid-epoch stop
+    if progress.step == 0:
+        recorder.add_start(sparsity_report(run.model))
     layers = None
     with _InterruptFlag(active=not run.env.enabled) as interrupt:
         while progress.epoch < epochs:

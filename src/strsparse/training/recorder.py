@@ -70,6 +70,7 @@ def _new_history() -> dict[str, Any]:
     history: dict[str, Any] = {k: [] for k in CSV_COLUMNS}
     history["layer_sparsity"] = {}
     history["layer_threshold"] = {}
+    history["initial_threshold"] = {}  # layer -> threshold before the first step (epoch 0)
     return history
 
 
@@ -124,6 +125,14 @@ class Recorder:
         if self._writer is not None:
             self._writer.add_scalar("train/loss", loss, step)
             self._writer.add_scalar("train/lr", lr, step)
+
+    def add_start(self, layers: SparsityReport) -> None:
+        """The thresholds before the first training step: the threshold plot's epoch 0."""
+        self.history["initial_threshold"] = {
+            layer.name: float(layer.threshold)
+            for layer in layers.layers
+            if layer.threshold is not None
+        }
 
     def add_epoch(
         self, row: Mapping[str, Any], layers: SparsityReport, val: Mapping[str, float]
@@ -227,10 +236,16 @@ class Recorder:
             thresholds = history["layer_threshold"]
             if thresholds:
                 n = min(len(v) for v in thresholds.values())
+                series = {layer: values[-n:] for layer, values in thresholds.items()}
+                epochs = history["epoch"][-n:]
+                initial = history.get("initial_threshold") or {}
+                if epochs and epochs[0] == 1 and all(layer in initial for layer in series):
+                    epochs = [0, *epochs]  # start the curves at the initial thresholds
+                    series = {layer: [initial[layer], *v] for layer, v in series.items()}
                 plots.plot_thresholds(
-                    {layer: values[-n:] for layer, values in thresholds.items()},
+                    series,
                     out / "thresholds.png",
-                    epochs=history["epoch"][-n:],
+                    epochs=epochs,
                     title=f"{name}: per-layer threshold",
                 )
             if history["epoch"]:
