@@ -453,3 +453,18 @@ def test_budget_needs_a_method_that_takes_one(tmp_path: Path, capsys) -> None:
     assert code == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "--budget" in line and "'str'" in line and "sparsity.method=gmp" in line
+
+
+def test_resume_alone_continues_the_run_with_its_own_config(
+    str_run: tuple[Path, str], tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "copy"
+    shutil.copytree(str_run[0], run)
+    last = (run / "checkpoints" / "last.pt").read_bytes()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert f"run directory: {run}" in capsys.readouterr().out
+    assert (run / "checkpoints" / "last.pt").read_bytes() == last  # finished: unchanged
+    assert main(["train", "--resume", str(run), "optim.lr=0.5", "--quiet"]) == 2
+    assert "optim.lr 0.05 -> 0.5" in _one_error_line(capsys.readouterr().err)
+    assert main(["train"]) == 2
+    assert "train needs --config" in _one_error_line(capsys.readouterr().err)

@@ -103,7 +103,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.budget is not None:
         overrides.append(f"sparsity.budget={json.dumps(str(args.budget))}")
-    cfg = load_config(args.config, overrides)
+    if args.config is not None:
+        cfg = load_config(args.config, overrides)
+    elif args.resume is not None:  # the run's own configuration
+        from strsparse.config import apply_overrides, config_from_dict
+        from strsparse.training import load_checkpoint
+
+        cfg = config_from_dict(apply_overrides(load_checkpoint(args.resume)["config"], overrides))
+    else:
+        raise OptionError("train needs --config FILE_OR_NAME (or --resume RUN_DIR)")
     if args.budget is not None:
         _check_budget_method(cfg.sparsity.method)
         options = dict(cfg.sparsity.options)
@@ -413,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Train a model from a YAML config (a file or a shipped config name, see\n"
         "'strsparse list configs'), with dotted key=value overrides. The run directory\n"
         "(output_dir/name) receives checkpoints, metrics.csv, TensorBoard logs, plots and\n"
-        "summary.json; a run directory holding checkpoints/last.pt is resumed. At the end\n"
+        "summary.json. Rerunning the same config resumes its run; another config under the\n"
+        "same name trains into NAME-1 (a finished run is never rewritten). At the end\n"
         "the per-layer sparsity table, accuracy, sparsity and FLOPs are printed.",
         "  strsparse train --config fashion_mnist_str\n"
         "  strsparse train --config my.yaml train.epochs=10 sparsity.options.init_threshold=-3200\n"
@@ -423,9 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         "-c",
-        required=True,
         metavar="FILE_OR_NAME",
-        help="YAML config file, or the name of a shipped config ('strsparse list configs')",
+        help="YAML config file, or the name of a shipped config ('strsparse list configs'); "
+        "with --resume and no --config, the run's own config",
     )
     p.add_argument(
         "overrides",
@@ -437,8 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="resume the run in RUN_DIR from its checkpoints/last.pt (a run whose "
-        "directory already holds a checkpoint resumes without this flag)",
+        help="resume exactly the run in RUN_DIR, in RUN_DIR, from its checkpoints/last.pt "
+        "(a config that changes the run is refused). Without --resume, a run directory "
+        "holding a run of the same config resumes; a different config under the same name "
+        "goes to NAME-1, NAME-2, ...",
     )
     p.add_argument(
         "--budget",

@@ -1,14 +1,27 @@
-"""Resuming a run (strsparse.training.resume): the loader order of every epoch."""
+"""Where a run goes and how it resumes (strsparse.training.resume): a run directory only
+ever describes what ran in it; every epoch's loader order is a function of (seed, epoch)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from strsparse.training import load_checkpoint, train
 from strsparse.training.checkpoint import capture_rng_state
-from strsparse.training.resume import Progress, epoch_batches
+from strsparse.training.resume import (
+    Progress,
+    RunMismatchError,
+    RunPlace,
+    config_differences,
+    epoch_batches,
+    place_run,
+)
+from tests.training.runs import synthetic_config
 
 
 def _loader(distributed: bool) -> DataLoader:
@@ -48,3 +61,69 @@ def test_a_mid_epoch_resume_skips_the_batches_already_trained() -> None:
     )
     assert progress.batch == 3
     assert torch.cat([indices for (indices,) in batches]).tolist() == full[3 * 8 :]
+
+
+# -- where a run goes -------------------------------------------------------------------------
+
+QUICK = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "train.tensorboard": False}
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(run)): p.read_bytes()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name != "train.log"
+    }
+
+
+def test_a_changed_config_never_rewrites_a_finished_run(tmp_path: Path) -> None:
+    first = train(synthetic_config(tmp_path, **QUICK))
+    run = tmp_path / "run"
+    assert first.run_dir == run
+    before = _snapshot(run)
+    assert {"config.yaml", "metrics.csv", "checkpoints/last.pt"} <= set(before)
+
+    changed = synthetic_config(tmp_path, **QUICK, **{"optim.weight_decay": 3e-3})
+    second = train(changed)
+    assert second.run_dir == tmp_path / "run-1"
+    assert _snapshot(run) == before  # byte for byte
+    saved = yaml.safe_load((tmp_path / "run-1" / "config.yaml").read_text())
+    assert saved["name"] == "run-1" and saved["optim"]["weight_decay"] == 3e-3
+    # rerunning either configuration finds its own run, finished: nothing is rewritten
+    again = _snapshot(tmp_path / "run-1")
+    assert train(changed).run_dir == tmp_path / "run-1"
+    assert train(synthetic_config(tmp_path, **QUICK, **{"train.quiet": False})).run_dir == run
+    assert _snapshot(run) == before and _snapshot(tmp_path / "run-1") == again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-1"]
+
+
+def test_more_epochs_is_a_new_run_not_a_longer_old_one(tmp_path: Path) -> None:
+    train(synthetic_config(tmp_path, **QUICK))
+    longer = train(synthetic_config(tmp_path, **{**QUICK, "train.epochs": 2}))
+    assert longer.run_dir == tmp_path / "run-1"
+    assert load_checkpoint(tmp_path / "run")["epoch"] == 1
+
+
+def test_resume_continues_exactly_the_named_run_in_its_own_directory(tmp_path: Path) -> None:
+    train(synthetic_config(tmp_path, "A", **{**QUICK, "train.epochs": 2}))
+    last = tmp_path / "A" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    # a config named B asked to resume A: A's run continues in A, nothing goes to B
+    result = train(synthetic_config(tmp_path, "B", **{**QUICK, "train.epochs": 2}), resume=last)
+    assert result.run_dir == tmp_path / "A"
+    assert not (tmp_path / "B").exists()
+    assert last.read_bytes() == before  # finished: nothing to add
+
+    changed = synthetic_config(tmp_path, "B", **{**QUICK, "optim.lr": 0.5})
+    with pytest.raises(RunMismatchError, match=r"optim.lr 0.05 -> 0.5.*train.epochs 2 -> 1"):
+        train(changed, resume=tmp_path / "A")
+    assert not (tmp_path / "B").exists() and last.read_bytes() == before
+
+
+def test_place_run_leaves_foreign_directories_alone(tmp_path: Path) -> None:
+    config = {"name": "run", "optim": {"lr": 0.1}}
+    (tmp_path / "run").mkdir()
+    assert place_run(tmp_path, "run", config) == RunPlace(tmp_path / "run", None)  # empty
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    assert place_run(tmp_path, "run", config).run_dir == tmp_path / "run-1"
+    assert config_differences({"train": {"quiet": True}, "seed": 0}, {"seed": 1}) == ["seed"]

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,10 +26,13 @@ __all__ = [
     "all_reduce_sum",
     "broadcast_buffers",
     "cleanup_distributed",
+    "on_main",
     "setup_distributed",
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -131,3 +136,21 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         return
     for buffer in module.buffers():
         dist.broadcast(buffer.data, src=src)
+
+
+def on_main(env: DistributedEnv, fn: Callable[[], T]) -> T:
+    """``fn()`` run on rank 0 only, its result (or its exception) shared with every rank:
+    for decisions all ranks must agree on, such as the run directory."""
+    if not (env.enabled and dist.is_available() and dist.is_initialized()):
+        return fn()
+    box: list[Any] = [None]
+    if env.is_main:
+        try:
+            box[0] = (True, fn())
+        except Exception as exc:  # every rank raises it, none waits forever
+            box[0] = (False, exc)
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value

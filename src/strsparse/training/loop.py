@@ -17,6 +17,7 @@ saves ``last.pt`` with the position inside the epoch, and re-raises ``KeyboardIn
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -50,6 +51,7 @@ from strsparse.training.distributed import (
     all_reduce_sum,
     broadcast_buffers,
     cleanup_distributed,
+    on_main,
     setup_distributed,
 )
 from strsparse.training.optim import build_optimizer, parameter_groups
@@ -58,7 +60,7 @@ from strsparse.training.resume import (
     Progress,
     epoch_batches,
     load_progress,
-    resume_path,
+    place_run,
     save_progress,
 )
 from strsparse.training.schedules import learning_rate
@@ -567,12 +569,16 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> TrainResul
 def _train(
     cfg: Config, env: DistributedEnv, device: torch.device, resume: str | os.PathLike | None
 ) -> TrainResult:
-    run_dir = run_dir_of(cfg)
-    ckpt_path = resume_path(run_dir, resume)
+    place = on_main(env, lambda: place_run(cfg.output_dir, cfg.name, config_to_dict(cfg), resume))
+    run_dir = place.run_dir
+    # the run's own name and place: what its config.yaml and summary say
+    cfg = dataclasses.replace(cfg, output_dir=str(run_dir.parent), name=run_dir.name)
+    ckpt_path = place.checkpoint
     ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     if env.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        if not (run_dir / "config.yaml").is_file():  # written once, when the run starts
+            save_config(cfg, run_dir / "config.yaml")
     with log_to_file(run_dir / "train.log", env.is_main):
         _configure_torch(cfg, device)
         _seed_everything(cfg.seed)

@@ -1,4 +1,11 @@
-"""Saving a run's position and resuming it exactly, at an epoch boundary or mid-epoch.
+"""Where a run goes, saving its position, and resuming it exactly (also mid-epoch).
+
+A run directory only ever describes what ran in it. ``place_run`` continues the run of
+``output_dir/name`` only when its saved configuration matches (keys that do not change what
+is computed, such as ``train.quiet`` or ``data.num_workers``, may differ); a different
+configuration under the same name goes to the first free ``name-1``, ``name-2``, ... (or the
+one holding that same configuration). ``resume=`` continues exactly the run it names, in its
+own directory, and refuses a configuration that would change it.
 
 A checkpoint holds the model, optimizer and scaler, the position (``Progress``), the record
 (``Recorder.state``) and the random states. Resuming mid-epoch replays the loader to where
@@ -9,6 +16,7 @@ from it), then the state at the interruption, so every later step draws what it 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -17,17 +25,47 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from strsparse.errors import StrsparseError
 from strsparse.training.checkpoint import (
     CheckpointError,
     capture_rng_state,
     copy_atomic,
     find_checkpoint,
+    load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
 
-__all__ = ["Progress", "epoch_batches", "load_progress", "resume_path", "save_progress"]
+__all__ = [
+    "Progress",
+    "RunMismatchError",
+    "RunPlace",
+    "config_differences",
+    "epoch_batches",
+    "load_progress",
+    "place_run",
+    "save_progress",
+]
+
+# Keys that say where and how verbosely a run happens, not what it computes: a rerun that
+# differs only in these continues the run.
+NEUTRAL_KEYS = frozenset(
+    {
+        "name",
+        "output_dir",
+        "device",
+        "data.root",
+        "data.num_workers",
+        "train.quiet",
+        "train.log_every",
+        "train.num_threads",
+        "train.tensorboard",
+        "train.save_every",
+        "train.checkpoint_every_steps",
+    }
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +80,110 @@ class Progress:
     epoch_state: dict[str, float] = field(default_factory=dict)  # that epoch's running sums
 
 
-def resume_path(run_dir: Path, resume: str | os.PathLike | None) -> Path | None:
-    """The checkpoint to resume: ``resume`` (a run directory or file) if given, else the run
-    directory's own ``checkpoints/last.pt`` if there is one, else None (a fresh run)."""
-    if resume is not None:
-        return find_checkpoint(resume)
-    last = run_dir / "checkpoints" / "last.pt"
-    return last if last.is_file() else None
+class RunMismatchError(StrsparseError, ValueError):
+    """``resume=`` names a run trained with another configuration."""
+
+
+@dataclass(frozen=True)
+class RunPlace:
+    """The run directory a run writes to, and the checkpoint it resumes (None: a new run)."""
+
+    run_dir: Path
+    checkpoint: Path | None
 
 
 def _diff_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
     keys = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            keys += _diff_keys(va, vb, f"{prefix}{key}.")
+        if isinstance(va, Mapping | None) and isinstance(vb, Mapping | None) and va != vb:
+            keys += _diff_keys(va or {}, vb or {}, f"{prefix}{key}.")
         elif va != vb:
             keys.append(f"{prefix}{key}")
     return keys
+
+
+def config_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two configurations (as plain dicts), leaving
+    out ``NEUTRAL_KEYS``."""
+    return [key for key in _diff_keys(saved, wanted) if key not in NEUTRAL_KEYS]
+
+
+def _describe(keys: list[str], saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:
+    def value(data: Mapping[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            data = data.get(part) if isinstance(data, Mapping) else None  # type: ignore[assignment]
+        return data
+
+    shown = [f"{k} {value(saved, k)!r} -> {value(wanted, k)!r}" for k in keys[:4]]
+    return ", ".join(shown) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The configuration a run directory was started with (its ``config.yaml``, else its
+    checkpoint's), or None when it holds no run."""
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file():
+        data = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file():
+        return dict(load_checkpoint(last)["config"])
+    return None
+
+
+def _run_dir_of(checkpoint: Path) -> Path | None:
+    """``RUN/checkpoints/x.pt`` -> ``RUN``; None for a checkpoint outside a run directory."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def place_run(
+    output_dir: str | os.PathLike, name: str, config: Mapping[str, Any], resume: Any = None
+) -> RunPlace:
+    """Where a run of ``config`` (a plain dict) named ``name`` goes, and what it resumes.
+
+    With ``resume`` (a run directory or checkpoint): that run, in its own directory; a
+    ``config`` that differs from the run's in more than ``NEUTRAL_KEYS`` is refused with
+    ``RunMismatchError``. Without: ``output_dir/name`` if it is free or holds a run of the same
+    configuration (resumed from its ``checkpoints/last.pt``), else the first ``name-N`` that
+    is free or holds that configuration.
+    """
+    if resume is not None:
+        checkpoint = find_checkpoint(resume)
+        saved = dict(load_checkpoint(checkpoint)["config"])
+        differing = config_differences(saved, config)
+        if differing:
+            raise RunMismatchError(
+                f"cannot resume {str(resume)!r} with this configuration: it changes "
+                f"{_describe(differing, saved, config)}. Resume with the run's own "
+                "configuration (strsparse train --resume RUN_DIR alone reads it), or start a "
+                "new run without --resume"
+            )
+        run_dir = _run_dir_of(checkpoint)
+        if run_dir is not None:
+            return RunPlace(run_dir, checkpoint)
+        place = place_run(output_dir, name, config)  # a loose checkpoint file: a new run
+        return RunPlace(place.run_dir, checkpoint)
+    base = Path(output_dir) / name
+    for version in itertools.count():
+        run_dir = base if version == 0 else base.with_name(f"{base.name}-{version}")
+        saved = _saved_config(run_dir)
+        if saved is None:
+            if run_dir.exists() and any(run_dir.iterdir()):
+                continue  # something else lives here: leave it alone
+            if version:
+                logger.warning(
+                    "%s holds a run with another configuration; this run goes to %s",
+                    base,
+                    run_dir,
+                )
+            return RunPlace(run_dir, None)
+        if not config_differences(saved, config):
+            if version:
+                logger.info("continuing the run of this configuration in %s", run_dir)
+            last = run_dir / "checkpoints" / "last.pt"
+            return RunPlace(run_dir, last if last.is_file() else None)
+    raise AssertionError("unreachable")
 
 
 def load_progress(
