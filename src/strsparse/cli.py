@@ -4,9 +4,10 @@ Every command is a thin wrapper over library functions (``strsparse.training``,
 ``strsparse.export``, ``strsparse.flops``, ``strsparse.plots``); nothing here is needed to use
 the library from Python. Errors a user can fix (a bad config key, a missing file, a foreign
 checkpoint: a ``strsparse.StrsparseError``, or an ``OSError`` for a file the system refuses)
-end the command with exit status 2 and one ``strsparse: error: ...`` line on stderr;
-``--debug`` shows the traceback instead. Any other exception is a bug in strsparse and keeps
-its traceback.
+end the command with exit status 2 and one ``strsparse: error: ...`` line on stderr; a
+training run that diverged ends with status 1 and one line. ``--debug`` shows the traceback
+instead. Under torchrun only rank 0 prints the line. Any other exception is a bug in
+strsparse and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from strsparse.errors import OptionError, StrsparseError
 from strsparse.formatting import count as _count
 from strsparse.formatting import human
+from strsparse.training.loop import TrainingDiverged
 
 if TYPE_CHECKING:  # the commands import the library lazily, so that --help starts fast
     from torch import nn
@@ -39,6 +41,7 @@ __all__ = ["build_parser", "main"]
 
 PROG = "strsparse"
 EXIT_OK = 0
+EXIT_FAILED = 1  # the run started and failed: the loss diverged
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -768,5 +771,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StrsparseError, OSError) as exc:  # anything else is a bug: its traceback shows
         if debug:
             raise
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        if os.environ.get("RANK", "0") == "0":  # one line per job, not one per torchrun rank
+            print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED if isinstance(exc, TrainingDiverged) else EXIT_ERROR

@@ -24,6 +24,7 @@ from strsparse.errors import OptionError
 __all__ = [
     "DistributedEnv",
     "all_reduce_sum",
+    "any_rank",
     "broadcast_buffers",
     "cleanup_distributed",
     "on_main",
@@ -123,6 +124,11 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank (``flag`` itself when not distributed)."""
+    return all_reduce_sum([float(flag)], device)[0] > 0
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

@@ -49,6 +49,7 @@ from strsparse.training.checkpoint import load_checkpoint, restore_rng_state
 from strsparse.training.distributed import (
     DistributedEnv,
     all_reduce_sum,
+    any_rank,
     broadcast_buffers,
     cleanup_distributed,
     on_main,
@@ -331,7 +332,7 @@ def train_epoch(
             bar.update(targets.shape[0])
             if progress.step % check_every == 0 or progress.batch == run.steps_per_epoch:
                 loss_value = float(loss.detach())
-                if not math.isfinite(loss_value) and not run.env.enabled:
+                if any_rank(not math.isfinite(loss_value), run.device):  # all ranks stop
                     raise TrainingDiverged(_diverged_message(run, progress, loss_value))
                 if progress.step % log_every == 0:
                     recorder.log_step(progress.step, loss_value, lr)
@@ -421,8 +422,12 @@ def _epoch_images(loader: Any) -> int | None:
 def _diverged_message(run: _Run, progress: Progress, value: float) -> str:
     last = run.ckpt_dir / "last.pt"
     kept = f"; {last} (epoch {progress.epoch}) is kept as it was" if last.is_file() else ""
+    # under torchrun, a rank whose own loss is finite stops because another's is not
+    loss = f"the loss is {value}"
+    if math.isfinite(value):
+        loss = "the loss of another rank is not finite"
     return (
-        f"training diverged: the loss is {value} at epoch {progress.epoch + 1}, step "
+        f"training diverged: {loss} at epoch {progress.epoch + 1}, step "
         f"{progress.step}{kept}. Lower optim.lr (now {run.cfg.optim.lr}) or add warmup "
         "(schedule.warmup_epochs)"
     )
