@@ -20,9 +20,9 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from strsparse.errors import OptionError, StrsparseError
 from strsparse.formatting import count as _count
@@ -197,7 +197,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     profile = _profile(model, info.input_shape)
     print(
         f"checkpoint {args.checkpoint}: {cfg.model.name} on {data_cfg.name} "
-        f"({len(val_ds)} validation samples)"
+        f"({len(cast(Sized, val_ds))} validation samples)"
     )
     print(
         f"top-1 {metrics['top1']:.2f}%   top-5 {metrics['top5']:.2f}%   loss {metrics['loss']:.4f}"

@@ -184,7 +184,7 @@ def _coerce(value: Any, tp: Any, key: str, shown: Any = None) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key, shown)
     if value is None:
-        if dataclasses.is_dataclass(tp):  # an empty section (`train:` alone) is the defaults
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # `train:` alone: defaults
             return tp()
         raise _type_error(value, shown, key)
     if tp is Any:
@@ -233,7 +233,7 @@ def _coerce(value: Any, tp: Any, key: str, shown: Any = None) -> Any:
         if not isinstance(value, Mapping):
             raise _type_error(value, shown, key)
         return _plain(value, key)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if isinstance(value, Mapping):
@@ -670,7 +670,7 @@ def _as_text_if_str_field(parts: list[str], value: Any, raw: str) -> Any:
     cls: Any = Config
     tp: Any = None
     for i, part in enumerate(parts):
-        hints = _hints(cls) if dataclasses.is_dataclass(cls) else {}
+        hints = _hints(cls) if isinstance(cls, type) and dataclasses.is_dataclass(cls) else {}
         if part not in hints:
             return value
         tp = hints[part]

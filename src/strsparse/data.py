@@ -154,7 +154,7 @@ def get_dataset(name: str) -> DatasetSpec:
 # -- IDX files -------------------------------------------------------------------------------
 
 # IDX type codes (LeCun's MNIST format): the third byte of the magic number
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -444,7 +444,7 @@ def _fashion_mnist_rows(data_cfg: DataConfig) -> tuple[Dataset, Dataset, Dataset
     train_x, train_y, val_x, val_y = load_fashion_mnist(data_cfg.root)
     scale = torch.full((28,), 1.0 / (255.0 * FASHION_MNIST_STD[0]))
     shift = torch.full((28,), FASHION_MNIST_MEAN[0] / FASHION_MNIST_STD[0])
-    common = {"scale": scale, "shift": shift, "num_classes": 10}
+    common: dict[str, Any] = {"scale": scale, "shift": shift, "num_classes": 10}
     train = SequenceDataset(train_x[:, 0], train_y, **common)  # (N, 28 rows, 28 pixels)
     val = SequenceDataset(val_x[:, 0], val_y, **common)
     return train, val, _fashion_mnist_rows_info(data_cfg)

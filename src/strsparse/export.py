@@ -195,7 +195,7 @@ def _write_export(out_dir: Path, state: Mapping[str, Tensor], document: dict[str
     old_dir: Path | None = None
     try:
         save_file(
-            state,
+            dict(state),
             str(tmp_dir / WEIGHTS_FILE),
             metadata={"format": fmt, "model": json.dumps(document["model"])},
         )

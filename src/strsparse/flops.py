@@ -347,7 +347,7 @@ def apply_budget(profile: FlopsProfile, budget: Mapping[str, float]) -> FlopsPro
 
 
 def _example_input(model: nn.Module, shape: tuple[int, ...]) -> Tensor:
-    ref = next(model.parameters(), None)
+    ref: Tensor | None = next(model.parameters(), None)
     if ref is None:
         ref = next(model.buffers(), None)
     device = ref.device if ref is not None else torch.device("cpu")
@@ -429,6 +429,7 @@ def profile(
         shape = tuple(tensors[0].shape[1:])
         attempts = [(args, kwargs, tensors[0].shape[0], tuple(tensors[0].shape))]
     else:
+        assert input_shape is not None  # exactly one of the two, checked above
         shape = tuple(int(d) for d in input_shape)
         if not shape or any(d < 1 for d in shape):
             raise OptionError(
@@ -456,9 +457,12 @@ def profile(
         calls[name]["flops"] += flops
         calls[name]["calls"] += 1
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    # module: any layer kind the profile counts (attributes read by kind); output: a tensor
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         kind = _kind(module)
         n = batch[0]
+        if kind is None:  # hooked only where there is a kind
+            return
         if kind == "pool":
             add(module, None, kind, 0, args[0].numel() // n)  # C x H x W of its input
         elif kind == "rnn":

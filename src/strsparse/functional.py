@@ -6,6 +6,7 @@ Everything here is a function of its arguments, testable without a model.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,14 +35,14 @@ class _SoftThreshold(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight: Tensor, threshold: Tensor) -> Tensor:
+    def forward(ctx: Any, weight: Tensor, threshold: Tensor) -> Tensor:
         out = _shrink(weight, threshold)
         ctx.save_for_backward(out)
         ctx.threshold_shape = threshold.shape
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None]:
         (out,) = ctx.saved_tensors
         return _shrink_grads(grad_out, out, ctx.threshold_shape, *ctx.needs_input_grad)
 
@@ -135,9 +136,17 @@ def resolve_threshold_function(name: str) -> Callable[[Tensor], Tensor]:
         ) from None
 
 
+def _foreach_sigmoid(values: list[Tensor]) -> list[Tensor]:
+    return list(torch._foreach_sigmoid(values))
+
+
+def _foreach_exp(values: list[Tensor]) -> list[Tensor]:
+    return list(torch._foreach_exp(values))
+
+
 def _sigmoid_derivative(values: list[Tensor]) -> list[Tensor]:
     # sigmoid'(s) = g * (1 - g)
-    out = torch._foreach_neg(values)
+    out = list(torch._foreach_neg(values))
     torch._foreach_add_(out, 1.0)
     torch._foreach_mul_(out, values)
     return out
@@ -147,8 +156,8 @@ def _sigmoid_derivative(values: list[Tensor]) -> list[Tensor]:
 _THRESHOLD_FOREACH: dict[
     str, tuple[Callable[[list[Tensor]], list[Tensor]], Callable[[list[Tensor]], list[Tensor]]]
 ] = {
-    "sigmoid": (torch._foreach_sigmoid, _sigmoid_derivative),
-    "exp": (torch._foreach_exp, lambda values: values),
+    "sigmoid": (_foreach_sigmoid, _sigmoid_derivative),
+    "exp": (_foreach_exp, lambda values: values),
 }
 
 
@@ -161,7 +170,9 @@ class _STRWeights(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k: float, g: str, s_index: tuple[int, ...], *tensors: Tensor) -> tuple:
+    def forward(
+        ctx: Any, k: float, g: str, s_index: tuple[int, ...], *tensors: Tensor
+    ) -> tuple[Tensor, ...]:
         n = len(s_index)
         weights, s = tensors[:n], tensors[n:]
         thresholds = _THRESHOLD_FOREACH[g][0](list(s))
@@ -176,7 +187,7 @@ class _STRWeights(torch.autograd.Function):
         return outs
 
     @staticmethod
-    def backward(ctx, *grad_outs: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | None, ...]:
         s_index = ctx.s_index
         n = len(s_index)
         saved = ctx.saved_tensors
@@ -199,7 +210,7 @@ class _STRWeights(torch.autograd.Function):
             # dL/ds = dL/dt * k * g'(s), for every s at once
             g_fn, derivative = _THRESHOLD_FOREACH[ctx.g]
             chain = derivative(g_fn([s[j] for j in live]))
-            torch._foreach_mul_(chain, [grad_t[j] for j in live])
+            torch._foreach_mul_(chain, [gt for gt in grad_t if gt is not None])
             if ctx.k != 1.0:
                 torch._foreach_mul_(chain, ctx.k)
             for j, grad in zip(live, chain, strict=True):
@@ -303,11 +314,11 @@ class _StraightThrough(torch.autograd.Function):
     """Forward ``transform(w)``; backward passes the gradient to ``w`` unchanged."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, transform: Callable[[Tensor], Tensor]) -> Tensor:
+    def forward(ctx: Any, weight: Tensor, transform: Callable[[Tensor], Tensor]) -> Tensor:
         return transform(weight)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
         return grad_out, None
 
 

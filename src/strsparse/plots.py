@@ -97,14 +97,14 @@ def _layer_order(
                     "is for"
                 )
         return layers
-    layers: list[str] = []
+    order: list[str] = []
     seen: set[str] = set()
     for budget in budgets.values():
         for layer in budget:
             if layer not in seen:
                 seen.add(layer)
-                layers.append(layer)
-    return layers
+                order.append(layer)
+    return order
 
 
 def _check_fractions(budgets: Mapping[str, Mapping[str, float]]) -> None:

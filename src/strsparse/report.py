@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from strsparse.atomic import write_atomic
 from strsparse.flops import FlopsProfile
 from strsparse.formatting import count, render_table
-from strsparse.methods.base import SparsityMethod, get_parametrization
+from strsparse.methods.base import SparsityMethod
 from strsparse.sparsify import DenseTensor, dense_tensors, sparse_layers
 
 __all__ = ["LayerSparsity", "SparsityReport", "sparsity_report"]
@@ -163,7 +163,8 @@ def sparsity_report(model: nn.Module, *, flops: FlopsProfile | None = None) -> S
     weight matrix, excluded)."""
     per_layer = {record.name: record for record in flops.layers} if flops is not None else {}
     rows = []
-    for name, layer in sparse_layers(model).items():
+    layers = sparse_layers(model)
+    for (name, layer), method in zip(layers.items(), SparsityMethod.attached(layers), strict=True):
         weight = layer.weight  # the effective (sparse) weight
         record = per_layer.get(name)
         rows.append(
@@ -172,7 +173,7 @@ def sparsity_report(model: nn.Module, *, flops: FlopsProfile | None = None) -> S
                 shape=tuple(weight.shape),
                 params=weight.numel(),
                 nonzero=int(torch.count_nonzero(weight)),
-                threshold=get_parametrization(layer).threshold(),
+                threshold=method.threshold(),
                 flops=None if record is None else record.flops,
                 sparse_flops=None if record is None else record.sparse_flops,
                 tied=tuple(n for n, _, _ in layer.tied),

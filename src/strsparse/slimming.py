@@ -31,7 +31,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -107,6 +107,11 @@ _MUL = {operator.mul, operator.imul, torch.mul}
 
 
 _IO_REASONS = ("the model's input", "the model's output")
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    """Argument ``index`` of call ``node``, or its keyword ``name``, or ``default``."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 class _UnionFind:
@@ -310,11 +315,10 @@ class _Analysis:
         if target in _ZERO_PRESERVING_FUNCTIONS:
             return None if x is None else self._same(x)
         if target is torch.flatten:
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
             return self._flatten(node, x, int(start), int(end))
         if target is torch.cat:
-            tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+            tensors, dim = _arg(node, 0, "tensors", ()), _arg(node, 1, "dim", 0)
             parts = [self.channels.get(t) for t in tensors]
             if dim == 1 and all(p is not None for p in parts):
                 return _Channels(
@@ -335,8 +339,7 @@ class _Analysis:
         if method in _ZERO_PRESERVING_METHODS:
             return self._same(x)
         if method == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
             return self._flatten(node, x, int(start), int(end))
         if method in ("view", "reshape"):
             in_shape, out_shape = self._shape(node.args[0]), self._shape(node)
@@ -418,7 +421,7 @@ def _slim_conv(conv: _ConvNd, in_keep: list[bool], out_keep: list[bool]) -> _Con
     depthwise = conv.groups > 1
     in_idx = out_idx if depthwise else _index(in_keep)
     n_in, n_out = len(in_idx), len(out_idx)
-    new = type(conv)(
+    new = type(conv)(  # type: ignore[call-arg]  # a concrete ConvNd, not _ConvNd itself
         n_in,
         n_out,
         conv.kernel_size,
@@ -433,7 +436,7 @@ def _slim_conv(conv: _ConvNd, in_keep: list[bool], out_keep: list[bool]) -> _Con
     )
     weight = conv.weight[out_idx]
     new.weight.copy_(weight if depthwise else weight[:, in_idx])
-    if conv.bias is not None:
+    if conv.bias is not None and new.bias is not None:
         new.bias.copy_(conv.bias[out_idx])
     return new
 
@@ -469,9 +472,10 @@ def _slim_batchnorm(bn: _BatchNorm, keep: list[bool]) -> _BatchNorm:
         new.weight.copy_(bn.weight[idx])
         new.bias.copy_(bn.bias[idx])
     if bn.track_running_stats:
-        new.running_mean.copy_(bn.running_mean[idx])
-        new.running_var.copy_(bn.running_var[idx])
-        new.num_batches_tracked.copy_(bn.num_batches_tracked)
+        # buffers that exist whenever running statistics are tracked
+        for buffer in ("running_mean", "running_var"):
+            cast(Tensor, getattr(new, buffer)).copy_(cast(Tensor, getattr(bn, buffer))[idx])
+        cast(Tensor, new.num_batches_tracked).copy_(cast(Tensor, bn.num_batches_tracked))
     return new
 
 
@@ -513,7 +517,7 @@ def _has_zero_filters(model: nn.Module) -> bool:
     for module in model.modules():
         is_layer = isinstance(module, (_ConvNd, nn.Linear))
         if is_layer and not isinstance(module, _ConvTransposeNd):
-            zero = any(_zero_rows(module.weight, module.bias))
+            zero = any(_zero_rows(cast(Tensor, module.weight), cast("Tensor | None", module.bias)))
         elif isinstance(module, _BatchNorm) and module.affine:
             zero = bool(((module.weight == 0) & (module.bias == 0)).any())
         else:
@@ -537,9 +541,9 @@ def slim(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...] | None = 
     work = finalize(copy.deepcopy(model)).eval()
     for name, module in list(work.named_modules()):
         if isinstance(module, LowRankLinear):
-            new = _slim_low_rank(module)
-            if new is not module:
-                _replace(work, name, new)
+            slimmed = _slim_low_rank(module)
+            if slimmed is not module:
+                _replace(work, name, slimmed)
     if not _has_zero_filters(work):
         return work
     inputs = _example_input(work, example_inputs)
@@ -680,6 +684,7 @@ def rebuild_layers(
         kind, args = entry["type"], {k: v for k, v in entry.items() if k != "type"}
         if kind in _REBUILDABLE:
             cls, _ = _REBUILDABLE[kind]
+            new: nn.Module
             if cls is LowRankLinear:
                 new = LowRankLinear(args["in_features"], args["out_features"], args["rank"])
             else:

@@ -6,7 +6,7 @@ import fnmatch
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,7 @@ from strsparse.methods.base import (
     SparsityMethod,
     get_method,
     get_parametrization,
+    parametrization_chain,
     raw_weight,
 )
 from strsparse.methods.structured import (
@@ -46,7 +47,12 @@ logger = logging.getLogger(__name__)
 # opt-in, through an include pattern that names them.
 _OPT_IN_TYPES = (nn.Embedding, nn.EmbeddingBag)
 # Normalisation scales are never sparsified, even when >= 2-D (LayerNorm over (T, D)).
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+)
 if hasattr(nn, "RMSNorm"):
     _NORM_TYPES = (*_NORM_TYPES, nn.RMSNorm)
 # The parametrize machinery's own modules hold the raw tensors; they are never layers.
@@ -68,7 +74,7 @@ class SparsityHandle:
     @property
     def parametrizations(self) -> dict[str, SparsityMethod]:
         """Layer name -> the method's parametrization on that layer."""
-        return {name: get_parametrization(layer) for name, layer in self.layers.items()}
+        return dict(zip(self.layers, SparsityMethod.attached(self.layers), strict=True))
 
     def step(self, step: int, total_steps: int) -> None:
         """Advance training-dependent state (GMP masks, ST-3 thresholds) to optimizer step
@@ -283,9 +289,8 @@ def sparsify(
     for name, layer in layers.items():
         for module, tensor in layer.users:
             parametrize.register_parametrization(module, tensor, parametrizations[name])
-            type(
-                module
-            ).__getstate__ = _refuse_pickling  # the parametrized class is the module's own
+            # the parametrized class is the module's own
+            type(module).__getstate__ = _refuse_pickling  # type: ignore[method-assign]
             if isinstance(module, nn.RNNBase) and _release_flat_weights not in _hooks(module):
                 module.register_forward_hook(_release_flat_weights)
     method_cls.attach(model, layers)
@@ -395,8 +400,8 @@ def finalize(model: nn.Module) -> nn.Module:
     for module in model.modules():  # a structured gate's followers (BatchNorm, a bias)
         if not parametrize.is_parametrized(module):
             continue
-        for tensor in list(module.parametrizations.keys()):
-            if any(isinstance(p, GateFollower) for p in module.parametrizations[tensor]):
+        for tensor in list(cast(nn.ModuleDict, module.parametrizations).keys()):
+            if any(isinstance(p, GateFollower) for p in parametrization_chain(module, tensor)):
                 parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
     for module in model.modules():
         if isinstance(module, nn.RNNBase) and not parametrize.is_parametrized(module):
@@ -487,8 +492,8 @@ def _recreate(handle: SparsityHandle) -> None:
         for name, layer in handle.layers.items()
     }
     fresh = handle.method_cls.create(views, parsed)
-    for name, layer in handle.layers.items():
-        get_parametrization(layer).load_state_dict(fresh[name].state_dict())
+    for p, name in zip(SparsityMethod.attached(handle.layers), handle.layers, strict=True):
+        p.load_state_dict(fresh[name].state_dict())
 
 
 def _key(layer_name: str, tensor: str) -> str:

@@ -27,6 +27,7 @@ import operator
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +139,8 @@ def _finalized_copy(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if not parametrize.is_parametrized(module):
             continue
-        values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+        names = list(cast(nn.ModuleDict, module.parametrizations).keys())
+        values = {name: getattr(module, name).detach().clone() for name in names}
         module.__class__ = type(module).__bases__[0]
         del module._modules["parametrizations"]
         for name, value in values.items():
@@ -187,7 +189,7 @@ def _sole_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def _fold_bn(weight: Tensor, bias: Tensor | None, bn: nn.Module) -> tuple[Tensor, Tensor]:
+def _fold_bn(weight: Tensor, bias: Tensor | None, bn: Any) -> tuple[Tensor, Tensor]:
     """BatchNorm after a conv, folded: ``W' = W * g / sqrt(v + eps)``,
     ``b' = (b - m) * g / sqrt(v + eps) + beta``."""
     scale = torch.rsqrt(bn.running_var.float() + bn.eps)
@@ -236,12 +238,12 @@ def _max_density(value: float | Mapping[str, float] | None) -> dict[str, float]:
 
 def _build_layer(
     name: str,
-    module: nn.Module,
+    module: Any,  # an nn.Linear or an nn.Conv2d
     chain: _Chain | None,
     max_density: Mapping[str, float],
     plan: SparsePlan,
     forced: Mapping[str, str] | None,
-) -> nn.Module:
+) -> SparseLinear | SparseConv2d:
     weight = module.weight.detach()
     bias = None if module.bias is None else module.bias.detach()
     clamp = chain.clamp if chain is not None else (-math.inf, math.inf)
@@ -293,7 +295,8 @@ def _plan_chains(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Chain], dict[fx.Nod
         chain.tail = node
         open_tails[node] = chain
 
-    for node in gm.graph.nodes:
+    nodes: list[fx.Node] = list(gm.graph.nodes)
+    for node in nodes:
         args = [a for a in node.all_input_nodes]
         if node.op == "call_module":
             m = modules[str(node.target)]
@@ -305,9 +308,10 @@ def _plan_chains(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Chain], dict[fx.Nod
         # can this node grow the chain that produced its input?
         grew = False
         for a in args:
-            chain = open_tails.get(a)
-            if chain is None or _sole_user(a) is not node:
+            grown = open_tails.get(a)
+            if grown is None or _sole_user(a) is not node:
                 continue
+            chain = grown
             head_is_conv = layout[chain.head] == "cm"
             act = _activation(node, modules)
             if (
@@ -327,7 +331,7 @@ def _plan_chains(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Chain], dict[fx.Nod
                 and not node.kwargs
                 and all(isinstance(x, fx.Node) for x in node.args)
             ):
-                other = node.args[1] if node.args[0] is a else node.args[0]
+                other: Any = node.args[1] if node.args[0] is a else node.args[0]
                 if other is a or layout.get(other) != "cm":
                     continue
                 chain.residual = other
@@ -347,7 +351,9 @@ def _plan_chains(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Chain], dict[fx.Nod
     return chains, layout
 
 
-def _layout_free(node: fx.Node, modules: Mapping[str, nn.Module], layout) -> bool:
+def _layout_free(
+    node: fx.Node, modules: Mapping[str, nn.Module], layout: Mapping[fx.Node, str]
+) -> bool:
     inputs = node.all_input_nodes
     if not inputs or any(layout.get(a) != "cm" for a in inputs):
         return False
@@ -404,7 +410,7 @@ def _rewrite(
             env[key] = graph.call_function(_swap01, (env[(node, have)],))
         return env[key]
 
-    def mapped(arg, want: str):
+    def mapped(arg: Any, want: str) -> Any:
         return fx.node.map_arg(arg, lambda n: value(n, want))
 
     new_modules: dict[str, nn.Module] = {}
@@ -418,7 +424,7 @@ def _rewrite(
             layer = _build_layer(name, modules[name], chain, max_density, plan, forced)
             new_modules[name] = layer
             in_layout = layout[head]
-            args = [value(head.args[0], in_layout)]
+            args = [value(cast(fx.Node, head.args[0]), in_layout)]
             if chain.residual is not None:
                 args.append(value(chain.residual, "cm"))
             out = graph.call_module(name, tuple(args))
@@ -434,11 +440,15 @@ def _rewrite(
         if node.op == "output":
             graph.output(mapped(node.args[0], "std"))
             continue
-        new = graph.node_copy(node, lambda n, want=want: value(n, want))
+
+        def copy_arg(n: fx.Node, want: str = want) -> fx.Node:
+            return value(n, want)
+
+        new = graph.node_copy(node, copy_arg)
         env[(node, want)] = new
-    for name, layer in new_modules.items():
+    for name, sparse_layer in new_modules.items():
         gm.delete_submodule(name)
-        gm.add_submodule(name, layer)
+        gm.add_submodule(name, sparse_layer)
     result = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     result.graph.lint()
     result.delete_all_unused_submodules()

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +52,9 @@ def csr_from_dense(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return w2[mask].contiguous(), cols.to(index_dtype).contiguous(), row_ptr
 
 
-def _dense_from_csr(values: Tensor, indices: Tensor, row_ptr: Tensor, shape: tuple[int, ...]):
+def _dense_from_csr(
+    values: Tensor, indices: Tensor, row_ptr: Tensor, shape: tuple[int, ...]
+) -> Tensor:
     c_out = shape[0]
     k = math.prod(shape[1:])
     rows = torch.repeat_interleave(torch.arange(c_out), (row_ptr[1:] - row_ptr[:-1]).long())
@@ -118,7 +122,7 @@ class _SparseBase(nn.Module):
             return self.weight
         return _dense_from_csr(self.values, self.indices, self.row_ptr, self.weight_shape)
 
-    def _cached(self, key: tuple[int, ...], build):
+    def _cached(self, key: tuple[int, ...], build: Callable[[], Any]) -> Any:
         hit = self._offsets.get(key)
         if hit is None:
             hit = build()
@@ -129,7 +133,9 @@ class _SparseBase(nn.Module):
             self._offsets.move_to_end(key)
         return hit
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         # CSR tensors change size with the weights: take the stored ones as they are
         for name in ("values", "indices", "row_ptr", "weight"):
             key = prefix + name
@@ -248,7 +254,7 @@ class SparseConv2d(_SparseBase):
         t = cols % kw
         return ci, r, t, rows
 
-    def _geometry(self, n: int, h: int, w: int) -> tuple:
+    def _geometry(self, n: int, h: int, w: int) -> tuple[Any, ...] | None:
         ho, wo = self._output_size(h, w)
         ci, r, t, _ = self._nonzero_coords()
         if self.pointwise:
@@ -297,7 +303,8 @@ class SparseConv2d(_SparseBase):
             )  # fmt: skip
             return out
         offsets, ho, wo, hq, wq, plane, ch_stride = geometry
-        planes = backend().pad_planes(x, self.padding, self.stride, hq, wq, ch_stride)
+        pad = (self.padding[0], self.padding[1])
+        planes = backend().pad_planes(x, pad, self.stride, hq, wq, ch_stride)
         n_pix = (n - 1) * hq * wq + (ho - 1) * wq + wo
         y = torch.empty(self.out_channels * plane)
         fused = residual is None

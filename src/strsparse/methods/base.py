@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ __all__ = [
     "is_conv1d",
     "list_methods",
     "output_axis",
+    "parametrization_chain",
     "raw_weight",
     "register_method",
     "resolve_step",
@@ -42,6 +43,7 @@ __all__ = [
 _REGISTRY: dict[str, type[SparsityMethod]] = {}
 
 M = TypeVar("M", bound="type[SparsityMethod]")
+S = TypeVar("S", bound="SparsityMethod")
 
 
 class SparsityMethod(nn.Module):
@@ -71,6 +73,18 @@ class SparsityMethod(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.name!r}"
+
+    @classmethod
+    def attached(cls: type[S], layers: Mapping[str, nn.Module | LayerWeight]) -> list[S]:
+        """This method's parametrization on each of ``layers``, in order."""
+        found = []
+        for name, layer in layers.items():
+            p = get_parametrization(layer)
+            if not isinstance(p, cls):
+                what = type(p).__name__ if p is not None else "no method"
+                raise OptionError(f"layer {name!r} is not sparsified with {cls.name!r} ({what})")
+            found.append(p)
+        return found
 
     @classmethod
     def parse_options(cls, options: Mapping[str, Any]) -> Any:
@@ -188,6 +202,13 @@ def _unpack(layer: nn.Module | LayerWeight, tensor: str) -> tuple[nn.Module, str
     return layer, tensor
 
 
+def parametrization_chain(module: nn.Module, tensor: str) -> parametrize.ParametrizationList:
+    """``module.parametrizations[tensor]``: the raw tensor (``original``) and the
+    parametrizations applied to it, in order."""
+    chains = cast(nn.ModuleDict, module.parametrizations)  # set by register_parametrization
+    return cast(parametrize.ParametrizationList, chains[tensor])
+
+
 def get_parametrization(
     layer: nn.Module | LayerWeight, tensor: str = "weight"
 ) -> SparsityMethod | None:
@@ -196,7 +217,7 @@ def get_parametrization(
     module, tensor = _unpack(layer, tensor)
     if not parametrize.is_parametrized(module, tensor):
         return None
-    for p in module.parametrizations[tensor]:
+    for p in parametrization_chain(module, tensor):
         if isinstance(p, SparsityMethod):
             return p
     return None
@@ -206,8 +227,9 @@ def raw_weight(layer: nn.Module | LayerWeight, tensor: str = "weight") -> Tensor
     """The stored (un-thresholded) tensor of a layer: ``original`` when parametrized."""
     module, tensor = _unpack(layer, tensor)
     if parametrize.is_parametrized(module, tensor):
-        return module.parametrizations[tensor].original
-    return getattr(module, tensor)
+        return parametrization_chain(module, tensor).original
+    value: Tensor = getattr(module, tensor)
+    return value
 
 
 def resolve_step(value: int | float, total_steps: int, option: str) -> int:
@@ -311,6 +333,7 @@ def resolve_targets(
     """Per-layer target sparsity from one ``sparsity`` or a per-layer ``budget`` (options
     already checked by ``check_target_options``)."""
     if budget is None:
+        assert sparsity is not None  # check_target_options: one of the two is given
         return dict.fromkeys(names, float(sparsity))
     missing = [n for n in names if n not in budget]
     extra = [n for n in budget if n not in names]

@@ -33,7 +33,6 @@ from strsparse.methods.base import (
     check_fraction,
     check_schedule_options,
     check_target_options,
-    get_parametrization,
     raw_weight,
     register_method,
     resolve_targets,
@@ -93,6 +92,10 @@ class GradualMagnitude(SparsityMethod):
 
     name = "gmp"
     Options = GradualMagnitudeOptions
+    mask: Tensor
+    target: Tensor
+    cutoff: Tensor
+    update_step: Tensor
 
     def __init__(self, weight: Tensor, final: float, options: GradualMagnitudeOptions) -> None:
         super().__init__()
@@ -135,7 +138,7 @@ class GradualMagnitude(SparsityMethod):
     @torch.no_grad()
     def update(cls, layers: Mapping[str, LayerWeight], step: int, total_steps: int) -> None:
         """Recompute the masks when ``step`` reaches a new update point of the schedule."""
-        params = [get_parametrization(m) for m in layers.values()]
+        params = cls.attached(layers)
         if not params:
             return
         options = params[0].options

@@ -57,6 +57,8 @@ class Magnitude(SparsityMethod):
 
     name = "magnitude"
     Options = MagnitudeOptions
+    mask: Tensor
+    cutoff: Tensor
 
     def __init__(self, mask: Tensor, cutoff: float | None) -> None:
         super().__init__()
@@ -86,6 +88,7 @@ class Magnitude(SparsityMethod):
                 "load_state_dict), or use 'gmp', which computes its masks during training"
             )
         if options.scope == "global":
+            assert options.sparsity is not None  # checked: a budget needs scope='layer'
             masks = global_magnitude_masks(weights, options.sparsity)
         else:
             targets = resolve_targets(names, options.sparsity, options.budget)

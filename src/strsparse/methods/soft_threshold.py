@@ -18,7 +18,12 @@ from torch.nn.utils import parametrize
 
 from strsparse.errors import OptionError, did_you_mean
 from strsparse.functional import THRESHOLD_FUNCTIONS, resolve_threshold_function, str_weights
-from strsparse.methods.base import LayerWeight, SparsityMethod, register_method
+from strsparse.methods.base import (
+    LayerWeight,
+    SparsityMethod,
+    parametrization_chain,
+    register_method,
+)
 
 __all__ = ["InitThresholdWarning", "SoftThreshold", "SoftThresholdOptions"]
 
@@ -63,6 +68,13 @@ class SoftThresholdOptions:
     init_threshold: float = -3200.0
     structure: str = "weight"
 
+    @property
+    def g_name(self) -> str:
+        """``g`` once resolved (the default follows ``structure``)."""
+        if self.g is not None:
+            return self.g
+        return "exp" if self.structure == "rank" else "sigmoid"
+
     def __post_init__(self) -> None:
         if self.structure not in STRUCTURES:
             raise OptionError(
@@ -83,7 +95,7 @@ class SoftThresholdOptions:
                 f"{did_you_mean(self.granularity, GRANULARITIES)}; "
                 f"valid: {', '.join(GRANULARITIES)}"
             )
-        resolve_threshold_function(self.g)
+        resolve_threshold_function(self.g_name)
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or self.k <= 0:
             raise OptionError(f"k={self.k!r} must be a positive number")
         if isinstance(self.init_threshold, bool) or not isinstance(
@@ -150,7 +162,7 @@ class SoftThreshold(SparsityMethod):
         """``axis``: the weight's output-channel axis (``granularity="channel"``)."""
         super().__init__()
         self.granularity = options.granularity
-        self.g_name = options.g
+        self.g_name = options.g_name
         self.k = float(options.k)
         if shared_s is None:
             shape = _threshold_shape(weight_shape, options.granularity, axis)
@@ -202,7 +214,7 @@ class SoftThreshold(SparsityMethod):
     def attach(cls, model: nn.Module, layers: Mapping[str, LayerWeight]) -> None:
         members = []
         for layer in layers.values():
-            chain = layer.module.parametrizations[layer.tensor]
+            chain = parametrization_chain(layer.module, layer.tensor)
             # only a parametrization that sees the raw weight itself can be computed ahead;
             # tied users share it and its raw weight, so one member serves them all
             if isinstance(chain[0], cls) and chain[0]._batch is None:
@@ -225,7 +237,11 @@ class _LayerBatch:
     ``parametrize.cached()``, which caches per layer itself.
     """
 
-    def __init__(self, root: nn.Module, members: list[tuple[nn.Module, SoftThreshold]]) -> None:
+    def __init__(
+        self,
+        root: nn.Module,
+        members: list[tuple[parametrize.ParametrizationList, SoftThreshold]],
+    ) -> None:
         self.members = members  # (the layer's ParametrizationList, its SoftThreshold)
         self.k, self.g = members[0][1].k, members[0][1].g_name
         self._hooks = [
@@ -241,7 +257,9 @@ class _LayerBatch:
             or parametrize._cache_enabled
         ):
             return
-        weights, s, s_index = [], [], []
+        weights: list[Tensor] = []
+        s: list[Tensor] = []
+        s_index: list[int] = []
         position: dict[int, int] = {}
         for chain, p in self.members:
             weights.append(chain.original)

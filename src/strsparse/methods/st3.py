@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -129,6 +130,10 @@ class StraightThroughSoftThreshold(SparsityMethod):
 
     name = "st3"
     Options = StraightThroughSoftThresholdOptions
+    current_threshold: Tensor
+    target: Tensor
+    mask: Tensor
+    frozen: Tensor
 
     def __init__(
         self,
@@ -174,7 +179,9 @@ class StraightThroughSoftThreshold(SparsityMethod):
             f"normalize={o.normalize}, rescale={o.rescale}"
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._frozen = bool(self.frozen)
         self._dense = not self._frozen and float(self.current_threshold) == 0.0
@@ -197,7 +204,7 @@ class StraightThroughSoftThreshold(SparsityMethod):
 
         Frozen layers are left alone: the fix happens once.
         """
-        params = [get_parametrization(m) for m in layers.values()]
+        params = cls.attached(layers)
         if not params or params[0]._frozen:
             return
         options = params[0].options

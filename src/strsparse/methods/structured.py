@@ -133,12 +133,19 @@ class GateFollower(nn.Module):
     The gate is referenced, not registered, so its state is saved once, with its own layer.
     """
 
+    gate: StructuredSoftThreshold
+
     def __init__(self, gate: StructuredSoftThreshold) -> None:
         super().__init__()
         object.__setattr__(self, "gate", gate)  # not a submodule: no duplicate state_dict keys
 
     def forward(self, value: Tensor) -> Tensor:
         return value * self.gate.scale().to(value.dtype)
+
+
+def _weight(module: nn.Module) -> Tensor:
+    weight: Tensor = getattr(module, "weight")  # noqa: B009  (typed: nn.Module's is not)
+    return weight
 
 
 def _is_filter_layer(module: nn.Module) -> bool:
@@ -274,7 +281,7 @@ def _batchnorm_after(model: nn.Module, graph: fx.Graph) -> dict[str, str]:
         if (
             isinstance(bn, _BatchNorm)
             and bn.affine
-            and bn.num_features == module.weight.shape[0]
+            and bn.num_features == _weight(module).shape[0]
             and uses.get(str(users[0].target)) == 1
             and uses.get(str(node.target)) == 1
         ):
@@ -308,6 +315,7 @@ def attach_structured(
     gates: dict[str, StructuredSoftThreshold] = {}
     if options.structure == "rank":
         for name, layer in layers.items():
+            assert isinstance(layer.module, LowRankLinear)  # what structure_candidates found
             gate = _make_gate(layer.module.rank, options, "scale", shared)
             parametrize.register_parametrization(layer.module, "weight2", gate)  # diag(S) W2
             gates[name] = gate
@@ -326,7 +334,8 @@ def attach_structured(
     for name, layer in layers.items():
         module = layer.module
         bn_name = bn_after.get(name)
-        gate = _make_gate(module.weight.shape[0], options, "mask" if bn_name else "scale", shared)
+        size = _weight(module).shape[0]
+        gate = _make_gate(size, options, "mask" if bn_name else "scale", shared)
         parametrize.register_parametrization(module, "weight", gate)
         if bn_name is not None:
             bn = modules[bn_name]

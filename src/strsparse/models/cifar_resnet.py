@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from strsparse.errors import OptionError
 
@@ -86,6 +86,9 @@ class PadShortcut(nn.Module):
 class ChannelPlacement(nn.Module):
     """Subsample by ``stride``, then place input channel ``sources[j]`` at output channel j
     (a zero channel where ``sources[j]`` is None): a slimmed option-A shortcut."""
+
+    dst: Tensor
+    src: Tensor
 
     def __init__(self, in_channels: int, sources: list[int | None], stride: int) -> None:
         super().__init__()

@@ -166,4 +166,4 @@ def default_input_shape(name: str, **kwargs: Any) -> tuple[int, ...]:
     3x224x224 for the ImageNet models, 3x32x32 for the CIFAR ones, 1x28x28 for the LeNets."""
     with torch.device("meta"):  # no memory, no initialisation cost
         model = create_model(name, **kwargs)
-    return tuple(model.input_shape)
+    return tuple(getattr(model, "input_shape"))  # noqa: B009  (set by every registered model)

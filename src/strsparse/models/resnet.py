@@ -145,10 +145,10 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
             for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
-                elif isinstance(m, BasicBlock):
-                    nn.init.zeros_(m.bn2.weight)
+                if isinstance(m, (Bottleneck, BasicBlock)):
+                    last_norm = m.bn3 if isinstance(m, Bottleneck) else m.bn2
+                    scale: torch.Tensor = getattr(last_norm, "weight")  # noqa: B009
+                    nn.init.zeros_(scale)
 
     def _make_layer(
         self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1

@@ -125,7 +125,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
 def capture_rng_state() -> dict[str, Any]:
     """Torch (CPU, CUDA), Python and NumPy random states as plain data."""
     py_version, py_state, py_gauss = random.getstate()
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple: (name, keys, pos, ...)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [py_version, list(py_state), py_gauss],

@@ -127,7 +127,7 @@ def evaluate(
     criterion = criterion or nn.CrossEntropyLoss()
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct1 = correct5 = count = 0
+    correct1 = correct5 = count = 0.0  # summed as floats across ranks
     for inputs, targets in loader:
         inputs, targets = _to_device(inputs, targets, device, channels_last)
         with _autocast(device, autocast_dtype):
@@ -244,7 +244,7 @@ def _build_run(
     model, handle, _ = build_model(cfg, info, loading_weights=loading_weights)
     model.to(device)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in the stub
     oc = cfg.optim
     groups = parameter_groups(
         model,

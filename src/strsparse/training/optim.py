@@ -79,7 +79,7 @@ def parameter_groups(
         "norm": weight_decay if norm_bias_decay else 0.0,
         "bias": weight_decay if norm_bias_decay else 0.0,
     }
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"name": name, "params": params, "weight_decay": decays[name]}
         for name, params in buckets.items()
         if params
@@ -112,9 +112,9 @@ def build_optimizer(
             raise OptionError(f"nesterov=True needs momentum > 0, got momentum={momentum}")
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if key == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=tuple(betas), eps=eps)
+        return torch.optim.Adam(groups, lr=lr, betas=(betas[0], betas[1]), eps=eps)
     if key == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+        return torch.optim.AdamW(groups, lr=lr, betas=(betas[0], betas[1]), eps=eps)
     raise OptionError(
         f"unknown optimizer {name!r}{did_you_mean(key, OPTIMIZERS)}; valid optimizers: "
         f"{', '.join(OPTIMIZERS)}"

@@ -150,12 +150,12 @@ def place_run(
     """
     if resume is not None:
         checkpoint = find_checkpoint(resume)
-        saved = dict(load_checkpoint(checkpoint)["config"])
-        differing = config_differences(saved, config)
+        in_checkpoint = dict(load_checkpoint(checkpoint)["config"])
+        differing = config_differences(in_checkpoint, config)
         if differing:
             raise RunMismatchError(
                 f"cannot resume {str(resume)!r} with this configuration: it changes "
-                f"{_describe(differing, saved, config)}. Resume with the run's own "
+                f"{_describe(differing, in_checkpoint, config)}. Resume with the run's own "
                 "configuration (strsparse train --resume RUN_DIR alone reads it), or start a "
                 "new run without --resume"
             )
@@ -223,8 +223,9 @@ def set_loader_epoch(loader: Any, epoch: int, seed: int) -> None:
     """Make the loader's order a function of (seed, epoch): DistributedSampler.set_epoch, or
     reseed the sampler's / loader's generator."""
     sampler = getattr(loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    set_epoch = getattr(sampler, "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(epoch)
         return
     generator = getattr(sampler, "generator", None) or getattr(loader, "generator", None)
     if isinstance(generator, torch.Generator):
