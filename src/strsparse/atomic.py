@@ -6,13 +6,20 @@ here: the data is written to a temporary file beside the target, then renamed ov
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_atomic"]
+__all__ = ["atomic_path", "remove_stale_temporaries", "write_atomic"]
+
+logger = logging.getLogger(__name__)
+
+# the temporary files atomic_path makes: .NAME.PID.HEX8.tmp
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 
 
 @contextmanager
@@ -44,3 +51,29 @@ def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[Path], o
         else:
             data(tmp)
     return Path(path)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of atomic writes under ``directory`` whose writing process
+    is gone (a write killed half-way, e.g. by SIGKILL); returns what was removed."""
+    removed = []
+    for path in Path(directory).rglob(".*.tmp"):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and path.is_file() and not _alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        logger.info("removed %d unfinished temporary file(s) in %s", len(removed), directory)
+    return removed

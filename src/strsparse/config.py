@@ -478,7 +478,9 @@ class TrainConfig(_Section):
     trainer trains in fp32 on CPU. ``channels_last``: NHWC memory format on CUDA.
     ``max_steps_per_epoch``: cut epochs short (smoke tests, benchmarks). ``num_threads``:
     CPU threads (null: chosen by the trainer). ``save_every``: keep every N-th epoch's
-    checkpoint besides ``last.pt`` / ``best.pt`` (0: none).
+    checkpoint besides ``last.pt`` / ``best.pt`` (0: none). ``checkpoint_every_steps``: also
+    write ``last.pt`` every N optimizer steps inside an epoch, for pre-emptible jobs; a
+    resume from it is exact (0: at epoch ends only).
     """
 
     _prefix: ClassVar[str] = "train"
@@ -494,6 +496,7 @@ class TrainConfig(_Section):
     grad_clip: float | None = None
     num_threads: int | None = None
     save_every: int = 0
+    checkpoint_every_steps: int = 0
     tensorboard: bool = True
 
     def _check(self) -> None:
@@ -505,6 +508,7 @@ class TrainConfig(_Section):
         _check_range(self.grad_clip, self._key("grad_clip"), gt=0.0)
         _check_range(self.num_threads, self._key("num_threads"), ge=1)
         _check_range(self.save_every, self._key("save_every"), ge=0)
+        _check_range(self.checkpoint_every_steps, self._key("checkpoint_every_steps"), ge=0)
 
 
 @dataclass(frozen=True)

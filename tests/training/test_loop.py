@@ -45,8 +45,9 @@ def test_evaluate_counts_top1_top5_and_loss() -> None:
     assert metrics["loss"] == pytest.approx(expected, rel=1e-6)
 
 
-def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """Send SIGINT (Ctrl-C) during the forward of training step ``step`` (1-based)."""
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int = signal.SIGINT) -> None:
+    """Send ``signum`` (SIGINT: Ctrl-C) during the forward of training step ``step``
+    (1-based)."""
     original = training_loop.build_model
     calls = {"n": 0}
 
@@ -58,7 +59,7 @@ def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
             if module.training:
                 calls["n"] += 1
                 if calls["n"] == step:
-                    signal.raise_signal(signal.SIGINT)
+                    signal.raise_signal(signum)
 
         model.register_forward_hook(hook)
         return model, handle, info
@@ -159,16 +160,21 @@ GMP = {"sparsity.method": "gmp", "sparsity.options": {"sparsity": 0.8, "frequenc
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("interrupt_step", "method"),
-    [(8, {}), (11, {}), (11, GMP)],
-    ids=["str-epoch-boundary", "str-mid-epoch", "gmp-mid-epoch"],
+    ("interrupt_step", "method", "signum"),
+    [
+        (8, {}, signal.SIGINT),
+        (11, {}, signal.SIGINT),
+        (11, GMP, signal.SIGINT),
+        (11, {}, signal.SIGTERM),
+    ],
+    ids=["str-epoch-boundary", "str-mid-epoch", "gmp-mid-epoch", "str-mid-epoch-sigterm"],
 )
 def test_resume_after_ctrl_c_equals_uninterrupted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupt_step: int, method: dict
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupt_step: int, method: dict, signum
 ) -> None:
     full = train(synthetic_config(tmp_path, "full", **method))
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, interrupt_step)
+        _interrupt_at(patch, interrupt_step, signum)
         with pytest.raises(KeyboardInterrupt):
             train(synthetic_config(tmp_path, "resumed", **method))
     saved = load_checkpoint(tmp_path / "resumed")
@@ -360,3 +366,41 @@ def test_best_checkpoint_is_the_epoch_with_the_highest_top1(
     assert result.best["top1"] == 80.0 and result.final["top1"] == 70.0
     assert json.loads((run / "summary.json").read_text())["best"]["top1"] == 80.0
     assert load_checkpoint(run)["epoch"] == 3
+
+
+@pytest.mark.slow
+def test_a_step_interval_checkpoint_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    full = train(synthetic_config(tmp_path, "full"))
+    every = {"train.checkpoint_every_steps": 3}  # steps 3, 6 | 9, 12, 15 (8 per epoch)
+    original = training_loop.build_model
+
+    def build_then_die(cfg, info=None, *, loading_weights=False):
+        model, handle, info = original(cfg, info, loading_weights=loading_weights)
+        calls = {"n": 0}
+
+        def hook(module, inputs, output):
+            calls["n"] += module.training
+            if calls["n"] == 14:  # killed in step 14: no chance to save
+                raise SystemExit("killed")
+
+        model.register_forward_hook(hook)
+        return model, handle, info
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training_loop, "build_model", build_then_die)
+        with pytest.raises(SystemExit):
+            train(synthetic_config(tmp_path, "cut", **every))
+    saved = load_checkpoint(tmp_path / "cut")
+    assert (saved["epoch"], saved["step"], saved["batch"]) == (1, 12, 4)
+    # a write killed half-way leaves its temporary file: the next run removes it
+    stale = tmp_path / "cut" / "checkpoints" / ".last.pt.999999999.0123abcd.tmp"
+    stale.write_bytes(b"half a checkpoint")
+
+    resumed = train(synthetic_config(tmp_path, "cut", **every))
+    assert not stale.exists()
+    expected, got = _model_state(tmp_path / "full"), _model_state(tmp_path / "cut")
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert resumed.final == full.final

@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from strsparse.atomic import remove_stale_temporaries
 from strsparse.config import Config, TrainConfig, config_to_dict, save_config
 from strsparse.data import build_datasets, build_loaders
 from strsparse.errors import OptionError, StrsparseError
@@ -304,6 +305,7 @@ def train_epoch(
     clip, log_every = run.cfg.train.grad_clip, run.cfg.train.log_every
     sums = _EpochSums(progress.epoch_state, run.device)
     check_every = 1 if run.device.type == "cpu" else log_every  # each check syncs the GPU
+    every = run.cfg.train.checkpoint_every_steps or math.inf  # mid-epoch checkpoints
     run.model.train()
     bar = _progress_bar(run, progress, done=sums.count)
     try:
@@ -337,22 +339,39 @@ def train_epoch(
                 if progress.step % log_every == 0:
                     recorder.log_step(progress.step, loss_value, lr)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", refresh=False)
-            if interrupt.raised and progress.batch < run.steps_per_epoch:
-                progress.epoch_state = sums.state()
-                if math.isfinite(progress.epoch_state["loss_sum"]):
-                    _save(run, progress, recorder, rng_epoch_start=rng_epoch_start)
-                    logger.warning(
-                        "saved %s at epoch %d, step %d; resume with the same command",
-                        run.ckpt_dir / "last.pt",
-                        progress.epoch + 1,
-                        progress.step,
-                    )
-                raise KeyboardInterrupt
+            mid_epoch = progress.batch < run.steps_per_epoch  # an epoch end saves anyway
+            if mid_epoch and (interrupt.raised or progress.step % every == 0):
+                _save_mid_epoch(run, progress, recorder, sums, rng_epoch_start, interrupt.raised)
+                if interrupt.raised:
+                    raise KeyboardInterrupt
     finally:
         bar.close()
     if run.env.enabled:
         broadcast_buffers(run.model)
     progress.epoch_state = sums.reduced(run.device)
+
+
+def _save_mid_epoch(
+    run: _Run,
+    progress: Progress,
+    recorder: Recorder,
+    sums: _EpochSums,
+    rng_epoch_start: Any,
+    interrupted: bool,
+) -> None:
+    """``last.pt`` inside an epoch (Ctrl-C, SIGTERM, ``train.checkpoint_every_steps``), with
+    what an exact resume needs: the running sums and the random state at the epoch's start."""
+    progress.epoch_state = sums.state()
+    if not math.isfinite(progress.epoch_state["loss_sum"]):
+        return  # never replace a good checkpoint with a diverged state
+    _save(run, progress, recorder, rng_epoch_start=rng_epoch_start)
+    logger.log(
+        logging.WARNING if interrupted else logging.INFO,
+        "saved %s at epoch %d, step %d; the same command resumes from it",
+        run.ckpt_dir / "last.pt",
+        progress.epoch + 1,
+        progress.step,
+    )
 
 
 class _EpochSums:
@@ -434,29 +453,38 @@ def _diverged_message(run: _Run, progress: Progress, value: float) -> str:
 
 
 class _InterruptFlag:
-    """Turns the first Ctrl-C into a flag the loop checks between steps, so the checkpoint
-    it saves is consistent; a second Ctrl-C interrupts at once. Only in the main thread of
-    a single-process run (in a distributed job, ranks cannot stop at the same step)."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (what Slurm, Kubernetes and cloud
+    schedulers send before they stop a job) into a flag the loop checks between steps, so the
+    checkpoint it saves is consistent; a second signal interrupts at once. Only in the main
+    thread of a single-process run (in a distributed job, ranks cannot stop at the same step:
+    use ``train.checkpoint_every_steps`` there)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, active: bool) -> None:
         self.active = active and threading.current_thread() is threading.main_thread()
         self.raised = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.raised:
             raise KeyboardInterrupt
         self.raised = True
-        logger.warning("interrupted: finishing this step, saving a checkpoint (Ctrl-C again: quit)")
+        logger.warning(
+            "%s: finishing this step, saving a checkpoint (again: quit at once)",
+            signal.Signals(signum).name,
+        )
 
     def __enter__(self) -> _InterruptFlag:
         if self.active:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.active:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
 
 
 # -- between epochs -----------------------------------------------------------------------
@@ -581,6 +609,7 @@ def _train(
     ckpt_path = place.checkpoint
     ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
     if env.is_main:
+        remove_stale_temporaries(run_dir)  # left by a write that was killed half-way
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.yaml").is_file():  # written once, when the run starts
             save_config(cfg, run_dir / "config.yaml")
@@ -644,7 +673,7 @@ def _fit(
                 progress,
                 seed=run.cfg.seed,
                 resume=resume,
-                keep_epoch_start=interrupt.active,
+                keep_epoch_start=interrupt.active or bool(run.cfg.train.checkpoint_every_steps),
             )
             resume = None
             train_epoch(run, progress, batches, recorder, interrupt, rng_epoch_start)
