@@ -352,3 +352,12 @@ def test_step_after_finalize_and_a_model_name_are_clear_errors() -> None:
         handle.step(1, 10)
     with pytest.raises(strsparse.errors.OptionError, match=r"create_model\('resnet50'\)"):
         strsparse.sparsify("resnet50", "str")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+def test_method_state_follows_a_model_already_on_the_gpu(method: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).cuda()
+    _sparsify(model, method)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cuda"}
+    model(torch.randn(2, 4, device="cuda")).sum().backward()

@@ -287,6 +287,9 @@ def sparsify(
         return SparsityHandle(method=method, options=dict(options), layers=layers)
     parametrizations = method_cls.create(layers, parsed)
     for name, layer in layers.items():
+        device = layer.raw.device
+        if device.type != "meta":  # a meta model's state stays where to_empty() can't wipe it
+            parametrizations[name].to(device=device)  # STR's s beside a weight already on a GPU
         for module, tensor in layer.users:
             parametrize.register_parametrization(module, tensor, parametrizations[name])
             # the parametrized class is the module's own
