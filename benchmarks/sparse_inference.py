@@ -218,7 +218,7 @@ def bench_layers(args: argparse.Namespace) -> list[dict]:
                 strsparse.sparsify(dense, "magnitude", sparsity=sparsity)
                 strsparse.finalize(dense)
             # forced sparse: the sweep is what sets the per-layer rule
-            layer = to_sparse(nn.Sequential(dense), max_density=1.0).get_submodule("0")
+            layer = to_sparse(nn.Sequential(dense), max_density=1.0).net.get_submodule("0")
             for batch in args.batch:
                 x = torch.randn(batch, *LAYER_INPUT[name])
                 x_in = x if x.dim() == 2 else x.transpose(0, 1).contiguous()  # channel-major

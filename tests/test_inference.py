@@ -69,7 +69,7 @@ def test_conv_bn_relu_matches_dense(name: str, batch: int) -> None:
     model = _prune(nn.Sequential(nn.Conv2d(**opts), nn.BatchNorm2d(out_channels), nn.ReLU()), 0.7)
     sparse = to_sparse(model, max_density=1.0)
     assert sparse.sparse_plan == {"0": "sparse"}
-    layer = sparse.get_submodule("0")
+    layer = sparse.net.get_submodule("0")
     assert isinstance(layer, SparseConv2d) and layer.clamp == (0.0, math.inf)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())  # folded
     _check_close(model, sparse, torch.randn(batch, opts["in_channels"], 13, 11))
@@ -80,8 +80,8 @@ def test_conv_bn_relu_matches_dense(name: str, batch: int) -> None:
 def test_linear_matches_dense(shape: tuple[int, ...]) -> None:
     model = _prune(nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 7)), 0.8)
     sparse = to_sparse(model, max_density=1.0)
-    assert isinstance(sparse.get_submodule("0"), SparseLinear)
-    assert sparse.get_submodule("0").clamp == (0.0, math.inf)
+    assert isinstance(sparse.net.get_submodule("0"), SparseLinear)
+    assert sparse.net.get_submodule("0").clamp == (0.0, math.inf)
     _check_close(model, sparse, torch.randn(*shape))
 
 
@@ -110,10 +110,10 @@ def test_resnet_downsample_and_residual_are_fused() -> None:
     sparse = to_sparse(model)
     # the second conv of a block takes the shortcut as its residual; the graph holds no BN
     assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())
-    conv2 = sparse.get_submodule("layer2.0.conv2")
+    conv2 = sparse.net.get_submodule("layer2.0.conv2")
     assert conv2.clamp == (0.0, math.inf)
     calls = [
-        n for n in sparse.graph.nodes if n.op == "call_module" and n.target == "layer2.0.conv2"
+        n for n in sparse.net.graph.nodes if n.op == "call_module" and n.target == "layer2.0.conv2"
     ]
     assert len(calls) == 1 and len(calls[0].args) == 2  # input and fused residual
     _check_close(model, sparse, torch.randn(1, 3, 48, 48))
@@ -164,7 +164,7 @@ def test_per_layer_rule_keeps_dense_layers_dense() -> None:
         w[torch.rand_like(w) < 0.95] = 0.0
     sparse = to_sparse(model)
     assert sparse.sparse_plan["0"] == "dense"
-    assert sparse.get_submodule("0").mode == "dense"
+    assert sparse.net.get_submodule("0").mode == "dense"
     assert sparse.sparse_plan["3"] == ("sparse" if backend().available else "dense")
     _check_close(model, sparse, torch.randn(2, 4, 8, 8))
     all_dense = to_sparse(model, max_density=0.0)
@@ -284,3 +284,27 @@ def test_numba_fallback_matches_dense(monkeypatch) -> None:
     model = _prune(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Linear(4, 3)), 0.7)
     sparse = to_sparse(model, max_density=1.0)
     _check_close(model, sparse, torch.randn(2, 3, 9, 9))
+
+
+def test_large_batches_run_in_slices_only_when_samples_are_independent() -> None:
+    model = _prune(strsparse.create_model("resnet20", shortcut="B"), 0.9)
+    sparse = to_sparse(model)
+    assert sparse.per_sample
+    x = torch.randn(50, 3, 32, 32)  # more than one slice of 2**17 values
+    with torch.inference_mode():
+        whole = sparse.net(x)
+        torch.testing.assert_close(sparse(x), whole, rtol=0, atol=1e-6)
+
+    class BatchCentred(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x - x.mean(0))  # mixes the samples of a batch
+
+    mixed = to_sparse(_prune(BatchCentred(), 0.5))
+    assert not mixed.per_sample
+    x = torch.randn(20000, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(mixed(x), mixed.net(x))

@@ -62,6 +62,8 @@ class Backend:
             lib.ss_pad_planes.restype = None
             lib.ss_compact.argtypes = [_ptr] * 3 + [_i64] * 7 + [_f32, _f32, _int]
             lib.ss_compact.restype = None
+            lib.ss_subsample.argtypes = [_ptr, _ptr] + [_i64] * 7 + [_int]
+            lib.ss_subsample.restype = None
             lib.ss_maxpool.argtypes = [_ptr, _ptr] + [_i64] * 9 + [_int]
             lib.ss_maxpool.restype = None
             lib.ss_isa.restype = _int
@@ -169,6 +171,18 @@ class Backend:
         padded[:, :, pad[0] : pad[0] + rows, pad[1] : pad[1] + cols] = x[:, :, :rows, :cols]
         planes = padded.view(c, n, hq, s, wq, s).permute(0, 3, 5, 1, 2, 4)  # (C, a, b, N, i, j)
         out.view(c, ch_stride)[:, : s * s * n * hq * wq] = planes.reshape(c, -1)
+        return out
+
+    def subsample(self, x: Tensor, stride: int) -> Tensor:
+        """``x[:, :, ::stride, ::stride]`` of channel-major ``x`` (C, N, H, W), contiguous."""
+        if self._lib is None:
+            return x[:, :, ::stride, ::stride].contiguous()
+        c, n, h, w = x.shape
+        ho, wo = -(-h // stride), -(-w // stride)
+        out = torch.empty(c, n, ho, wo)
+        self._lib.ss_subsample(
+            x.data_ptr(), out.data_ptr(), c, n, h, w, stride, ho, wo, torch.get_num_threads()
+        )
         return out
 
     def compact(

@@ -38,7 +38,7 @@ from strsparse.errors import OptionError
 from strsparse.inference._native import backend
 from strsparse.inference.layers import SparseConv2d, SparseLinear, channel_major_max_pool2d
 
-__all__ = ["DEFAULT_MAX_DENSITY", "SparsePlan", "to_sparse"]
+__all__ = ["DEFAULT_MAX_DENSITY", "SparseModel", "SparsePlan", "to_sparse"]
 
 logger = logging.getLogger(__name__)
 
@@ -483,13 +483,93 @@ def _swap_layers(
     return model, plan
 
 
+_PER_SAMPLE_FUNCTIONS = {
+    _swap01,
+    channel_major_max_pool2d,
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.hardtanh,
+    F.adaptive_avg_pool2d,
+    F.avg_pool2d,
+    F.dropout,
+    operator.add,
+    operator.iadd,
+    operator.mul,
+    torch.add,
+    torch.mul,
+}
+
+
+def _per_sample(net: fx.GraphModule) -> bool:
+    """Whether ``net`` computes each sample of a batch on its own (only ops known to), so
+    that a batch can run in slices: then a slice's activations stay in the CPU's caches."""
+    modules = dict(net.named_modules())
+    placeholders = 0
+    for node in net.graph.nodes:
+        if node.op == "placeholder":
+            placeholders += 1
+        elif node.op == "output":
+            if not isinstance(node.args[0], fx.Node):
+                return False
+        elif node.op == "call_module":
+            m = modules[str(node.target)]
+            if not isinstance(m, (SparseConv2d, SparseLinear, *_LAYOUT_FREE_MODULES)):
+                return False
+        elif node.op == "call_function":
+            if node.target is torch.flatten:
+                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+                if start != 1 or len(node.args) > 2 or "end_dim" in node.kwargs:
+                    return False
+            elif node.target not in _PER_SAMPLE_FUNCTIONS:
+                return False
+        elif node.op == "call_method":
+            if node.target not in ("relu", "relu_", "add", "mul", "contiguous"):
+                return False
+        else:
+            return False
+    return placeholders == 1
+
+
+# A batch runs in slices of about this many input values per slice (one 224x224 image is
+# 150K): the intermediate activations of a slice then stay in cache instead of memory.
+_SLICE_VALUES = 2**17
+
+
+class SparseModel(nn.Module):
+    """What ``to_sparse`` returns: the rewritten network ``net`` and its per-layer plan.
+
+    When ``net`` computes every sample on its own (``per_sample``), a large batch runs in
+    slices of a few samples, whose activations stay in the CPU's caches; outputs are the same.
+    """
+
+    def __init__(self, net: nn.Module, plan: dict[str, str], per_sample: bool) -> None:
+        super().__init__()
+        self.net = net
+        self.sparse_plan = dict(plan)
+        self.per_sample = per_sample
+        self.eval()
+
+    def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
+        if not self.per_sample or kwargs or len(args) != 1:
+            return self.net(*args, **kwargs)
+        (x,) = args
+        if not isinstance(x, Tensor) or x.dim() < 2:
+            return self.net(x)
+        per_sample = max(1, x[0].numel())
+        size = max(1, _SLICE_VALUES // per_sample)
+        if x.shape[0] <= size:
+            return self.net(x)
+        return torch.cat([self.net(part) for part in x.split(size)])
+
+
 @torch.no_grad()
 def to_sparse(
     model: nn.Module,
     *,
     max_density: float | Mapping[str, float] | None = None,
     _plan: Mapping[str, str] | None = None,
-) -> nn.Module:
+) -> SparseModel:
     """A copy of ``model`` whose Linear and Conv2d layers run strsparse's sparse kernels.
 
     ``model`` is a finalized model (``strsparse.finalize``; a still-sparsified one is
@@ -501,7 +581,8 @@ def to_sparse(
     Per-layer rule: a layer denser than ``max_density`` (a number, or per layer kind
     ``{"linear": .., "conv": .., "depthwise": ..}``; defaults in ``DEFAULT_MAX_DENSITY``)
     stays dense, as does every layer when the native kernels are unavailable (with a
-    warning). ``model.sparse_plan`` records each layer's choice.
+    warning). ``sparse_model.sparse_plan`` records each layer's choice; the rewritten
+    network is ``sparse_model.net``.
     """
     limits = _max_density(max_density)
     model = _finalized_copy(model)
@@ -524,11 +605,12 @@ def to_sparse(
             RuntimeWarning,
             stacklevel=2,
         )
-        result, plan = _swap_layers(model, limits, _plan)
+        net, plan = _swap_layers(model, limits, _plan)
+        per_sample = False
     else:
-        result, plan = _rewrite(traced, limits, _plan)
-    result.eval()
-    result.sparse_plan = plan.to_dict()  # type: ignore[assignment]
+        net, plan = _rewrite(traced, limits, _plan)
+        per_sample = _per_sample(net)
+    result = SparseModel(net, plan.to_dict(), per_sample)
     for attr in ("input_shape", "classifier_name"):
         if hasattr(model, attr):
             setattr(result, attr, getattr(model, attr))

@@ -290,7 +290,7 @@ class SparseConv2d(_SparseBase):
         if self.pointwise:
             offsets, ho, wo = geometry
             if self.stride > 1:
-                x = x[:, :, :: self.stride, :: self.stride].contiguous()
+                x = backend().subsample(x, self.stride)
             count = n * ho * wo
             out = torch.empty(self.out_channels, n, ho, wo)
             if residual is not None and residual.shape != out.shape:

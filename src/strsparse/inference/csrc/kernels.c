@@ -193,9 +193,13 @@ static void spmm_tile_portable(const spmm_args *a, int64_t c0, int64_t c1, int64
 /* NV vectors of 16 floats; the last one masked by `last`. Inlined with a constant NV. */
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
 spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, const int nv,
-                    __mmask16 last) {
+                    const int full, __mmask16 last) {
+    /* masked loads and stores only for the last vector of a partial tile: on some CPUs
+     * (AMD Zen 4) masked stores are far slower than plain ones */
     __mmask16 m[8];
     for (int k = 0; k < 8; k++) m[k] = k < nv - 1 ? (__mmask16)0xFFFF : last;
+#define LOAD512(k, p) \
+    ((k) < nv - 1 || full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m[(k)], (p)))
     const __m512 vlo = _mm512_set1_ps(a->lo), vhi = _mm512_set1_ps(a->hi);
     for (int64_t co = c0; co < c1; co++) {
         __m512 acc[8];
@@ -208,13 +212,13 @@ spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, cons
             const float *in = a->in + p0;
             for (; j + 4 <= j1; j += 4) {
                 acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(a->values[j]),
-                                         _mm512_maskz_loadu_ps(m[0], in + a->offsets[j]), acc[0]);
+                                         LOAD512(0, in + a->offsets[j]), acc[0]);
                 s1 = _mm512_fmadd_ps(_mm512_set1_ps(a->values[j + 1]),
-                                     _mm512_maskz_loadu_ps(m[0], in + a->offsets[j + 1]), s1);
+                                     LOAD512(0, in + a->offsets[j + 1]), s1);
                 s2 = _mm512_fmadd_ps(_mm512_set1_ps(a->values[j + 2]),
-                                     _mm512_maskz_loadu_ps(m[0], in + a->offsets[j + 2]), s2);
+                                     LOAD512(0, in + a->offsets[j + 2]), s2);
                 s3 = _mm512_fmadd_ps(_mm512_set1_ps(a->values[j + 3]),
-                                     _mm512_maskz_loadu_ps(m[0], in + a->offsets[j + 3]), s3);
+                                     LOAD512(0, in + a->offsets[j + 3]), s3);
             }
             acc[0] = _mm512_add_ps(_mm512_add_ps(acc[0], s1), _mm512_add_ps(s2, s3));
         }
@@ -222,16 +226,19 @@ spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, cons
             const __m512 w = _mm512_set1_ps(a->values[j]);
             const float *src = a->in + a->offsets[j] + p0;
             for (int k = 0; k < nv; k++)
-                acc[k] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m[k], src + 16 * k), acc[k]);
+                acc[k] = _mm512_fmadd_ps(w, LOAD512(k, src + 16 * k), acc[k]);
         }
         const __m512 b = _mm512_set1_ps(a->bias ? a->bias[co] : 0.0f);
         float *dst = a->out + co * a->ld_out + p0;
         const float *res = a->residual ? a->residual + co * a->ld_res + p0 : NULL;
         for (int k = 0; k < nv; k++) {
             __m512 v = _mm512_add_ps(acc[k], b);
-            if (res) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m[k], res + 16 * k));
+            if (res) v = _mm512_add_ps(v, LOAD512(k, res + 16 * k));
             v = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);
-            _mm512_mask_storeu_ps(dst + 16 * k, m[k], v);
+            if (k < nv - 1 || full)
+                _mm512_storeu_ps(dst + 16 * k, v);
+            else
+                _mm512_mask_storeu_ps(dst + 16 * k, m[k], v);
         }
     }
 }
@@ -241,24 +248,29 @@ spmm_tile_avx512(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t
     const int nv = (int)((np + 15) / 16);
     const int rem = (int)(np - 16 * (nv - 1));
     const __mmask16 last = (__mmask16)(rem >= 16 ? 0xFFFF : ((1u << rem) - 1u));
+    /* constant nv and full: each case compiles to straight-line code */
+#define CASE512(n)                                                                         \
+    case n:                                                                                \
+        if (rem == 16) spmm_tile_avx512_nv(a, c0, c1, p0, n, 1, last);                     \
+        else spmm_tile_avx512_nv(a, c0, c1, p0, n, 0, last);                               \
+        break;
     switch (nv) {
-    case 1: spmm_tile_avx512_nv(a, c0, c1, p0, 1, last); break;
-    case 2: spmm_tile_avx512_nv(a, c0, c1, p0, 2, last); break;
-    case 3: spmm_tile_avx512_nv(a, c0, c1, p0, 3, last); break;
-    case 4: spmm_tile_avx512_nv(a, c0, c1, p0, 4, last); break;
-    case 5: spmm_tile_avx512_nv(a, c0, c1, p0, 5, last); break;
-    case 6: spmm_tile_avx512_nv(a, c0, c1, p0, 6, last); break;
-    case 7: spmm_tile_avx512_nv(a, c0, c1, p0, 7, last); break;
-    default: spmm_tile_avx512_nv(a, c0, c1, p0, 8, last); break;
+        CASE512(1) CASE512(2) CASE512(3) CASE512(4) CASE512(5) CASE512(6) CASE512(7)
+    default:
+        CASE512(8)
     }
+#undef CASE512
 }
 
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
 spmm_tile_avx2_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, const int nv,
-                  __m256i last) {
+                  const int full, __m256i last) {
+    /* masked loads and stores only for the last vector of a partial tile (see above) */
     __m256i m[8];
     const __m256i all = _mm256_set1_epi32(-1);
     for (int k = 0; k < 8; k++) m[k] = k < nv - 1 ? all : last;
+#define LOAD256(k, p) \
+    ((k) < nv - 1 || full ? _mm256_loadu_ps(p) : _mm256_maskload_ps((p), m[(k)]))
     const __m256 vlo = _mm256_set1_ps(a->lo), vhi = _mm256_set1_ps(a->hi);
     for (int64_t co = c0; co < c1; co++) {
         __m256 acc[8];
@@ -271,13 +283,13 @@ spmm_tile_avx2_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, const 
             const float *in = a->in + p0;
             for (; j + 4 <= j1; j += 4) {
                 acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(a->values[j]),
-                                         _mm256_maskload_ps(in + a->offsets[j], m[0]), acc[0]);
+                                         LOAD256(0, in + a->offsets[j]), acc[0]);
                 s1 = _mm256_fmadd_ps(_mm256_set1_ps(a->values[j + 1]),
-                                     _mm256_maskload_ps(in + a->offsets[j + 1], m[0]), s1);
+                                     LOAD256(0, in + a->offsets[j + 1]), s1);
                 s2 = _mm256_fmadd_ps(_mm256_set1_ps(a->values[j + 2]),
-                                     _mm256_maskload_ps(in + a->offsets[j + 2], m[0]), s2);
+                                     LOAD256(0, in + a->offsets[j + 2]), s2);
                 s3 = _mm256_fmadd_ps(_mm256_set1_ps(a->values[j + 3]),
-                                     _mm256_maskload_ps(in + a->offsets[j + 3], m[0]), s3);
+                                     LOAD256(0, in + a->offsets[j + 3]), s3);
             }
             acc[0] = _mm256_add_ps(_mm256_add_ps(acc[0], s1), _mm256_add_ps(s2, s3));
         }
@@ -285,16 +297,19 @@ spmm_tile_avx2_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, const 
             const __m256 w = _mm256_set1_ps(a->values[j]);
             const float *src = a->in + a->offsets[j] + p0;
             for (int k = 0; k < nv; k++)
-                acc[k] = _mm256_fmadd_ps(w, _mm256_maskload_ps(src + 8 * k, m[k]), acc[k]);
+                acc[k] = _mm256_fmadd_ps(w, LOAD256(k, src + 8 * k), acc[k]);
         }
         const __m256 b = _mm256_set1_ps(a->bias ? a->bias[co] : 0.0f);
         float *dst = a->out + co * a->ld_out + p0;
         const float *res = a->residual ? a->residual + co * a->ld_res + p0 : NULL;
         for (int k = 0; k < nv; k++) {
             __m256 v = _mm256_add_ps(acc[k], b);
-            if (res) v = _mm256_add_ps(v, _mm256_maskload_ps(res + 8 * k, m[k]));
+            if (res) v = _mm256_add_ps(v, LOAD256(k, res + 8 * k));
             v = _mm256_min_ps(_mm256_max_ps(v, vlo), vhi);
-            _mm256_maskstore_ps(dst + 8 * k, m[k], v);
+            if (k < nv - 1 || full)
+                _mm256_storeu_ps(dst + 8 * k, v);
+            else
+                _mm256_maskstore_ps(dst + 8 * k, m[k], v);
         }
     }
 }
@@ -305,16 +320,17 @@ spmm_tile_avx2(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t n
     const int rem = (int)(np - 8 * (nv - 1));
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), lane);
+#define CASE256(n)                                                                         \
+    case n:                                                                                \
+        if (rem == 8) spmm_tile_avx2_nv(a, c0, c1, p0, n, 1, last);                        \
+        else spmm_tile_avx2_nv(a, c0, c1, p0, n, 0, last);                                 \
+        break;
     switch (nv) {
-    case 1: spmm_tile_avx2_nv(a, c0, c1, p0, 1, last); break;
-    case 2: spmm_tile_avx2_nv(a, c0, c1, p0, 2, last); break;
-    case 3: spmm_tile_avx2_nv(a, c0, c1, p0, 3, last); break;
-    case 4: spmm_tile_avx2_nv(a, c0, c1, p0, 4, last); break;
-    case 5: spmm_tile_avx2_nv(a, c0, c1, p0, 5, last); break;
-    case 6: spmm_tile_avx2_nv(a, c0, c1, p0, 6, last); break;
-    case 7: spmm_tile_avx2_nv(a, c0, c1, p0, 7, last); break;
-    default: spmm_tile_avx2_nv(a, c0, c1, p0, 8, last); break;
+        CASE256(1) CASE256(2) CASE256(3) CASE256(4) CASE256(5) CASE256(6) CASE256(7)
+    default:
+        CASE256(8)
     }
+#undef CASE256
 }
 #endif
 
@@ -420,6 +436,57 @@ SS_EXPORT void ss_spmm(const float *in, float *out, const float *values, const i
 /* ------------------------------------------------------------------------------------------ */
 /* Layout preparation.                                                                         */
 
+/* dst[j] = src[stride * j] for j < count; src holds `avail` readable floats. */
+typedef void (*strided_fn)(float *dst, const float *src, int64_t count, int64_t stride,
+                           int64_t avail);
+
+static void strided_copy_portable(float *dst, const float *src, int64_t count, int64_t stride,
+                                  int64_t avail) {
+    (void)avail;
+    for (int64_t j = 0; j < count; j++) dst[j] = src[stride * j];
+}
+
+#if SS_X86
+__attribute__((target("avx512f"))) static void
+strided_copy_avx512(float *dst, const float *src, int64_t count, int64_t stride, int64_t avail) {
+    int64_t j = 0;
+    if (stride == 2) {
+        const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                               28, 30);
+        for (; j + 16 <= count && 2 * j + 32 <= avail; j += 16) {
+            const __m512 lo = _mm512_loadu_ps(src + 2 * j), hi = _mm512_loadu_ps(src + 2 * j + 16);
+            _mm512_storeu_ps(dst + j, _mm512_permutex2var_ps(lo, even, hi));
+        }
+    }
+    for (; j < count; j++) dst[j] = src[stride * j];
+}
+
+__attribute__((target("avx2,fma"))) static void
+strided_copy_avx2(float *dst, const float *src, int64_t count, int64_t stride, int64_t avail) {
+    int64_t j = 0;
+    if (stride == 2) {
+        for (; j + 8 <= count && 2 * j + 16 <= avail; j += 8) {
+            const __m256 lo = _mm256_loadu_ps(src + 2 * j), hi = _mm256_loadu_ps(src + 2 * j + 8);
+            const __m256 mixed = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+            const __m256d ordered = _mm256_permute4x64_pd(_mm256_castps_pd(mixed), 0xD8);
+            _mm256_storeu_ps(dst + j, _mm256_castpd_ps(ordered));
+        }
+    }
+    for (; j < count; j++) dst[j] = src[stride * j];
+}
+#endif
+
+static strided_fn strided_copy_fn(void) {
+#if SS_X86
+    switch (ss_isa()) {
+    case ISA_AVX512: return strided_copy_avx512;
+    case ISA_AVX2: return strided_copy_avx2;
+    default: break;
+    }
+#endif
+    return strided_copy_portable;
+}
+
 typedef struct {
     const float *in;
     float *out;
@@ -429,6 +496,7 @@ typedef struct {
 static void planes_task(void *ctx, int64_t begin, int64_t end) {
     const planes_args *a = (const planes_args *)ctx;
     const int64_t s = a->stride, plane = a->n * a->hq * a->wq;
+    const strided_fn copy = strided_copy_fn();
     for (int64_t c = begin; c < end; c++) {
         float *dst_c = a->out + c * a->ch_stride;
         const float *src_c = a->in + c * a->n * a->h * a->w;
@@ -454,10 +522,19 @@ static void planes_task(void *ctx, int64_t begin, int64_t end) {
                             const int64_t done = left + (count > 0 ? count : 0);
                             if (done < a->wq) memset(dst + done, 0, sizeof(float) * (a->wq - done));
                         } else {
-                            for (int64_t j = 0; j < a->wq; j++) {
-                                const int64_t x = s * j + pb - a->pad_l;
-                                dst[j] = (x >= 0 && x < a->w) ? src[x] : 0.0f;
+                            /* columns j with 0 <= s*j + pb - pad_l < w are copied, the rest 0 */
+                            const int64_t first = a->pad_l - pb;
+                            int64_t j0 = first <= 0 ? 0 : (first + s - 1) / s;
+                            int64_t j1 = (a->w + a->pad_l - pb + s - 1) / s;
+                            if (j0 > a->wq) j0 = a->wq;
+                            if (j1 > a->wq) j1 = a->wq;
+                            if (j1 < j0) j1 = j0;
+                            for (int64_t j = 0; j < j0; j++) dst[j] = 0.0f;
+                            if (j1 > j0) {
+                                const int64_t x0 = s * j0 + pb - a->pad_l;
+                                copy(dst + j0, src + x0, j1 - j0, s, a->w - x0);
                             }
+                            for (int64_t j = j1; j < a->wq; j++) dst[j] = 0.0f;
                         }
                     }
             }
@@ -472,6 +549,30 @@ SS_EXPORT void ss_pad_planes(const float *in, float *out, int64_t c, int64_t n, 
                              int64_t wq, int64_t ch_stride, int threads) {
     planes_args a = {in, out, n, h, w, pad_t, pad_l, stride, hq, wq, ch_stride};
     parallel_for(threads, c, planes_task, &a);
+}
+
+typedef struct {
+    const float *in;
+    float *out;
+    int64_t n, h, w, stride, ho, wo;
+} subsample_args;
+
+static void subsample_task(void *ctx, int64_t begin, int64_t end) {
+    const subsample_args *a = (const subsample_args *)ctx;
+    const strided_fn copy = strided_copy_fn();
+    for (int64_t c = begin; c < end; c++)
+        for (int64_t n = 0; n < a->n; n++)
+            for (int64_t i = 0; i < a->ho; i++) {
+                const float *src = a->in + ((c * a->n + n) * a->h + i * a->stride) * a->w;
+                copy(a->out + ((c * a->n + n) * a->ho + i) * a->wo, src, a->wo, a->stride, a->w);
+            }
+}
+
+/* out (C, N, ho, wo) = in[:, :, ::stride, ::stride] of a channel-major (C, N, h, w) input. */
+SS_EXPORT void ss_subsample(const float *in, float *out, int64_t c, int64_t n, int64_t h,
+                            int64_t w, int64_t stride, int64_t ho, int64_t wo, int threads) {
+    subsample_args a = {in, out, n, h, w, stride, ho, wo};
+    parallel_for(threads, c, subsample_task, &a);
 }
 
 typedef struct {
