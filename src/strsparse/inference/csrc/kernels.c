@@ -20,6 +20,7 @@
 #endif
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -146,7 +147,12 @@ static void parallel_for(int threads, int64_t items, task_fn fn, void *ctx) {
     pthread_cond_broadcast(&wait_cv);
     pthread_mutex_unlock(&wait_mu);
     run_chunk(0);
-    while (atomic_load_explicit(&job_pending, memory_order_acquire) > 0) cpu_relax();
+    /* wait for the workers: spin briefly, then yield the core (a busy machine may have
+     * descheduled a worker, and spinning would keep it from running) */
+    for (long spins = 0; atomic_load_explicit(&job_pending, memory_order_acquire) > 0; spins++) {
+        if (spins < SS_SPIN) cpu_relax();
+        else sched_yield();
+    }
     pthread_mutex_unlock(&submit_mu);
 }
 
