@@ -42,10 +42,12 @@ __all__ = ["DEFAULT_MAX_DENSITY", "SparseModel", "SparsePlan", "to_sparse"]
 
 logger = logging.getLogger(__name__)
 
-# Densities above which a layer stays dense, measured with benchmarks/sparse_inference.py
-# (single layers swept over sparsity, batch 1 and 8): the sparse kernel loses to PyTorch's
-# dense one somewhere between 30% and 50% density, depending on the layer.
-DEFAULT_MAX_DENSITY = {"linear": 0.35, "conv": 0.35, "depthwise": 1.0}
+# Densities above which a layer stays dense, from benchmarks/sparse_inference.py (single
+# layers swept over sparsity, batch 1 and 8, one thread): the sparse kernel stops beating
+# PyTorch's dense one at about 30% density for Linear layers and k x k convs and 50% for 1x1
+# convs; the limits leave a margin. Depthwise convs (9 weights a channel) always run the
+# kernel, which avoids PyTorch's transposes between layouts.
+DEFAULT_MAX_DENSITY = {"linear": 0.3, "pointwise": 0.4, "conv": 0.25, "depthwise": 1.0}
 
 _RELU_MODULES = (nn.ReLU,)
 _ACT_FUNCTIONS = {F.relu: (0.0, math.inf), torch.relu: (0.0, math.inf), F.relu6: (0.0, 6.0)}
@@ -212,7 +214,7 @@ def _choose_mode(kind: str, weight: Tensor, max_density: Mapping[str, float]) ->
     if not backend().available:
         return "dense"
     density = _density(weight)
-    if density >= 1.0 or density > max_density[kind]:
+    if density > max_density[kind] or (density >= 1.0 and kind != "depthwise"):
         return "dense"
     return "sparse"
 
@@ -252,9 +254,12 @@ def _build_layer(
     structure_only = forced is not None
     if isinstance(module, nn.Linear):
         kind = "linear"
+    elif module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+        kind = "depthwise"
+    elif tuple(module.kernel_size) == (1, 1):
+        kind = "pointwise"
     else:
-        depthwise = module.groups == module.in_channels == module.out_channels
-        kind = "depthwise" if depthwise and module.groups > 1 else "conv"
+        kind = "conv"
     if forced is not None:
         if name not in forced:
             raise OptionError(f"the saved plan has no entry for layer {name!r}")
@@ -579,7 +584,8 @@ def to_sparse(
     convs are folded in, and residual adds and ReLUs fused into the layers.
 
     Per-layer rule: a layer denser than ``max_density`` (a number, or per layer kind
-    ``{"linear": .., "conv": .., "depthwise": ..}``; defaults in ``DEFAULT_MAX_DENSITY``)
+    ``{"linear": .., "pointwise": .., "conv": .., "depthwise": ..}``; defaults in
+    ``DEFAULT_MAX_DENSITY``)
     stays dense, as does every layer when the native kernels are unavailable (with a
     warning). ``sparse_model.sparse_plan`` records each layer's choice; the rewritten
     network is ``sparse_model.net``.
