@@ -51,7 +51,10 @@ SS_EXPORT const char *ss_source_hash(void) { return SS_SOURCE_HASH; }
 typedef void (*task_fn)(void *ctx, int64_t begin, int64_t end);
 
 #define SS_MAX_THREADS 64
-#define SS_SPIN 20000
+/* below this much work a call runs on the calling thread: waking workers would cost more */
+#define SS_SERIAL_MACS (1 << 18)
+#define SS_SERIAL_VALUES (1 << 16)
+#define SS_SPIN 2000
 
 typedef struct {
     atomic_long ticket; /* bumped by the caller to hand this worker a job */
@@ -409,6 +412,7 @@ SS_EXPORT void ss_spmm(const float *in, float *out, const float *values, const i
                        int64_t c_out, int64_t n_pix, int64_t ld_out, int64_t ld_res, float lo,
                        float hi, int threads) {
     if (c_out <= 0 || n_pix <= 0) return;
+    if ((int64_t)(row_ptr[c_out] - row_ptr[0]) * n_pix < SS_SERIAL_MACS) threads = 1;
     spmm_args a = {in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out,
                    ld_res, lo, hi, 0, 0, 0, NULL};
     a.tile = tile_size();
@@ -554,6 +558,7 @@ SS_EXPORT void ss_pad_planes(const float *in, float *out, int64_t c, int64_t n, 
                              int64_t w, int64_t pad_t, int64_t pad_l, int64_t stride, int64_t hq,
                              int64_t wq, int64_t ch_stride, int threads) {
     planes_args a = {in, out, n, h, w, pad_t, pad_l, stride, hq, wq, ch_stride};
+    if (c * ch_stride < SS_SERIAL_VALUES) threads = 1;
     parallel_for(threads, c, planes_task, &a);
 }
 
@@ -578,6 +583,7 @@ static void subsample_task(void *ctx, int64_t begin, int64_t end) {
 SS_EXPORT void ss_subsample(const float *in, float *out, int64_t c, int64_t n, int64_t h,
                             int64_t w, int64_t stride, int64_t ho, int64_t wo, int threads) {
     subsample_args a = {in, out, n, h, w, stride, ho, wo};
+    if (c * n * ho * wo < SS_SERIAL_VALUES) threads = 1;
     parallel_for(threads, c, subsample_task, &a);
 }
 
@@ -615,6 +621,7 @@ SS_EXPORT void ss_compact(const float *in, float *out, const float *residual, in
                           int64_t n, int64_t hq, int64_t wq, int64_t ho, int64_t wo,
                           int64_t ld_in, float lo, float hi, int threads) {
     compact_args a = {in, out, residual, n, hq, wq, ho, wo, ld_in, lo, hi};
+    if (c * n * ho * wo < SS_SERIAL_VALUES) threads = 1;
     parallel_for(threads, c, compact_task, &a);
 }
 
@@ -666,6 +673,7 @@ SS_EXPORT void ss_maxpool(const float *in, float *out, int64_t planes, int64_t h
                           int64_t kh, int64_t kw, int64_t stride, int64_t pad, int64_t ho,
                           int64_t wo, int threads) {
     pool_args a = {in, out, 0, h, w, kh, kw, stride, pad, ho, wo};
+    if (planes * h * w < SS_SERIAL_VALUES) threads = 1;
     parallel_for(threads, planes, maxpool_task, &a);
 }
 
