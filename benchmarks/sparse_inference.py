@@ -8,7 +8,8 @@ Run by hand:
 Everything runs in one process. For each model the contenders are dense eager PyTorch, dense
 ``torch.compile``, dense onnxruntime and strsparse's sparse model; they are timed in
 interleaved rounds (one call of each, then again), so a busy phase of a shared machine hits
-them alike, and the figure reported is each one's median. With one thread the time is the
+them alike, and the figure reported is each one's median (a sample of a small model is a
+run of back-to-back calls lasting about 20 ms). With one thread the time is the
 process's CPU time (immune to other processes taking the core); with more threads it is
 wall-clock time. Speed-ups are given over each baseline, beside the FLOPs ratio (dense FLOPs
 / sparse FLOPs, counted as in the paper), the physical bound for a kernel that skips zeros.
@@ -99,17 +100,22 @@ def ort_session(path: str, threads: int):
 def time_interleaved(
     fns: dict[str, Callable[[], object]], rounds: int, threads: int
 ) -> dict[str, float]:
-    """Median seconds per call of each function, timed in interleaved rounds."""
+    """Median seconds per call of each function, timed in interleaved rounds; a sample is
+    as many back-to-back calls as take about 20 ms (one call of a large model)."""
     clock = time.process_time if threads == 1 else time.perf_counter
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():  # warm up
+    reps: dict[str, int] = {}
+    for key, fn in fns.items():  # warm up, and size the samples
         fn()
+        start = time.perf_counter()
         fn()
+        reps[key] = max(1, min(200, round(0.02 / max(time.perf_counter() - start, 1e-6))))
     for _ in range(rounds):
         for key, fn in fns.items():
             start = clock()
-            fn()
-            samples[key].append(clock() - start)
+            for _ in range(reps[key]):
+                fn()
+            samples[key].append((clock() - start) / reps[key])
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
