@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,7 +77,7 @@ def convert_run(
             "kwargs": spec.kwargs,
         }
         path = save_sparse(sparse, out_dir / SPARSE_FILE, architecture=architecture)
-        modes = list(cast(dict[str, str], sparse.sparse_plan).values())
+        modes = list(sparse.sparse_plan.values())
         return [
             f"wrote a sparse {spec.name} ({modes.count('sparse')} layers sparse, "
             f"{modes.count('dense')} dense) to {path}",
