@@ -255,6 +255,62 @@ def bench_layers(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def markdown(results: dict[str, list[dict]]) -> str:
+    """README tables: per model, batch and threads, each contender's median latency and the
+    sparse model's speed-up over it; per layer, the speed-up over eager beside the bound."""
+    lines: list[str] = []
+    rows = results.get("models", [])
+    if rows:
+        lines += [
+            "| model | batch | threads | eager | compile | onnxruntime | sparse | "
+            "vs eager | vs compile | vs onnxruntime | FLOPs ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            ms = r["ms"]
+
+            def cell(key: str, ms: dict = ms) -> str:
+                return f"{ms[key]:.2f} ms" if key in ms else "-"
+
+            def ratio(key: str, ms: dict = ms) -> str:
+                return f"{ms[key] / ms['sparse']:.2f}x" if key in ms else "-"
+
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['threads']} | {cell('eager')} | "
+                f"{cell('compile')} | {cell('onnxruntime')} | {cell('sparse')} | "
+                f"{ratio('eager')} | {ratio('compile')} | {ratio('onnxruntime')} | "
+                f"{r['flops_ratio']:.1f}x |"
+            )
+    layers = results.get("layers", [])
+    if layers:
+        lines.append("")
+        keys = sorted({(r["batch"], r["threads"]) for r in layers})
+        head = " | ".join(f"b{b} t{t}" for b, t in keys)
+        lines += [
+            f"| layer | sparsity | bound | {head} |",
+            "|---|---|---|" + "---|" * len(keys),
+        ]
+        for name in dict.fromkeys(r["layer"] for r in layers):
+            for sparsity in sorted({r["sparsity"] for r in layers if r["layer"] == name}):
+                cells = []
+                for b, t in keys:
+                    hit = [
+                        r
+                        for r in layers
+                        if r["layer"] == name
+                        and r["sparsity"] == sparsity
+                        and (r["batch"], r["threads"]) == (b, t)
+                    ]
+                    ms = hit[0]["ms"] if hit else None
+                    cells.append(f"{ms['eager'] / ms['sparse']:.2f}x" if ms else "-")
+                lines.append(
+                    f"| {name} | {100 * sparsity:g}% | {1 / (1 - sparsity):.0f}x | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=("models", "layers", "all"), default="all")
@@ -276,7 +332,13 @@ def main() -> None:
     )
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--from-json", help="print the Markdown tables of a previous run's JSON file and exit"
+    )
     args = parser.parse_args()
+    if args.from_json:
+        print(markdown(json.loads(Path(args.from_json).read_text())))
+        return
     warnings.filterwarnings("ignore", category=UserWarning)
     print(f"kernels: {backend().name} ({backend().isa}); torch {torch.__version__}")
     with contextlib.suppress(ImportError):
@@ -290,6 +352,7 @@ def main() -> None:
         results["layers"] = bench_layers(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    print(markdown(results))
 
 
 if __name__ == "__main__":
