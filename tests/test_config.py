@@ -56,9 +56,11 @@ def test_defaults_match_the_documented_schema() -> None:
     assert cfg.schedule.name == "cosine" and cfg.train.amp == "off"
 
 
-def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
-    assert load_config(_write(tmp_path, "")) == Config()
-    assert load_config(_write(tmp_path, "# only a comment\n")) == Config()
+def test_an_empty_file_is_refused(tmp_path: Path) -> None:
+    for text in ("", "# only a comment\n"):
+        with pytest.raises(ConfigError, match="the config is empty"):
+            load_config(_write(tmp_path, text))
+    assert load_config(_write(tmp_path, "name: x\n")) == Config(name="x")
 
 
 def test_empty_section_gives_its_defaults(tmp_path: Path) -> None:
@@ -215,6 +217,11 @@ def test_unknown_config_name_suggests_a_shipped_one(tmp_path: Path) -> None:
         load_config("fashion_mnist_strr")
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a directory, not a config file"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError) as info:  # the closest name, not a wall of all of them
+        load_config("fashion_mnist_strr")
+    assert "imagenet_resnet50" not in str(info.value)
 
 
 # -- overrides -------------------------------------------------------------------------------

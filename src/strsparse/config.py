@@ -638,6 +638,11 @@ def _read_source(path_or_name: str | os.PathLike[str]) -> tuple[str, str]:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
     name = str(path_or_name)
+    if path.is_dir():
+        raise ConfigError(
+            f"{name!r} is a directory, not a config file: pass a YAML file or the name of a "
+            "shipped config ('strsparse list configs')"
+        )
     stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
     shipped = list_configs()
     if stem in shipped:
@@ -646,7 +651,8 @@ def _read_source(path_or_name: str | os.PathLike[str]) -> tuple[str, str]:
         raise ConfigError(f"config file not found: {name!r}")
     raise ConfigError(
         f"unknown config {name!r}: neither a file nor a shipped config; "
-        f"{_did_you_mean(stem, shipped)}shipped: {', '.join(shipped)}"
+        f"{_did_you_mean(stem, shipped)}'strsparse list configs' lists the {len(shipped)} "
+        "shipped ones"
     )
 
 
@@ -730,8 +736,12 @@ def load_config(path_or_name: str | os.PathLike[str], overrides: Sequence[str] =
         overrides = [overrides]
     text, source = _read_source(path_or_name)
     data = _yaml_load(text, source)
-    if data is None:
-        data = {}
+    if data is None:  # defaults under the name 'run' would hide a wrong or unsaved file
+        raise ConfigError(
+            f"{source}: the config is empty; give at least the sections that differ from the "
+            "defaults, e.g. 'name: my_run' (a shipped config is a starting point: "
+            "'strsparse list configs')"
+        )
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{source}: a config must be a mapping of sections, got {type(data).__name__}"

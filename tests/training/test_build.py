@@ -52,3 +52,28 @@ def _restored(run: Path) -> nn.Module:
 
     model, _, _ = restore_model(run)
     return model
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"sparsity.method": "gmp", "sparsity.options": {"sparsity": 1.5}}, "sparsity=1.5"),
+        ({"sparsity.options": {"granularity": "chanel"}}, "did you mean 'channel'"),
+        ({"model.kwargs": {"image_size": 8}}, "image_size"),
+        ({"sparsity.method": "gmp", "sparsity.budget": "no-such-budget"}, "no-such-budget"),
+    ],
+    ids=["sparsity", "granularity", "model-option", "budget"],
+)
+def test_option_errors_come_before_any_data_or_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict, match: str
+) -> None:
+    from strsparse.errors import StrsparseError
+    from strsparse.training import loop
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dataset was loaded before the options were checked")
+
+    monkeypatch.setattr(loop, "build_datasets", no_data)
+    with pytest.raises(StrsparseError, match=match):
+        train(synthetic_config(tmp_path / "runs", **changes))
+    assert not (tmp_path / "runs").exists()  # no run directory left behind

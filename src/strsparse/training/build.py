@@ -7,6 +7,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,12 +16,13 @@ from strsparse.budgets import Budget, list_paper_budgets
 from strsparse.config import DENSE, Config, config_from_dict
 from strsparse.data import DatasetInfo, dataset_info
 from strsparse.errors import BudgetError, did_you_mean
+from strsparse.methods import get_method
 from strsparse.methods.soft_threshold import InitThresholdWarning
 from strsparse.models import create_model
 from strsparse.sparsify import SparsityHandle, eligible_layers, sparsify
 from strsparse.training.checkpoint import CheckpointError, load_checkpoint
 
-__all__ = ["DENSE", "build_model", "resolve_budget", "restore_model"]
+__all__ = ["DENSE", "build_model", "check_config", "resolve_budget", "restore_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,25 +42,11 @@ def build_model(
     """
     if info is None:
         info = dataset_info(cfg.data)
-    model_cfg = cfg.model
-    model = create_model(
-        model_cfg.name,
-        num_classes=info.num_classes if model_cfg.num_classes is None else model_cfg.num_classes,
-        in_channels=info.in_channels if model_cfg.in_channels is None else model_cfg.in_channels,
-        **model_cfg.kwargs,
-    )
-    sp = cfg.sparsity
-    if sp.method == DENSE:
+    model = _create_model(cfg, info)
+    if cfg.sparsity.method == DENSE:
         return model, None, info
-    options = dict(sp.options)
-    budget_spec = sp.budget
-    if budget_spec:
-        if "budget" in options or "sparsity" in options:
-            raise BudgetError(
-                "sparsity.budget is set together with sparsity.options.budget/sparsity; "
-                "give the target once"
-            )
-        options["budget"] = resolve_budget(budget_spec, model)
+    options = _method_options(cfg, model)
+    sp = cfg.sparsity
     with warnings.catch_warnings():
         if loading_weights:
             warnings.simplefilter("ignore", InitThresholdWarning)
@@ -70,6 +58,39 @@ def build_model(
             **options,
         )
     return model, handle, info
+
+
+def _create_model(cfg: Config, info: DatasetInfo) -> nn.Module:
+    model_cfg = cfg.model
+    return create_model(
+        model_cfg.name,
+        num_classes=info.num_classes if model_cfg.num_classes is None else model_cfg.num_classes,
+        in_channels=info.in_channels if model_cfg.in_channels is None else model_cfg.in_channels,
+        **model_cfg.kwargs,
+    )
+
+
+def _method_options(cfg: Config, model: nn.Module) -> dict[str, Any]:
+    """``sparsity.options``, with ``sparsity.budget`` resolved for ``model`` as ``budget=``."""
+    options = dict(cfg.sparsity.options)
+    if cfg.sparsity.budget:
+        if "budget" in options or "sparsity" in options:
+            raise BudgetError(
+                "sparsity.budget is set together with sparsity.options.budget/sparsity; "
+                "give the target once"
+            )
+        options["budget"] = resolve_budget(cfg.sparsity.budget, model)
+    return options
+
+
+def check_config(cfg: Config) -> None:
+    """Report a mistake in the model or sparsity sections before any data is loaded or any
+    file is written: the model is built on the meta device (no memory, no time) and the
+    method's options, with a budget resolved against that model, are parsed and checked."""
+    with torch.device("meta"):
+        model = _create_model(cfg, dataset_info(cfg.data))
+    if cfg.sparsity.method != DENSE:
+        get_method(cfg.sparsity.method).parse_options(_method_options(cfg, model))
 
 
 def restore_model(

@@ -45,7 +45,7 @@ from strsparse.flops import profile as profile_flops
 from strsparse.methods.structured import structure_report
 from strsparse.report import SparsityReport, sparsity_report
 from strsparse.sparsify import SparsityHandle
-from strsparse.training.build import build_model
+from strsparse.training.build import build_model, check_config
 from strsparse.training.checkpoint import load_checkpoint, restore_rng_state
 from strsparse.training.distributed import (
     DistributedEnv,
@@ -602,6 +602,7 @@ def train(cfg: Config, *, resume: str | os.PathLike | None = None) -> TrainResul
 def _train(
     cfg: Config, env: DistributedEnv, device: torch.device, resume: str | os.PathLike | None
 ) -> TrainResult:
+    check_config(cfg)  # a bad model or method option: an error before any data or file
     place = on_main(env, lambda: place_run(cfg.output_dir, cfg.name, config_to_dict(cfg), resume))
     run_dir = place.run_dir
     # the run's own name and place: what its config.yaml and summary say
