@@ -345,3 +345,21 @@ def test_torch_compile_matches_eager() -> None:
     compiled = torch.compile(deepcopy(batched), backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 6, 6)
     _assert_same(_step(compiled, x), _step(batched, x), exact=False)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel", "global"])
+def test_threshold_is_created_in_the_weights_dtype(granularity: str) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).double()
+    handle = strsparse.sparsify(model, "str", granularity=granularity, init_threshold=-5.0)
+    for s in handle.threshold_parameters():
+        assert s.dtype == torch.float64 and float(s.detach().flatten()[0]) == -5.0
+    out = model(torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    assert out.dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_threshold_is_created_on_the_weights_device() -> None:
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)).cuda()
+    handle = strsparse.sparsify(model, "str", init_threshold=-5.0)
+    assert all(s.is_cuda for s in handle.threshold_parameters())
+    assert model(torch.randn(3, 8, device="cuda")).is_cuda

@@ -158,15 +158,18 @@ class SoftThreshold(SparsityMethod):
         options: SoftThresholdOptions,
         shared_s: nn.Parameter | None = None,
         axis: int = 0,
+        *,
+        like: Tensor | None = None,
     ) -> None:
-        """``axis``: the weight's output-channel axis (``granularity="channel"``)."""
+        """``axis``: the weight's output-channel axis (``granularity="channel"``); ``like``:
+        the weight, whose device and dtype ``s`` takes."""
         super().__init__()
         self.granularity = options.granularity
         self.g_name = options.g_name
         self.k = float(options.k)
         if shared_s is None:
             shape = _threshold_shape(weight_shape, options.granularity, axis)
-            shared_s = nn.Parameter(torch.full(shape, float(options.init_threshold)))
+            shared_s = _new_s(shape, options.init_threshold, like)
         self.s = shared_s
         self._batched = _BatchedWeight()
         self._batch: _LayerBatch | None = None
@@ -202,10 +205,12 @@ class SoftThreshold(SparsityMethod):
     ) -> dict[str, SparsityMethod]:
         shared = None
         if options.granularity == "global":
-            shared = nn.Parameter(torch.tensor(float(options.init_threshold)))
+            first = next(iter(layers.values()), None)
+            like = first.weight if first is not None else None
+            shared = _new_s((), options.init_threshold, like)
         parametrizations: dict[str, SparsityMethod] = {}
         for name, layer in layers.items():
-            p = cls(layer.weight.shape, options, shared, layer.output_axis)
+            p = cls(layer.weight.shape, options, shared, layer.output_axis, like=layer.weight)
             _warn_if_pruned_at_init(name, layer.weight, p)
             parametrizations[name] = p
         return parametrizations
@@ -289,6 +294,17 @@ class _LayerBatch:
             for hook in self._hooks:
                 hook.remove()
             self._hooks = []
+
+
+def _new_s(shape: tuple[int, ...], init_threshold: float, like: Tensor | None) -> nn.Parameter:
+    """A threshold parameter filled with ``init_threshold``, on ``like``'s device and in its
+    dtype (a model already on a GPU, or in half precision, gets its ``s`` there too). A weight
+    on the meta device has no values yet: ``s`` then starts on the CPU with its real value."""
+    if like is None or like.is_meta or not like.is_floating_point():
+        return nn.Parameter(torch.full(shape, float(init_threshold)))
+    return nn.Parameter(
+        torch.full(shape, float(init_threshold), device=like.device, dtype=like.dtype)
+    )
 
 
 @torch.no_grad()
