@@ -15,6 +15,12 @@ Peak memory of a step is the highest total of tensor memory allocated during one
 two warm-up steps) above what was allocated when it began: every allocation and free of
 PyTorch's CPU allocator, in order, as the profiler records them (``profile_memory=True``).
 
+glibc's malloc gives freed memory back to the operating system and faults it in again at
+thresholds it adapts to the process's history, so the same dense step may spend anywhere from
+0 to 30% of its time in page faults depending on what ran before it. The benchmark fixes those
+thresholds (``mallopt``; ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_MMAP_THRESHOLD_`` do the same
+for any program) so that every configuration runs on recycled memory.
+
 A last table times the soft-threshold reparameterization of one layer alone: the custom
 autograd Function against the naive four-op formula.
 """
@@ -22,6 +28,8 @@ autograd Function against the naive four-op formula.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import statistics
 import time
 from collections.abc import Callable
@@ -44,6 +52,20 @@ METHOD_OPTIONS: dict[str, tuple[str | None, dict]] = {
     "dnw": ("dnw", {"sparsity": 0.9}),
     "magnitude": ("magnitude", {"sparsity": 0.9}),
 }
+
+
+def steady_malloc() -> bool:
+    """Stop glibc from returning freed memory to the system between steps (see above)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_trim_threshold, 2**31 - 1) and mallopt(m_mmap_threshold, 32 * 2**20))
 
 
 def make_step(
@@ -139,6 +161,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     parser.add_argument("--reparam", action="store_true", help="also time the reparameterization")
     args = parser.parse_args()
+    steady = steady_malloc()
     configs = ["dense"] + [m for m in args.methods if m != "dense"]
     total = args.steps * args.rounds + 2
 
@@ -156,6 +179,7 @@ def main() -> None:
         print(
             f"\ntraining step, {args.model}, batch {args.batch_size}, {threads} thread(s), "
             f"{args.rounds} rounds of {args.steps} steps, process CPU time"
+            + ("" if steady else ", malloc thresholds not fixed")
         )
         print(f"{'method':<10} {'ms/step':>9} {'vs dense':>9} {'range':>13} {'peak MiB':>9}")
         for name, times in samples.items():
