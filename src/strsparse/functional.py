@@ -48,17 +48,21 @@ class _SoftThreshold(torch.autograd.Function):
 
 
 def _shrink(weight: Tensor, threshold: Tensor) -> Tensor:
-    """sign(w) * relu(|w| - t) in one pass where possible (``t >= 0``, broadcastable)."""
+    """sign(w) * relu(|w| - t) (``t >= 0``, broadcastable), without autograd, in as few
+    passes over the weight as the available kernels allow."""
     if threshold.dim() == 0 and weight.device.type == "cpu":
         # one fused kernel; reading the scalar costs nothing on the CPU (a sync elsewhere)
         return torch.nn.functional.softshrink(weight, float(threshold))
-    return _shrink_formula(weight, threshold)
+    # w - clamp(w, -t, t); clamp with tensor bounds is several times slower than these two
+    out = torch.clamp_min(weight, -threshold)
+    out.clamp_max_(threshold)
+    return torch.sub(weight, out, out=out)
 
 
 def _shrink_formula(weight: Tensor, threshold: Tensor) -> Tensor:
-    # w - clamp(w, -t, t) is sign(w) * relu(|w| - t) in two passes instead of four, and its
-    # autograd gradients are the paper's sub-gradients
-    return weight - torch.clamp(weight, -threshold, threshold)
+    # the same as a differentiable formula (for compilers): w - clamp(w, -t, t) equals
+    # sign(w) * relu(|w| - t), and its autograd gradients are the paper's sub-gradients
+    return weight - torch.clamp_max(torch.clamp_min(weight, -threshold), threshold)
 
 
 def _shrink_grads(
@@ -232,8 +236,8 @@ def str_weights(
     ``s_index[i]`` is the position in ``s`` of the threshold parameter of ``weights[i]``
     (default: ``s[i]``), so a shared ``s`` (STR's 'global' granularity) is passed once. Each
     ``s`` broadcasts against its weights. Gradients are ``soft_threshold``'s, chained through
-    k * g(s); a weight whose output is unused gets no gradient. Under ``torch.compile`` it is
-    the plain formula, which the compiler fuses.
+    k * g(s); a weight whose output is unused gets no gradient. Under ``torch.compile``,
+    ``torch.export`` and ``torch.jit.trace`` it is the plain formula, which they record.
     """
     if s_index is None:
         s_index = range(len(weights))
@@ -244,7 +248,7 @@ def str_weights(
             f"({len(weights)} weights)"
         )
     g_fn = resolve_threshold_function(g)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         thresholds = [k * g_fn(x) for x in s]
         return [
             _shrink_formula(w, thresholds[j].to(w.dtype))

@@ -363,3 +363,16 @@ def test_threshold_is_created_on_the_weights_device() -> None:
     handle = strsparse.sparsify(model, "str", init_threshold=-5.0)
     assert all(s.is_cuda for s in handle.threshold_parameters())
     assert model(torch.randn(3, 8, device="cuda")).is_cuda
+
+
+@pytest.mark.slow
+def test_traced_and_exported_models_follow_s() -> None:
+    batched, _ = _pair("layer")
+    x = torch.randn(2, 3, 6, 6)
+    traced = torch.jit.trace(batched, (x,))
+    exported = torch.export.export(batched, (x,)).module()
+    with torch.no_grad():  # s is an input of the recorded graphs, not a constant
+        get_parametrization(batched.conv).s.fill_(-1.0)
+    expected = batched(x)
+    torch.testing.assert_close(traced(x), expected)
+    torch.testing.assert_close(exported(x), expected)
