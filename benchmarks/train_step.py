@@ -27,21 +27,28 @@ autograd Function against the naive four-op formula.
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import ctypes.util
-import statistics
-import time
-from collections.abc import Callable
+import os
 
-import torch
-from torch import nn
-from torch.profiler import ProfilerActivity, profile
+# Waiting OpenMP threads spin by default; on a busy machine that spinning becomes most of the
+# process's CPU time at 2 threads. Passive waiting (set before torch loads OpenMP) makes the
+# CPU time count work.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import strsparse
-from strsparse.methods import get_parametrization
-from strsparse.models import create_model, default_input_shape
-from strsparse.sparsify import sparse_layers
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import ctypes.util  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+import strsparse  # noqa: E402
+from strsparse.methods import get_parametrization  # noqa: E402
+from strsparse.models import create_model, default_input_shape  # noqa: E402
+from strsparse.sparsify import sparse_layers  # noqa: E402
 
 METHOD_OPTIONS: dict[str, tuple[str | None, dict]] = {
     "dense": (None, {}),
