@@ -347,10 +347,14 @@ def test_torch_compile_matches_eager() -> None:
     _assert_same(_step(compiled, x), _step(batched, x), exact=False)
 
 
+@pytest.mark.parametrize("structure", ["weight", "filter"])
 @pytest.mark.parametrize("granularity", ["layer", "channel", "global"])
-def test_threshold_is_created_in_the_weights_dtype(granularity: str) -> None:
+def test_threshold_is_created_in_the_weights_dtype(granularity: str, structure: str) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).double()
-    handle = strsparse.sparsify(model, "str", granularity=granularity, init_threshold=-5.0)
+    handle = strsparse.sparsify(
+        model, "str", granularity=granularity, structure=structure, init_threshold=-5.0
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.float64}  # a gate's m too
     for s in handle.threshold_parameters():
         assert s.dtype == torch.float64 and float(s.detach().flatten()[0]) == -5.0
     out = model(torch.randn(2, 3, 6, 6, dtype=torch.float64))

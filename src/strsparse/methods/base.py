@@ -37,6 +37,7 @@ __all__ = [
     "resolve_step",
     "resolve_targets",
     "schedule_window",
+    "threshold_parameter",
     "zero_fraction",
 ]
 
@@ -349,6 +350,18 @@ def resolve_targets(
             f"{' ...' if len(missing) > 5 else ''}; add them or exclude them from sparsify"
         )
     return {n: check_fraction(budget[n], f"budget[{n!r}]", allow_one=True) for n in names}
+
+
+def threshold_parameter(
+    shape: tuple[int, ...], value: float, like: Tensor | None = None
+) -> nn.Parameter:
+    """A learnable threshold (STR's ``s``, a structured gate's) filled with ``value``, on
+    ``like``'s device and in its dtype (a model already on a GPU, or in half precision, gets
+    its thresholds there too). A weight on the meta device has no values yet: the threshold
+    then starts on the CPU with its real value."""
+    if like is None or like.is_meta or not like.is_floating_point():
+        return nn.Parameter(torch.full(shape, float(value)))
+    return nn.Parameter(torch.full(shape, float(value), device=like.device, dtype=like.dtype))
 
 
 @torch.no_grad()

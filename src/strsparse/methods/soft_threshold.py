@@ -23,6 +23,7 @@ from strsparse.methods.base import (
     SparsityMethod,
     parametrization_chain,
     register_method,
+    threshold_parameter,
 )
 
 __all__ = ["InitThresholdWarning", "SoftThreshold", "SoftThresholdOptions"]
@@ -169,7 +170,7 @@ class SoftThreshold(SparsityMethod):
         self.k = float(options.k)
         if shared_s is None:
             shape = _threshold_shape(weight_shape, options.granularity, axis)
-            shared_s = _new_s(shape, options.init_threshold, like)
+            shared_s = threshold_parameter(shape, options.init_threshold, like)
         self.s = shared_s
         self._batched = _BatchedWeight()
         self._batch: _LayerBatch | None = None
@@ -207,7 +208,7 @@ class SoftThreshold(SparsityMethod):
         if options.granularity == "global":
             first = next(iter(layers.values()), None)
             like = first.weight if first is not None else None
-            shared = _new_s((), options.init_threshold, like)
+            shared = threshold_parameter((), options.init_threshold, like)
         parametrizations: dict[str, SparsityMethod] = {}
         for name, layer in layers.items():
             p = cls(layer.weight.shape, options, shared, layer.output_axis, like=layer.weight)
@@ -294,17 +295,6 @@ class _LayerBatch:
             for hook in self._hooks:
                 hook.remove()
             self._hooks = []
-
-
-def _new_s(shape: tuple[int, ...], init_threshold: float, like: Tensor | None) -> nn.Parameter:
-    """A threshold parameter filled with ``init_threshold``, on ``like``'s device and in its
-    dtype (a model already on a GPU, or in half precision, gets its ``s`` there too). A weight
-    on the meta device has no values yet: ``s`` then starts on the CPU with its real value."""
-    if like is None or like.is_meta or not like.is_floating_point():
-        return nn.Parameter(torch.full(shape, float(init_threshold)))
-    return nn.Parameter(
-        torch.full(shape, float(init_threshold), device=like.device, dtype=like.dtype)
-    )
 
 
 @torch.no_grad()

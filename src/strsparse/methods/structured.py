@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 from strsparse.errors import OptionError
 from strsparse.functional import THRESHOLD_FUNCTIONS, soft_threshold
 from strsparse.layers import LowRankLinear
-from strsparse.methods.base import LayerWeight, SparsityMethod
+from strsparse.methods.base import LayerWeight, SparsityMethod, threshold_parameter
 
 __all__ = [
     "GateFollower",
@@ -80,7 +80,9 @@ class StructuredSoftThreshold(SparsityMethod):
         granularity: str,
         mode: str = "scale",
         shared_s: nn.Parameter | None = None,
+        like: Tensor | None = None,
     ) -> None:
+        """``like``: the gated weight, whose device and dtype ``m`` and ``s`` take."""
         super().__init__()
         if mode not in ("scale", "mask"):
             raise OptionError(f"mode must be 'scale' or 'mask', got {mode!r}")
@@ -88,10 +90,10 @@ class StructuredSoftThreshold(SparsityMethod):
         self.k = float(k)
         self.granularity = granularity
         self.mode = mode
-        self.m = nn.Parameter(torch.ones(size))  # (n,): importance of each filter / component
+        self.m = threshold_parameter((size,), 1.0, like)  # (n,): each filter's / component's
         if shared_s is None:
             shape = (size,) if granularity == "channel" else ()
-            shared_s = nn.Parameter(torch.full(shape, float(init_threshold)))
+            shared_s = threshold_parameter(shape, init_threshold, like)
         self.s = shared_s
 
     def threshold_tensor(self) -> Tensor:
@@ -290,7 +292,7 @@ def _batchnorm_after(model: nn.Module, graph: fx.Graph) -> dict[str, str]:
 
 
 def _make_gate(
-    size: int, options: Any, mode: str, shared: nn.Parameter | None
+    size: int, options: Any, mode: str, shared: nn.Parameter | None, like: Tensor
 ) -> StructuredSoftThreshold:
     return StructuredSoftThreshold(
         size,
@@ -300,6 +302,7 @@ def _make_gate(
         granularity=options.granularity,
         mode=mode,
         shared_s=shared,
+        like=like,
     )
 
 
@@ -310,13 +313,14 @@ def attach_structured(
     (``"filter"`` or ``"rank"``), with the followers that place the scale; returns
     layer name -> gate."""
     shared = None
-    if options.granularity == "global":
-        shared = nn.Parameter(torch.tensor(float(options.init_threshold)))
+    if options.granularity == "global" and layers:
+        like = next(iter(layers.values())).weight
+        shared = threshold_parameter((), options.init_threshold, like)
     gates: dict[str, StructuredSoftThreshold] = {}
     if options.structure == "rank":
         for name, layer in layers.items():
             assert isinstance(layer.module, LowRankLinear)  # what structure_candidates found
-            gate = _make_gate(layer.module.rank, options, "scale", shared)
+            gate = _make_gate(layer.module.rank, options, "scale", shared, layer.weight)
             parametrize.register_parametrization(layer.module, "weight2", gate)  # diag(S) W2
             gates[name] = gate
         return gates
@@ -335,7 +339,7 @@ def attach_structured(
         module = layer.module
         bn_name = bn_after.get(name)
         size = _weight(module).shape[0]
-        gate = _make_gate(size, options, "mask" if bn_name else "scale", shared)
+        gate = _make_gate(size, options, "mask" if bn_name else "scale", shared, _weight(module))
         parametrize.register_parametrization(module, "weight", gate)
         if bn_name is not None:
             bn = modules[bn_name]
