@@ -186,3 +186,16 @@ def test_load_dense_errors(tmp_path: Path) -> None:
     (out / WEIGHTS_FILE).write_bytes(b"truncated")
     with pytest.raises(ValueError, match="cannot read"):
         load_dense(out)
+
+
+def test_export_files_get_the_users_umask(tmp_path: Path) -> None:
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        out = export_dense(create_model("lenet5"), DenseModelSpec("lenet5", 10, 1), tmp_path / "e")
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o750
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        assert (out / name).stat().st_mode & 0o777 == 0o640

@@ -173,14 +173,24 @@ def _check_destination(out_dir: Path, force: bool) -> None:
         return
     if not force:
         raise OutputExistsError(
-            f"{str(out_dir)!r} exists and is not empty; choose another output directory "
-            "or pass force=True (--force) to replace a previous export"
+            f"{str(out_dir)!r} exists and is not empty; choose another output directory, or "
+            "replace a previous export with force=True (strsparse convert --force)"
         )
     if not _is_previous_export(out_dir):
         raise OutputExistsError(
             f"{str(out_dir)!r} is not empty and holds no previous export ({WEIGHTS_FILE} or "
             f"{CONFIG_FILE}); refusing to replace it even with force: choose another directory"
         )
+
+
+def _apply_umask(directory: Path) -> None:
+    """Give ``directory`` and its files the modes the user's umask gives new ones
+    (``mkdtemp`` makes the directory 0700 and a file written into it may be 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _write_export(out_dir: Path, state: Mapping[str, Tensor], document: dict[str, Any]) -> None:
@@ -200,6 +210,7 @@ def _write_export(out_dir: Path, state: Mapping[str, Tensor], document: dict[str
             metadata={"format": fmt, "model": json.dumps(document["model"])},
         )
         (tmp_dir / CONFIG_FILE).write_text(yaml.safe_dump(document, sort_keys=False))
+        _apply_umask(tmp_dir)
         if out_dir.exists() and any(out_dir.iterdir()):
             # force: move the previous export aside, put the new one in place, then delete it
             old_dir = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.", suffix=".old"))

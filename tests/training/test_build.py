@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,22 @@ def test_option_errors_come_before_any_data_or_file(
     with pytest.raises(StrsparseError, match=match):
         train(synthetic_config(tmp_path / "runs", **changes))
     assert not (tmp_path / "runs").exists()  # no run directory left behind
+
+
+def test_a_checkpoint_that_does_not_fit_is_summarised_not_dumped(tmp_path: Path) -> None:
+    from strsparse.models import create_model
+    from strsparse.training import CheckpointError, load_checkpoint, restore_model, save_checkpoint
+
+    train(synthetic_config(tmp_path, **{"train.epochs": 1, "train.max_steps_per_epoch": 1}))
+    state = load_checkpoint(tmp_path / "run")
+    other = create_model("lenet_300_100")
+    strsparse.sparsify(other, "str")
+    state["model"] = other.state_dict()  # another model's weights under lenet5's config
+    path = save_checkpoint(state, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError) as info:
+        restore_model(path)
+    message = str(info.value)
+    assert "holds a lenet5 with str model" in message
+    assert re.search(r"\d+ missing \(e\.g\. conv1\.", message)
+    assert re.search(r"\d+ with another shape \(e\.g\. fc1\.", message)
+    assert len(message) < 600 and "\n" not in message

@@ -20,7 +20,7 @@ from strsparse.methods import get_method
 from strsparse.methods.soft_threshold import InitThresholdWarning
 from strsparse.models import create_model
 from strsparse.sparsify import SparsityHandle, eligible_layers, sparsify
-from strsparse.training.checkpoint import CheckpointError, load_checkpoint
+from strsparse.training.checkpoint import CheckpointError, describe_mismatch, load_checkpoint
 
 __all__ = ["DENSE", "build_model", "check_config", "resolve_budget", "restore_model"]
 
@@ -111,8 +111,12 @@ def restore_model(
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as exc:
+        mismatch = describe_mismatch(
+            state["config"], state["config"], model.state_dict(), state["model"]
+        )
         raise CheckpointError(
-            f"checkpoint {str(path)!r} does not match the model its config describes: {exc}"
+            f"checkpoint {str(path)!r} does not match the model its own config describes "
+            f"(written by another strsparse version?): {mismatch}"
         ) from exc
     model.to(device).eval()
     return model, cfg, handle

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ __all__ = [
     "CheckpointError",
     "capture_rng_state",
     "copy_atomic",
+    "describe_mismatch",
     "find_checkpoint",
     "load_checkpoint",
     "restore_rng_state",
@@ -98,11 +101,18 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
     path = find_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, unpickling refused, bad magic number, ...
+    except pickle.UnpicklingError as exc:  # objects that weights_only refuses to rebuild
+        # (torch's own message suggests weights_only=False: wrong for a file one may not trust)
         raise CheckpointError(
-            f"cannot read checkpoint {str(path)!r}: the file is truncated, corrupt or holds "
-            f"more than plain tensors and numbers ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+            f"checkpoint {str(path)!r} holds Python objects, not only plain tensors and "
+            "numbers; strsparse never unpickles those, since loading them can run code from "
+            "the file. Checkpoints of `strsparse train` hold data only: this file comes from "
+            "elsewhere or was altered"
+        ) from exc
+    except Exception as exc:  # a truncated zip, a bad magic number, ...
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r}: the file is truncated or corrupt (an "
+            "interrupted copy?); copy it again, or resume from another checkpoint of the run"
         ) from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         keys = sorted(map(str, state))[:6] if isinstance(state, dict) else type(state).__name__
@@ -120,6 +130,45 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> di
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks the keys {missing}")
     return state
+
+
+def describe_mismatch(
+    saved_config: Mapping[str, Any],
+    config: Mapping[str, Any],
+    expected: Mapping[str, torch.Tensor],
+    found: Mapping[str, Any],
+) -> str:
+    """Why a checkpoint's model state does not fit a model, in a line: the model and method
+    each side names, then a count of the missing, unexpected and reshaped tensors with a few
+    names (``expected``: the model's ``state_dict``; ``found``: the checkpoint's)."""
+
+    def what(cfg: Mapping[str, Any]) -> str:
+        model = (cfg.get("model") or {}).get("name", "?")
+        method = (cfg.get("sparsity") or {}).get("method", "?")
+        return f"{model} with {method}"
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [
+        k
+        for k in expected
+        if k in found
+        and isinstance(found[k], torch.Tensor)
+        and tuple(found[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [
+        f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})"
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("with another shape", reshaped),
+        )
+        if keys
+    ]
+    return (
+        f"the checkpoint holds a {what(saved_config)} model, the config asks for "
+        f"{what(config)}: tensors {'; '.join(parts) or 'differ'}"
+    )
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -32,6 +32,7 @@ from strsparse.training.checkpoint import (
     CheckpointError,
     capture_rng_state,
     copy_atomic,
+    describe_mismatch,
     find_checkpoint,
     load_checkpoint,
     restore_rng_state,
@@ -204,10 +205,16 @@ def load_progress(
         )
     try:
         model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as exc:
+        mismatch = describe_mismatch(ckpt["config"], config, model.state_dict(), ckpt["model"])
+        raise CheckpointError(f"cannot resume: {mismatch}") from exc
+    try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(
-            f"the checkpoint does not fit this configuration's model/optimizer: {exc}"
+            "cannot resume: the checkpoint's optimizer state does not fit this "
+            f"configuration's optimizer ({ckpt['config'].get('optim', {}).get('name')!r} "
+            f"saved, {config.get('optim', {}).get('name')!r} asked): {exc}"
         ) from exc
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
