@@ -308,3 +308,30 @@ def test_large_batches_run_in_slices_only_when_samples_are_independent() -> None
     x = torch.randn(20000, 8)
     with torch.inference_mode():
         torch.testing.assert_close(mixed(x), mixed.net(x))
+
+
+def test_a_dense_model_stays_in_the_standard_layout() -> None:
+    """At 0% sparsity every layer is dense and no activation is transposed; BatchNorm is still
+    folded and the residual adds and ReLUs fused."""
+    model = _prune(strsparse.create_model("resnet20", shortcut="B"), 0.0)
+    sparse = to_sparse(model)
+    assert set(sparse.sparse_plan.values()) == {"dense"}
+    targets = [n.target for n in sparse.net.graph.nodes if n.op == "call_function"]
+    assert not any(getattr(t, "__name__", "") == "_swap01" for t in targets)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())
+    _check_close(model, sparse, torch.randn(2, 3, 32, 32))
+
+
+def test_a_layer_called_twice_is_left_alone() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(torch.relu(self.conv(x)))
+
+    model = _prune(Twice(), 0.8)
+    sparse = to_sparse(model, max_density=1.0)
+    assert sparse.sparse_plan == {}
+    _check_close(model, sparse, torch.randn(2, 4, 8, 8))

@@ -238,35 +238,53 @@ def _max_density(value: float | Mapping[str, float] | None) -> dict[str, float]:
     return limits
 
 
+def _layer_kind(module: Any) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+        return "depthwise"
+    if tuple(module.kernel_size) == (1, 1):
+        return "pointwise"
+    return "conv"
+
+
+def _layer_modes(
+    gm: fx.GraphModule, max_density: Mapping[str, float], forced: Mapping[str, str] | None
+) -> dict[str, str]:
+    """ "sparse" or "dense" for every Linear / Conv2d module called once in the graph (a
+    module called from several places is left as it is: each call would fuse other ops)."""
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            m = modules[str(node.target)]
+            if _convertible_conv(m) or type(m) is nn.Linear:
+                calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    modes: dict[str, str] = {}
+    for name, count in calls.items():
+        if count != 1:
+            continue
+        if forced is not None:
+            if name not in forced:
+                raise OptionError(f"the saved plan has no entry for layer {name!r}")
+            modes[name] = forced[name]
+        else:
+            module = modules[name]
+            modes[name] = _choose_mode(_layer_kind(module), module.weight.detach(), max_density)
+    return modes
+
+
 def _build_layer(
-    name: str,
     module: Any,  # an nn.Linear or an nn.Conv2d
     chain: _Chain | None,
-    max_density: Mapping[str, float],
-    plan: SparsePlan,
-    forced: Mapping[str, str] | None,
+    mode: str,
+    structure_only: bool,
 ) -> SparseLinear | SparseConv2d:
     weight = module.weight.detach()
     bias = None if module.bias is None else module.bias.detach()
     clamp = chain.clamp if chain is not None else (-math.inf, math.inf)
     if chain is not None and chain.bn is not None:
         weight, bias = _fold_bn(weight, bias, chain.bn)
-    structure_only = forced is not None
-    if isinstance(module, nn.Linear):
-        kind = "linear"
-    elif module.groups > 1 and module.groups == module.in_channels == module.out_channels:
-        kind = "depthwise"
-    elif tuple(module.kernel_size) == (1, 1):
-        kind = "pointwise"
-    else:
-        kind = "conv"
-    if forced is not None:
-        if name not in forced:
-            raise OptionError(f"the saved plan has no entry for layer {name!r}")
-        mode = forced[name]
-    else:
-        mode = _choose_mode(kind, weight, max_density)
-    plan.modes[name] = mode
     w = None if structure_only else weight
     if isinstance(module, nn.Linear):
         return SparseLinear(
@@ -284,11 +302,15 @@ def _build_layer(
         bias,
         mode=mode,
         clamp=clamp,
+        channel_major=mode == "sparse",
     )
 
 
-def _plan_chains(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Chain], dict[fx.Node, str]]:
-    """Fusion chains (by tail node) and the layout of every node: "cm" or "std"."""
+def _plan_chains(
+    gm: fx.GraphModule, modes: Mapping[str, str]
+) -> tuple[dict[fx.Node, _Chain], dict[fx.Node, str]]:
+    """Fusion chains (by tail node) and the layout of every node: "cm" (channel-major) or
+    "std". Sparse convs work channel-major; layers kept dense work in the standard layout."""
     modules = dict(gm.named_modules())
     layout: dict[fx.Node, str] = {}
     open_tails: dict[fx.Node, _Chain] = {}  # tail -> chain that may still grow
@@ -305,10 +327,11 @@ def _plan_chains(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Chain], dict[fx.Nod
         args = [a for a in node.all_input_nodes]
         if node.op == "call_module":
             m = modules[str(node.target)]
-            if _convertible_conv(m) or type(m) is nn.Linear:
+            if str(node.target) in modes:
                 chain = _Chain(head=node, tail=node, nodes=[node])
                 open_tails[node] = chain
-                layout[node] = "cm" if type(m) is nn.Conv2d else "std"
+                sparse_conv = type(m) is nn.Conv2d and modes[str(node.target)] == "sparse"
+                layout[node] = "cm" if sparse_conv else "std"
                 continue
         # can this node grow the chain that produced its input?
         grew = False
@@ -317,7 +340,7 @@ def _plan_chains(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Chain], dict[fx.Nod
             if grown is None or _sole_user(a) is not node:
                 continue
             chain = grown
-            head_is_conv = layout[chain.head] == "cm"
+            head_is_conv = type(modules[str(chain.head.target)]) is nn.Conv2d
             act = _activation(node, modules)
             if (
                 head_is_conv
@@ -337,7 +360,7 @@ def _plan_chains(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Chain], dict[fx.Nod
                 and all(isinstance(x, fx.Node) for x in node.args)
             ):
                 other: Any = node.args[1] if node.args[0] is a else node.args[0]
-                if other is a or layout.get(other) != "cm":
+                if other is a or layout.get(other) != layout[chain.head]:
                     continue
                 chain.residual = other
             elif act is not None and chain.clamp == (-math.inf, math.inf):
@@ -401,7 +424,8 @@ def _rewrite(
     max_density: Mapping[str, float],
     forced: Mapping[str, str] | None,
 ) -> tuple[fx.GraphModule, SparsePlan]:
-    chains, layout = _plan_chains(gm)
+    modes = _layer_modes(gm, max_density, forced)
+    chains, layout = _plan_chains(gm, modes)
     in_chain = {n for c in chains.values() for n in c.nodes}
     modules = dict(gm.named_modules())
     plan = SparsePlan()
@@ -426,12 +450,13 @@ def _rewrite(
             chain = chains[node]
             head = chain.head
             name = str(head.target)
-            layer = _build_layer(name, modules[name], chain, max_density, plan, forced)
+            layer = _build_layer(modules[name], chain, modes[name], forced is not None)
+            plan.modes[name] = modes[name]
             new_modules[name] = layer
             in_layout = layout[head]
             args = [value(cast(fx.Node, head.args[0]), in_layout)]
             if chain.residual is not None:
-                args.append(value(chain.residual, "cm"))
+                args.append(value(chain.residual, in_layout))
             out = graph.call_module(name, tuple(args))
             env[(node, in_layout)] = out
             continue
@@ -481,8 +506,17 @@ def _swap_layers(
         if name and (type(m) is nn.Linear or _convertible_conv(m))
     ]
     for name, m in targets:
-        layer = _build_layer(name, m, None, max_density, plan, forced)
-        new = layer if isinstance(layer, SparseLinear) else _SwappedConv(layer)
+        if forced is not None:
+            if name not in forced:
+                raise OptionError(f"the saved plan has no entry for layer {name!r}")
+            mode = forced[name]
+        else:
+            mode = _choose_mode(_layer_kind(m), m.weight.detach(), max_density)
+        plan.modes[name] = mode
+        layer = _build_layer(m, None, mode, forced is not None)
+        new: nn.Module = layer
+        if isinstance(layer, SparseConv2d) and layer.channel_major:
+            new = _SwappedConv(layer)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
     return model, plan

@@ -197,7 +197,8 @@ class SparseLinear(_SparseBase):
 
 class SparseConv2d(_SparseBase):
     """``clamp(conv2d(x) + b (+ residual))`` on channel-major ``(C, N, H, W)`` activations;
-    the output is channel-major too."""
+    the output is channel-major too. A layer kept dense may work on standard ``(N, C, H, W)``
+    activations instead (``channel_major=False``), so that it costs no transposes."""
 
     def __init__(
         self,
@@ -213,7 +214,10 @@ class SparseConv2d(_SparseBase):
         *,
         mode: str = "sparse",
         clamp: tuple[float, float] = (-math.inf, math.inf),
+        channel_major: bool = True,
     ) -> None:
+        if mode == "sparse" and not channel_major:
+            raise ValueError("a sparse SparseConv2d works on channel-major activations")
         shape = (out_channels, in_channels // groups, *kernel_size)
         super().__init__(shape, weight, bias, mode, clamp)
         self.in_channels = in_channels
@@ -223,6 +227,7 @@ class SparseConv2d(_SparseBase):
         self.padding = tuple(padding)
         self.dilation = tuple(dilation)
         self.groups = groups
+        self.channel_major = channel_major
 
     def extra_repr(self) -> str:
         return (
@@ -273,6 +278,13 @@ class SparseConv2d(_SparseBase):
         return (offsets.to(torch.int32).contiguous(), ho, wo, hq, wq, plane, ch_stride)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if not self.channel_major:  # a dense layer between standard-layout ops
+            y = F.conv2d(
+                x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+            )
+            if residual is not None:
+                y = y + residual
+            return self._apply_clamp(y)
         if x.dim() != 4:
             raise OptionError(
                 f"SparseConv2d takes channel-major (C, N, H, W) input, got shape {tuple(x.shape)}"

@@ -46,31 +46,31 @@ enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 SS_EXPORT const char *ss_source_hash(void) { return SS_SOURCE_HASH; }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Thread pool: workers 1..n-1 wait for a ticket; the calling thread runs chunk 0.             */
+/* Thread pool. The calling thread and up to threads-1 workers take chunks of the items from
+ * a shared counter, so a worker that the OS runs late (a busy machine) finds the work done
+ * instead of holding the caller up: the caller only ever waits for chunks being computed. */
 
 typedef void (*task_fn)(void *ctx, int64_t begin, int64_t end);
 
 #define SS_MAX_THREADS 64
+#define SS_SPIN 2000
 /* below this much work a call runs on the calling thread: waking workers would cost more */
 #define SS_SERIAL_MACS (1 << 18)
 #define SS_SERIAL_VALUES (1 << 16)
-#define SS_SPIN 2000
 
-typedef struct {
-    atomic_long ticket; /* bumped by the caller to hand this worker a job */
-    long seen;          /* last ticket this worker ran (owned by the worker) */
-} worker_slot;
-
-static worker_slot slots[SS_MAX_THREADS];
 static pthread_mutex_t submit_mu = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
 static pthread_mutex_t wait_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wait_cv = PTHREAD_COND_INITIALIZER;
-static int n_workers = 0; /* threads started (ids 1..n_workers) */
+static int n_workers = 0;          /* threads started (ids 1..n_workers) */
+static atomic_long job_gen;        /* bumped for every job; workers wake on a change */
+static atomic_long job_open;       /* the generation workers may join, 0 once it closes */
+static atomic_int job_active;      /* workers inside the job */
+static atomic_llong job_next;      /* next unclaimed item */
+static atomic_llong job_done;      /* items finished */
 static task_fn job_fn;
 static void *job_ctx;
-static int64_t job_items;
+static int64_t job_items, job_chunk;
 static int job_threads;
-static atomic_int job_pending;
 
 static inline void cpu_relax(void) {
 #if SS_X86
@@ -78,30 +78,35 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static void run_chunk(int id) {
-    int64_t begin = job_items * id / job_threads;
-    int64_t end = job_items * (id + 1) / job_threads;
-    if (end > begin) job_fn(job_ctx, begin, end);
+static void take_chunks(void) {
+    for (;;) {
+        const int64_t begin = atomic_fetch_add(&job_next, job_chunk);
+        if (begin >= job_items) return;
+        const int64_t end = begin + job_chunk < job_items ? begin + job_chunk : job_items;
+        job_fn(job_ctx, begin, end);
+        atomic_fetch_add(&job_done, end - begin);
+    }
 }
 
 static void *worker_main(void *arg) {
-    int id = (int)(intptr_t)arg;
-    worker_slot *slot = &slots[id];
+    const int id = (int)(intptr_t)arg;
+    long seen = atomic_load(&job_gen);
     for (;;) {
         int spins = 0;
-        while (atomic_load_explicit(&slot->ticket, memory_order_acquire) == slot->seen) {
+        while (atomic_load(&job_gen) == seen) {
             if (++spins < SS_SPIN) {
                 cpu_relax();
                 continue;
             }
             pthread_mutex_lock(&wait_mu);
-            while (atomic_load_explicit(&slot->ticket, memory_order_acquire) == slot->seen)
-                pthread_cond_wait(&wait_cv, &wait_mu);
+            while (atomic_load(&job_gen) == seen) pthread_cond_wait(&wait_cv, &wait_mu);
             pthread_mutex_unlock(&wait_mu);
         }
-        slot->seen = atomic_load_explicit(&slot->ticket, memory_order_acquire);
-        run_chunk(id);
-        atomic_fetch_sub_explicit(&job_pending, 1, memory_order_release);
+        seen = atomic_load(&job_gen);
+        atomic_fetch_add(&job_active, 1);
+        /* the job's fields are stable while it is open and this worker counts as active */
+        if (atomic_load(&job_open) == seen && id < job_threads) take_chunks();
+        atomic_fetch_sub(&job_active, 1);
     }
     return NULL;
 }
@@ -112,14 +117,19 @@ static void after_fork_child(void) {
     pthread_mutex_init(&submit_mu, NULL);
     pthread_mutex_init(&wait_mu, NULL);
     pthread_cond_init(&wait_cv, NULL);
-    for (int i = 0; i < SS_MAX_THREADS; i++) {
-        atomic_store(&slots[i].ticket, 0);
-        slots[i].seen = 0;
-    }
+    atomic_store(&job_open, 0);
+    atomic_store(&job_active, 0);
 }
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 static void install_atfork(void) { pthread_atfork(NULL, NULL, after_fork_child); }
+
+static void wait_until(atomic_llong *value, int64_t target) {
+    for (long spins = 0; atomic_load(value) < target; spins++) {
+        if (spins < SS_SPIN) cpu_relax();
+        else sched_yield();
+    }
+}
 
 static void parallel_for(int threads, int64_t items, task_fn fn, void *ctx) {
     if (threads > SS_MAX_THREADS) threads = SS_MAX_THREADS;
@@ -132,30 +142,28 @@ static void parallel_for(int threads, int64_t items, task_fn fn, void *ctx) {
     pthread_mutex_lock(&submit_mu);
     while (n_workers < threads - 1) {
         pthread_t t;
-        int id = n_workers + 1;
-        slots[id].seen = atomic_load(&slots[id].ticket);
-        if (pthread_create(&t, NULL, worker_main, (void *)(intptr_t)id) != 0) break;
+        if (pthread_create(&t, NULL, worker_main, (void *)(intptr_t)(n_workers + 1)) != 0) break;
         pthread_detach(t);
         n_workers++;
     }
-    if (threads > n_workers + 1) threads = n_workers + 1;
     job_fn = fn;
     job_ctx = ctx;
     job_items = items;
+    job_chunk = items / (4 * (int64_t)threads);
+    if (job_chunk < 1) job_chunk = 1;
     job_threads = threads;
-    atomic_store_explicit(&job_pending, threads - 1, memory_order_release);
+    atomic_store(&job_next, 0);
+    atomic_store(&job_done, 0);
     pthread_mutex_lock(&wait_mu);
-    for (int id = 1; id < threads; id++)
-        atomic_fetch_add_explicit(&slots[id].ticket, 1, memory_order_release);
+    const long gen = atomic_load(&job_gen) + 1;
+    atomic_store(&job_open, gen);
+    atomic_store(&job_gen, gen);
     pthread_cond_broadcast(&wait_cv);
     pthread_mutex_unlock(&wait_mu);
-    run_chunk(0);
-    /* wait for the workers: spin briefly, then yield the core (a busy machine may have
-     * descheduled a worker, and spinning would keep it from running) */
-    for (long spins = 0; atomic_load_explicit(&job_pending, memory_order_acquire) > 0; spins++) {
-        if (spins < SS_SPIN) cpu_relax();
-        else sched_yield();
-    }
+    take_chunks();
+    wait_until(&job_done, items);  /* chunks other threads are computing */
+    atomic_store(&job_open, 0);
+    while (atomic_load(&job_active) > 0) cpu_relax();  /* workers still looking at the job */
     pthread_mutex_unlock(&submit_mu);
 }
 
