@@ -416,3 +416,25 @@ def test_every_optimizer_and_schedule_a_config_accepts_is_implemented() -> None:
 def test_error_messages_are_one_line() -> None:
     for data in ({"optim": {"lrr": 1}}, {"data": {"name": "x"}}, {"optim": {"lr": "x"}}):
         assert re.fullmatch(r"[^\n]+", _error(data))
+
+
+# Appendix Table 12 (low-rank FastGRNN with STR): dataset -> λ of each shipped config
+TABLE_12 = {
+    "har2_fastgrnn_str_rank": 0.001,
+    "google12_fastgrnn_str_rank_0.001": 0.001,
+    "google12_fastgrnn_str_rank_0.002": 0.002,
+    "google12_fastgrnn_str_rank_0.005": 0.005,
+}
+
+
+@pytest.mark.parametrize(("name", "lam"), sorted(TABLE_12.items()))
+def test_fastgrnn_configs_carry_table_12(name: str, lam: float) -> None:
+    from strsparse.training.build import build_model
+
+    cfg = load_config(name)
+    assert cfg.optim.weight_decay == lam and cfg.sparsity.options["structure"] == "rank"
+    assert cfg.sparsity.options["g"] == "exp" and cfg.sparsity.options["init_threshold"] <= -10
+    model, handle, info = build_model(cfg)  # no data needed to build the model
+    assert set(handle.layers) == {"w.weight2", "u.weight2"}
+    assert info.input_shape == ((128, 9) if name.startswith("har2") else (99, 32))
+    assert model.ranks() == ((9, 80) if name.startswith("har2") else (32, 100))

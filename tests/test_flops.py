@@ -469,3 +469,19 @@ def test_profile_input_errors() -> None:
         profile(TokenModel(), example_inputs=[torch.zeros(1, 4, dtype=torch.long)])
     with pytest.raises(ValueError, match="forward failed on example_inputs"):
         profile(TokenModel(), example_inputs=torch.zeros(1, 4))  # float ids
+
+
+def test_low_rank_layers_count_both_factors_and_every_step() -> None:
+    from strsparse.methods.structured import StructuredSoftThreshold
+
+    model = strsparse.create_model("fastgrnn", hidden_size=16, rank_w=4, rank_u=8)
+    strsparse.sparsify(model, "str", structure="rank")
+    with torch.no_grad():
+        for gate in model.modules():
+            if isinstance(gate, StructuredSoftThreshold):
+                gate.m[::2] = 0.0  # half of the rank-one components
+    p = profile(model, (28, 28))  # 28 steps of 28 features
+    assert p["w"].params == 4 * (28 + 16) and p["u"].params == 8 * (16 + 16)
+    assert p["w"].flops == 28 * p["w"].params  # W x_t at every step
+    assert p["u"].flops == 28 * p["u"].params and p["u"].calls == 28  # U h_{t-1}
+    assert p["w"].nonzero_params == 2 * (28 + 16) and p["u"].sparsity == 0.5

@@ -96,7 +96,7 @@ def test_strong_decay_zeroes_whole_filters() -> None:
         [
             {"params": [p for n, p in model.named_parameters() if not n.endswith((".m", ".s"))]},
             {"params": [g.m for g in gates], "weight_decay": 0.0},
-            {"params": handle.threshold_parameters(), "weight_decay": 0.3},
+            {"params": [g.s for g in gates], "weight_decay": 0.3},
         ],
         lr=0.3,
     )

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from strsparse.atomic import write_atomic
 from strsparse.errors import OptionError, did_you_mean
 from strsparse.formatting import render_table
+from strsparse.layers import LowRankLinear
 from strsparse.methods.base import is_conv1d, output_axis
 from strsparse.models.registry import declared_classifier_name
 
@@ -247,7 +248,7 @@ def _kind(module: nn.Module) -> str | None:
         return "conv_transpose"
     if isinstance(module, nn.modules.conv._ConvNd):
         return "conv"
-    if isinstance(module, nn.Linear) or is_conv1d(module):  # Hugging Face's in x out linear
+    if isinstance(module, (nn.Linear, LowRankLinear)) or is_conv1d(module):  # Conv1D: in x out
         return "linear"
     if isinstance(module, nn.RNNBase):
         return "rnn"
@@ -473,7 +474,7 @@ def profile(
                 target = module.out_proj if tensor == "out_proj" else module
                 add(target, "weight" if tensor == "out_proj" else tensor, "linear", params, flops)
         else:
-            params = module.weight.numel()
+            params = _params(module)
             if kind == "conv":  # weight count x output positions
                 positions = output.numel() // (n * module.out_channels)
             elif kind == "conv_transpose":  # each input position scatters the whole kernel
@@ -537,6 +538,20 @@ def profile(
     return result if budget is None else apply_budget(result, budget)
 
 
+def _params(module: nn.Module) -> int:
+    """Weights of a conv / linear layer; both factors of a ``LowRankLinear``."""
+    if isinstance(module, LowRankLinear):
+        return module.rank * (module.in_features + module.out_features)
+    return module.weight.numel()
+
+
+@torch.no_grad()
+def _low_rank_nonzero(module: LowRankLinear) -> int:
+    """Both factors of each rank-one component that is alive (effective, when gated)."""
+    alive = module.weight2.ne(0).any(dim=1) & module.weight1.ne(0).any(dim=0)
+    return int(alive.sum()) * (module.in_features + module.out_features)
+
+
 def _records(order: list[str], calls: dict[str, dict]) -> list[LayerFlops]:
     records = []
     for name in order:
@@ -544,6 +559,8 @@ def _records(order: list[str], calls: dict[str, dict]) -> list[LayerFlops]:
         params, flops = info["params"], info["flops"]
         if info["kind"] == "pool":
             nonzero = 0
+        elif isinstance(info["module"], LowRankLinear):
+            nonzero = _low_rank_nonzero(info["module"])
         else:  # the effective (sparse) weight when parametrized
             weight = getattr(info["module"], info["tensor"])
             nonzero = int(torch.count_nonzero(weight))

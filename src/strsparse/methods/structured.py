@@ -114,7 +114,9 @@ class StructuredSoftThreshold(SparsityMethod):
             return float(self.threshold_tensor().mean())
 
     def learnable_thresholds(self) -> list[nn.Parameter]:
-        return [self.s]
+        """What the threshold weight decay acts on: the importance vector m and s (the
+        paper applies the same lambda to both, Appendix A.5.2 and A.6)."""
+        return [self.m, self.s]
 
     @torch.no_grad()
     def alive(self) -> int:
