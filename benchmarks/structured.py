@@ -6,6 +6,7 @@ forward, median over interleaved rounds, dense and slim alternating in one proce
     python benchmarks/structured.py filter    # lenet5, resnet20 on Fashion-MNIST: "filter"
     python benchmarks/structured.py resnet50  # ResNet-50, half of every layer's filters removed
     python benchmarks/structured.py fastgrnn  # FastGRNN on row-wise Fashion-MNIST: "rank"
+    python benchmarks/structured.py recurrent-latency  # those ranks, timed side by side
 
 ``filter`` trains each model with ``sparsity.options.structure=filter`` at each threshold
 decay (``optim.threshold_weight_decay``), then reports parameters and FLOPs (the paper's
@@ -314,6 +315,28 @@ def fastgrnn_part(args: argparse.Namespace) -> None:
             )
 
 
+def recurrent_latency_part(args: argparse.Namespace) -> None:
+    """Latency of FastGRNN at given ranks against full rank and the LSTM, interleaved in one
+    process (weights do not change the time, so fresh models stand in for trained ones)."""
+    torch.manual_seed(0)
+    models: dict[str, nn.Module] = {
+        "FastGRNN, full rank": strsparse.create_model("fastgrnn", hidden_size=args.hidden),
+        "LSTM": benchmark_lstm(hidden_size=args.lstm_hidden),
+    }
+    for ranks in args.ranks:
+        r_w, r_u = (int(r) for r in ranks.split(","))
+        models[f"FastGRNN ({r_w}, {r_u})"] = strsparse.create_model(
+            "fastgrnn", hidden_size=args.hidden, rank_w=r_w, rank_u=r_u
+        )
+    lat1 = _latency(models, torch.randn(1, 28, 28), args.rounds)
+    lat32 = _latency(models, torch.randn(32, 28, 28), args.rounds)
+    print(f"28 steps x 28 features; 1 thread, median of {args.rounds} interleaved rounds\n")
+    print(_row(["model", "batch 1 (ms)", "batch 32 (ms)"]))
+    print(_row(["---"] * 3))
+    for name in models:
+        print(_row([name, _ms(lat1[name]), _ms(lat32[name])]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="part", required=True)
@@ -333,12 +356,18 @@ def main() -> None:
     p.add_argument("--lstm-hidden", type=int, default=28)
     p.add_argument("--init-threshold", type=float, default=-8.0)
     p.add_argument("--rounds", type=int, default=20)
+    p = sub.add_parser("recurrent-latency")
+    p.add_argument("--ranks", nargs="+", default=["27,51", "13,12", "7,3"], help="r_W,r_U")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--lstm-hidden", type=int, default=28)
+    p.add_argument("--rounds", type=int, default=50)
     args = parser.parse_args()
     torch.set_num_threads(1)
     parts: dict[str, Callable[[argparse.Namespace], None]] = {
         "filter": filter_part,
         "resnet50": resnet50_part,
         "fastgrnn": fastgrnn_part,
+        "recurrent-latency": recurrent_latency_part,
     }
     parts[args.part](args)
 

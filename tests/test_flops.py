@@ -481,7 +481,9 @@ def test_low_rank_layers_count_both_factors_and_every_step() -> None:
             if isinstance(gate, StructuredSoftThreshold):
                 gate.m[::2] = 0.0  # half of the rank-one components
     p = profile(model, (28, 28))  # 28 steps of 28 features
-    assert p["w"].params == 4 * (28 + 16) and p["u"].params == 8 * (16 + 16)
-    assert p["w"].flops == 28 * p["w"].params  # W x_t at every step
-    assert p["u"].flops == 28 * p["u"].params and p["u"].calls == 28  # U h_{t-1}
-    assert p["w"].nonzero_params == 2 * (28 + 16) and p["u"].sparsity == 0.5
+    w, u = p["w.weight2"], p["u.weight2"]  # named like the sparsified layers
+    assert w.params == 4 * (28 + 16) and u.params == 8 * (16 + 16)
+    assert w.flops == 28 * w.params  # W x_t at every step
+    assert u.flops == 28 * u.params and u.calls == 28  # U h_{t-1}
+    assert w.nonzero_params == 2 * (28 + 16) and u.sparsity == 0.5
+    assert set(p.names) >= set(strsparse.sparse_layers(model))

@@ -473,6 +473,12 @@ def profile(
             for tensor, params, flops in _attention_counts(module, args, kwargs):
                 target = module.out_proj if tensor == "out_proj" else module
                 add(target, "weight" if tensor == "out_proj" else tensor, "linear", params, flops)
+        elif isinstance(module, LowRankLinear):
+            # both factors, once per leading position; named after the gated factor, as
+            # sparsify names the layer ("w.weight2")
+            params = _params(module)
+            positions = output.numel() // (n * module.out_features)
+            add(module, "weight2", kind, params, params * positions)
         else:
             params = _params(module)
             if kind == "conv":  # weight count x output positions
