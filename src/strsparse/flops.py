@@ -548,7 +548,10 @@ def _params(module: nn.Module) -> int:
     """Weights of a conv / linear layer; both factors of a ``LowRankLinear``."""
     if isinstance(module, LowRankLinear):
         return module.rank * (module.in_features + module.out_features)
-    return module.weight.numel()
+    weight = module.weight
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{type(module).__name__}.weight is not a tensor")
+    return weight.numel()
 
 
 @torch.no_grad()
