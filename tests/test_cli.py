@@ -502,3 +502,15 @@ def test_divergence_is_one_line_and_exit_status_1(
     assert f"{last} (epoch 1) is kept as it was" in line
     assert last.read_bytes() == kept["bytes"]
     assert load_checkpoint(last)["epoch"] == 1
+
+
+def test_under_torchrun_only_rank_0_prints(
+    str_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    run = tmp_path / "copy"
+    shutil.copytree(str_run[0], run)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--resume", str(run)]) == 0  # finished: nothing to train
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert " INFO " not in captured.err

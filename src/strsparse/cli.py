@@ -125,7 +125,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.quiet:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, quiet=True))
     result = train(cfg, resume=args.resume)
-    _print_train_summary(result)
+    if os.environ.get("RANK", "0") == "0":  # one summary per torchrun job
+        _print_train_summary(result)
     return EXIT_OK
 
 
@@ -717,7 +718,8 @@ def _setup_logging(quiet: bool) -> None:
     library forwards there are shown too; a handler from an earlier in-process call is
     replaced.
     """
-    level = logging.WARNING if quiet else logging.INFO
+    # under torchrun, the ranks but 0 show warnings only: one log per job, not one per rank
+    level = logging.WARNING if quiet or os.environ.get("RANK", "0") != "0" else logging.INFO
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, _CLI_HANDLER_FLAG, False):

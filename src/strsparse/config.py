@@ -69,6 +69,8 @@ __all__ = [
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "multistep", "constant")
 AMP_MODES = ("off", "bf16", "fp16")
+# optim.lr_scaling: how the learning rate follows the number of torchrun processes
+LR_SCALINGS = ("none", "linear")
 DENSE = "dense"  # sparsity.method of a dense baseline: the model is not sparsified
 
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -403,6 +405,10 @@ class OptimConfig(_Section):
     STR's sparsity is driven by weight decay on the threshold ``s`` (Kusupati et al., 2020,
     eq. 6), so ``threshold_weight_decay`` (null: same as ``weight_decay``) is its main knob.
     ``norm_bias_decay``: also decay norm-layer parameters and biases (the authors' code did).
+    ``lr_scaling``: under torchrun every process takes ``data.batch_size`` samples per step,
+    so the global batch grows with the number of processes and an epoch has fewer steps;
+    ``linear`` multiplies ``lr`` by the number of processes (Goyal et al., 2017), ``none``
+    keeps it.
     """
 
     _prefix: ClassVar[str] = "optim"
@@ -416,9 +422,11 @@ class OptimConfig(_Section):
     weight_decay: float = 5e-5
     threshold_weight_decay: float | None = None
     norm_bias_decay: bool = False
+    lr_scaling: str = "none"
 
     def _check(self) -> None:
         _check_choice(self.name, OPTIMIZERS, self._key("name"))
+        _check_choice(self.lr_scaling, LR_SCALINGS, self._key("lr_scaling"))
         _check_range(self.lr, self._key("lr"), gt=0.0)
         _check_range(self.momentum, self._key("momentum"), ge=0.0, lt=1.0)
         for i, beta in enumerate(self.betas):

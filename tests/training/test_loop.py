@@ -404,3 +404,11 @@ def test_a_step_interval_checkpoint_resumes_exactly(
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     assert resumed.final == full.final
+
+
+def test_linear_lr_scaling_multiplies_by_the_number_of_processes(tmp_path: Path) -> None:
+    plain = synthetic_config(tmp_path)
+    linear = synthetic_config(tmp_path, **{"optim.lr_scaling": "linear"})
+    assert training_loop._base_lr(plain, 4) == 0.05
+    assert training_loop._base_lr(linear, 4) == pytest.approx(0.2)
+    assert training_loop._base_lr(linear, 1) == 0.05

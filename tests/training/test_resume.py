@@ -11,6 +11,7 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from strsparse.config import config_to_dict
 from strsparse.training import load_checkpoint, train
 from strsparse.training.checkpoint import capture_rng_state
 from strsparse.training.resume import (
@@ -127,3 +128,12 @@ def test_place_run_leaves_foreign_directories_alone(tmp_path: Path) -> None:
     (tmp_path / "run" / "notes.txt").write_text("mine")
     assert place_run(tmp_path, "run", config).run_dir == tmp_path / "run-1"
     assert config_differences({"train": {"quiet": True}, "seed": 0}, {"seed": 1}) == ["seed"]
+
+
+def test_a_run_started_before_a_config_key_existed_still_matches(tmp_path: Path) -> None:
+    cfg = synthetic_config(tmp_path, **QUICK)
+    train(cfg)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del saved["optim"]["lr_scaling"], saved["train"]["checkpoint_every_steps"]  # older file
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert place_run(tmp_path, "run", config_to_dict(cfg)).run_dir == tmp_path / "run"

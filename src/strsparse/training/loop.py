@@ -188,6 +188,11 @@ def _precision(
     return amp, _AUTOCAST_DTYPES[amp], channels_last
 
 
+def _base_lr(cfg: Config, world_size: int) -> float:
+    """``optim.lr``, times the number of processes with ``optim.lr_scaling=linear``."""
+    return cfg.optim.lr * (world_size if cfg.optim.lr_scaling == "linear" else 1)
+
+
 @dataclass
 class _Run:
     """Everything the epochs of one run use, built once by ``_build_run``."""
@@ -217,11 +222,15 @@ class _Run:
     def ckpt_dir(self) -> Path:
         return run_dir_of(self.cfg) / "checkpoints"
 
+    @property
+    def base_lr(self) -> float:
+        return _base_lr(self.cfg, self.env.world_size)
+
     def lr(self, step: int) -> float:
         sc = self.cfg.schedule
         return learning_rate(
             step,
-            base_lr=self.cfg.optim.lr,
+            base_lr=self.base_lr,
             total_steps=self.total_steps,
             steps_per_epoch=self.steps_per_epoch,
             name=sc.name,
@@ -653,6 +662,15 @@ def _fit(
     if progress.epoch >= epochs:
         logger.info("the run has completed its %d epochs already", epochs)
         return None
+    if run.env.enabled:
+        logger.info(
+            "%d processes x batch %d: global batch %d, lr %g (optim.lr_scaling=%s)",
+            run.env.world_size,
+            run.cfg.data.batch_size,
+            run.env.world_size * run.cfg.data.batch_size,
+            run.base_lr,
+            run.cfg.optim.lr_scaling,
+        )
     logger.info(
         "training %s (%s) on %s for %d epochs x %d steps, device %s%s",
         run.cfg.model.name,

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from strsparse.config import config_from_dict, config_to_dict
 from strsparse.errors import StrsparseError
 from strsparse.training.checkpoint import (
     CheckpointError,
@@ -120,16 +121,25 @@ def _describe(keys: list[str], saved: Mapping[str, Any], wanted: Mapping[str, An
     return ", ".join(shown) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
+def _with_defaults(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved configuration with the keys it predates filled in with their defaults, so
+    that a run started before a key existed still matches; as saved if it does not load."""
+    try:
+        return config_to_dict(config_from_dict(saved))
+    except StrsparseError:
+        return dict(saved)
+
+
 def _saved_config(run_dir: Path) -> dict[str, Any] | None:
     """The configuration a run directory was started with (its ``config.yaml``, else its
     checkpoint's), or None when it holds no run."""
     config_file = run_dir / "config.yaml"
     if config_file.is_file():
         data = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
+        return _with_defaults(data) if isinstance(data, dict) else {}
     last = run_dir / "checkpoints" / "last.pt"
     if last.is_file():
-        return dict(load_checkpoint(last)["config"])
+        return _with_defaults(load_checkpoint(last)["config"])
     return None
 
 
@@ -151,7 +161,7 @@ def place_run(
     """
     if resume is not None:
         checkpoint = find_checkpoint(resume)
-        in_checkpoint = dict(load_checkpoint(checkpoint)["config"])
+        in_checkpoint = _with_defaults(load_checkpoint(checkpoint)["config"])
         differing = config_differences(in_checkpoint, config)
         if differing:
             raise RunMismatchError(
