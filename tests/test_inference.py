@@ -316,6 +316,7 @@ def test_a_dense_model_stays_in_the_standard_layout() -> None:
     model = _prune(strsparse.create_model("resnet20", shortcut="B"), 0.0)
     sparse = to_sparse(model)
     assert set(sparse.sparse_plan.values()) == {"dense"}
+    assert not sparse.per_sample  # PyTorch's dense kernels keep whole batches
     targets = [n.target for n in sparse.net.graph.nodes if n.op == "call_function"]
     assert not any(getattr(t, "__name__", "") == "_swap01" for t in targets)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in sparse.modules())

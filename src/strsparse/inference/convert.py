@@ -649,7 +649,10 @@ def to_sparse(
         per_sample = False
     else:
         net, plan = _rewrite(traced, limits, _plan)
-        per_sample = _per_sample(net)
+        # slices pay for the sparse kernels (their activations stay in cache) but cost PyTorch's
+        # dense kernels their batch efficiency: only where most layers run sparse
+        n_sparse = sum(mode == "sparse" for mode in plan.modes.values())
+        per_sample = 2 * n_sparse >= len(plan.modes) > 0 and _per_sample(net)
     result = SparseModel(net, plan.to_dict(), per_sample)
     for attr in ("input_shape", "classifier_name"):
         if hasattr(model, attr):
