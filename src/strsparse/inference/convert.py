@@ -461,10 +461,10 @@ def _rewrite(
             env[(node, in_layout)] = out
             continue
         want = layout.get(node, "std")
-        pool = _native_max_pool(node, modules) if want == "cm" else None
-        if pool is not None:
+        pool = _native_max_pool(node, modules)
+        if pool is not None:  # either layout: both keep each (H, W) plane contiguous
             env[(node, want)] = graph.call_function(
-                channel_major_max_pool2d, (value(node.args[0], "cm"), *pool)
+                channel_major_max_pool2d, (value(node.args[0], want), *pool)
             )
             continue
         if node.op == "output":

@@ -357,8 +357,8 @@ class SparseConv2d(_SparseBase):
 
 
 def channel_major_max_pool2d(x: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
-    """``max_pool2d`` of a channel-major (C, N, H, W) tensor, natively where possible
-    (PyTorch's kernel is slow on planes laid out this way)."""
+    """``max_pool2d`` of a (C, N, H, W) or (N, C, H, W) tensor, natively where possible
+    (PyTorch's kernel is slow on the planes of the first, and not fast on the second)."""
     if x.dtype == torch.float32 and x.is_contiguous():
         out = backend().maxpool(x, kernel_size, stride, padding)
         if out is not None:
