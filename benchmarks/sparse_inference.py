@@ -1,7 +1,8 @@
 """Inference latency of ``strsparse.to_sparse`` against the dense runtimes a user would pick.
 
-Run by hand:
-    python benchmarks/sparse_inference.py                     # models and single layers
+Run by hand (PASSIVE: idle OpenMP threads sleep instead of spinning on the next contender's
+cores):
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/sparse_inference.py   # models and single layers
     python benchmarks/sparse_inference.py --suite models --lenet-run runs/fashion_mnist_str
     python benchmarks/sparse_inference.py --suite layers --threads 1
 
