@@ -170,7 +170,15 @@ class _STRWeights(torch.autograd.Function):
 
     Per layer the math is ``_SoftThreshold``'s with t = k * g(s); batching removes the fixed
     cost of one node, one Python call and one ``k * g(s)`` per layer, and g runs once per
-    distinct ``s``. Only the outputs are saved (and ``s``, which is a parameter anyway).
+    distinct ``s``. Nothing weight-sized is kept for the backward: it finds the mask again
+    from the inputs (the raw weights and ``s``, parameters that live anyway), so each
+    effective weight is freed as soon as its layer's backward is done with it, although this
+    node's backward runs only once every layer's gradient has arrived.
+
+    The inputs are kept with their versions rather than through ``save_for_backward``: a
+    layer that was handed another weight (one changed in place after the batch was computed)
+    gets no gradient from this node and must not fail it; a layer that gets a gradient fails
+    if its weight or ``s`` changed in place before the backward, as autograd's own check does.
     """
 
     @staticmethod
@@ -186,7 +194,8 @@ class _STRWeights(torch.autograd.Function):
             _shrink(w, thresholds[j].to(w.dtype)) for w, j in zip(weights, s_index, strict=True)
         )
         ctx.k, ctx.g, ctx.s_index = k, g, s_index
-        ctx.save_for_backward(*outs, *s)
+        ctx.inputs = tensors
+        ctx.versions = tuple(t._version for t in tensors)
         ctx.set_materialize_grads(False)  # a layer not used in this forward gets no gradient
         return outs
 
@@ -194,16 +203,27 @@ class _STRWeights(torch.autograd.Function):
     def backward(ctx: Any, *grad_outs: Tensor | None) -> tuple[Tensor | None, ...]:
         s_index = ctx.s_index
         n = len(s_index)
-        saved = ctx.saved_tensors
-        outs, s = saved[:n], saved[n:]
+        weights, s = ctx.inputs[:n], ctx.inputs[n:]
+        for i, (grad, j) in enumerate(zip(grad_outs, s_index, strict=True)):
+            if grad is not None and (
+                weights[i]._version != ctx.versions[i] or s[j]._version != ctx.versions[n + j]
+            ):
+                raise RuntimeError(
+                    "a weight or threshold of an STR layer was modified by an in-place "
+                    "operation between the forward and the backward; its gradient would be "
+                    "wrong (change parameters after backward(), e.g. in the optimizer step)"
+                )
         needs_weight, needs_s = ctx.needs_input_grad[3 : 3 + n], ctx.needs_input_grad[3 + n :]
+        g_fn, derivative = _THRESHOLD_FOREACH[ctx.g]
+        values = g_fn(list(s))  # g(s), for t = k * g(s) and for g'(s)
+        thresholds = torch._foreach_mul(values, ctx.k) if ctx.k != 1.0 else values
         grad_weights: list[Tensor | None] = [None] * n
         grad_t: list[Tensor | None] = [None] * len(s)  # dL/dt, summed over the layers sharing s
-        for i, (grad, out, j) in enumerate(zip(grad_outs, outs, s_index, strict=True)):
+        for i, (grad, w, j) in enumerate(zip(grad_outs, weights, s_index, strict=True)):
             if grad is None:
                 continue
-            grad_weights[i], part = _shrink_grads(
-                grad, out, s[j].shape, needs_weight[i], needs_s[j]
+            grad_weights[i], part = _shrink_grads_from_weight(
+                grad, w, thresholds[j].to(w.dtype), s[j].shape, needs_weight[i], needs_s[j]
             )
             if part is not None:
                 part = part.to(s[j].dtype)
@@ -212,14 +232,32 @@ class _STRWeights(torch.autograd.Function):
         live = [j for j, gt in enumerate(grad_t) if gt is not None]
         if live:
             # dL/ds = dL/dt * k * g'(s), for every s at once
-            g_fn, derivative = _THRESHOLD_FOREACH[ctx.g]
-            chain = derivative(g_fn([s[j] for j in live]))
+            chain = derivative([values[j] for j in live])
             torch._foreach_mul_(chain, [gt for gt in grad_t if gt is not None])
             if ctx.k != 1.0:
                 torch._foreach_mul_(chain, ctx.k)
             for j, grad in zip(live, chain, strict=True):
                 grad_s[j] = grad
         return (None, None, None, *grad_weights, *grad_s)
+
+
+def _shrink_grads_from_weight(
+    grad_out: Tensor,
+    weight: Tensor,
+    threshold: Tensor,
+    threshold_shape: torch.Size,
+    need_weight: bool,
+    need_t: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``_shrink_grads`` from the raw weight instead of the output (the same values)."""
+    if threshold.dim() == 0 and weight.device.type == "cpu":
+        # dL/dout * 1{|w| > t} in one pass, with no output to recompute
+        masked = torch.ops.aten.softshrink_backward(grad_out, weight, float(threshold))
+        grad_t = None
+        if need_t:  # -<dL/dout * 1{|w| > t}, sign(w)>
+            grad_t = _signed_sum(masked, weight.sign(), threshold_shape)
+        return (masked if need_weight else None), grad_t
+    return _shrink_grads(grad_out, _shrink(weight, threshold), threshold_shape, need_weight, need_t)
 
 
 def str_weights(

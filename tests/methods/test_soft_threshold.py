@@ -382,3 +382,12 @@ def test_traced_and_exported_models_follow_s() -> None:
     expected = batched(x)
     torch.testing.assert_close(traced(x), expected)
     torch.testing.assert_close(exported(x), expected)
+
+
+def test_a_weight_changed_in_place_before_the_backward_is_an_error() -> None:
+    batched, _ = _pair("layer")
+    out = batched(torch.randn(2, 3, 6, 6))
+    with torch.no_grad():
+        batched.mid.parametrizations.weight.original.mul_(2.0)
+    with pytest.raises(RuntimeError, match="in-place"):
+        out.sum().backward()
