@@ -180,7 +180,9 @@ def test_rnn_and_attention_weights_reach_the_requested_sparsity(
     for row in report.layers:
         if method == "st3":  # one global quantile: about 70% over all layers together
             continue
-        assert row.nonzero == row.params - round(0.7 * row.params), row.name
+        # DNW prunes int(p * n), as its authors do (0.7 * 90 = 62.99... -> 62)
+        pruned = int(0.7 * row.params) if method == "dnw" else round(0.7 * row.params)
+        assert row.nonzero == row.params - pruned, row.name
     if method == "st3":  # the scheduled target of step 5
         target = float(handle.parametrizations["head"].target)
         assert 0.6 < target < 0.7 and report.sparsity == pytest.approx(target, abs=0.01)

@@ -54,6 +54,7 @@ from strsparse.errors import OptionError, did_you_mean
 from strsparse.formatting import render_table
 from strsparse.layers import LowRankLinear
 from strsparse.methods.base import is_conv1d, output_axis
+from strsparse.methods.target import register_flops_counter
 from strsparse.models.registry import declared_classifier_name
 
 __all__ = ["FlopsProfile", "FlopsSummary", "LayerFlops", "apply_budget", "profile"]
@@ -587,3 +588,14 @@ def _records(order: list[str], calls: dict[str, dict]) -> list[LayerFlops]:
             )
         )
     return records
+
+
+def _weight_layer_flops(
+    model: nn.Module, input_shape: tuple[int, ...]
+) -> tuple[dict[str, tuple[int, int]], int]:
+    """{module name: (dense FLOPs, params)} and the total dense FLOPs, for a FLOPs target."""
+    prof = profile(model, input_shape)
+    return {r.name: (r.flops, r.params) for r in prof.layers}, prof.overall.flops
+
+
+register_flops_counter(_weight_layer_flops)

@@ -5,6 +5,7 @@ Everything here is a function of its arguments, testable without a model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ from torch import Tensor
 from strsparse.errors import OptionError, did_you_mean
 
 __all__ = [
+    "initial_threshold",
+    "threshold_to_s",
     "THRESHOLD_FUNCTIONS",
     "cubic_sparsity",
     "global_magnitude_masks",
@@ -373,3 +376,24 @@ def straight_through(weight: Tensor, transform: Callable[[Tensor], Tensor]) -> T
     one elementwise pass fewer in forward and backward. ``transform`` runs without autograd.
     """
     return _StraightThrough.apply(weight, transform)
+
+
+def threshold_to_s(threshold: float, g: str) -> float:
+    """The s with g(s) = ``threshold`` (k already divided out): logit for sigmoid, log for exp."""
+    if g == "sigmoid":
+        t = min(max(threshold, 1e-12), 1.0 - 1e-6)
+        return math.log(t) - math.log1p(-t)
+    if g == "exp":
+        return math.log(max(threshold, 1e-30))
+    raise ValueError(f"no inverse for threshold function g={g!r}")
+
+
+@torch.no_grad()
+def initial_threshold(weight: Tensor, fraction: float = 0.01) -> float:
+    """A safe starting threshold for ``weight``: its ``fraction`` magnitude quantile, so
+    about 1% of a freshly initialised layer starts at zero and ``s`` starts where
+    g'(s) is not vanishingly small."""
+    flat = weight.detach().abs().flatten().float().cpu()
+    k = max(1, math.ceil(fraction * flat.numel()))
+    value = float(torch.kthvalue(flat, k).values)
+    return value if value > 0 else float(flat[flat > 0].min()) if (flat > 0).any() else 1e-8

@@ -27,6 +27,7 @@ from strsparse.methods.structured import (
     default_exclusions,
     structured_candidates,
 )
+from strsparse.methods.target import TargetController
 
 __all__ = [
     "DenseTensor",
@@ -66,6 +67,8 @@ class SparsityHandle:
     method: str
     options: dict[str, Any]
     layers: dict[str, LayerWeight] = field(repr=False)
+    # model-wide logic of the method (STR's target controller), stepped after ``update``
+    controller: TargetController | None = field(default=None, repr=False)
     method_cls: type[SparsityMethod] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,6 +92,22 @@ class SparsityHandle:
                 "sparsify the model again to continue pruning"
             )
         self.method_cls.update(self.layers, step, total_steps)
+        if self.controller is not None:
+            self.controller.step(self.layers, step, total_steps)
+
+    def target_status(self) -> dict[str, Any] | None:
+        """The target and where training stands: ``target`` (the final value), ``scheduled``
+        (the schedule at the last step) and ``achieved`` (measured at the last step), as a
+        sparsity or a fraction of dense FLOPs (``kind``); None without a target."""
+        c = self.controller
+        if c is None:
+            return None
+        return {
+            "kind": c.kind,
+            "target": c.target,
+            "scheduled": c.scheduled_target,
+            "achieved": c.achieved_target,
+        }
 
     def threshold_parameters(self) -> list[nn.Parameter]:
         """The learnable thresholds (STR's ``s``), each once even when shared."""
@@ -297,8 +316,13 @@ def sparsify(
             if isinstance(module, nn.RNNBase) and _release_flat_weights not in _hooks(module):
                 module.register_forward_hook(_release_flat_weights)
     method_cls.attach(model, layers)
+    controller = (
+        TargetController.build(model, layers, parsed) if method_cls.supports_target else None
+    )
     logger.info("sparsified %d layers with %r", len(layers), method)
-    return SparsityHandle(method=method, options=dict(options), layers=layers)
+    return SparsityHandle(
+        method=method, options=dict(options), layers=layers, controller=controller
+    )
 
 
 class SparsifiedPickleError(StrsparseError, RuntimeError):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import strsparse
-from strsparse.methods import raw_weight
+from strsparse.methods import get_parametrization, raw_weight
 
 
 def test_dnw_exact_layer_sparsity_and_straight_through_gradient() -> None:
@@ -16,7 +16,7 @@ def test_dnw_exact_layer_sparsity_and_straight_through_gradient() -> None:
     handle = strsparse.sparsify(model, "dnw", budget=budget)
     for name, module in handle.layers.items():
         n = module.weight.numel()
-        assert int((module.weight == 0).sum()) == round(budget[name] * n)
+        assert int((module.weight == 0).sum()) == int(budget[name] * n)
         # kept weights are the largest magnitudes, unchanged
         raw = raw_weight(module)
         kept = module.weight != 0
@@ -45,3 +45,13 @@ def test_dnw_mask_follows_the_weights() -> None:
         raw.view(-1)[smallest] = 100.0  # a pruned weight becomes the largest
     assert layer.weight.view(-1)[smallest] == 100.0
     assert int((layer.weight == 0).sum()) == 12
+
+
+def test_dnw_prunes_int_p_n_weights_rounding_down() -> None:
+    layer = nn.Linear(5, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(1.0, 11.0).view(2, 5))
+    strsparse.sparsify(layer, "dnw", sparsity=0.38)  # 0.38 * 10 = 3.8 -> 3 (round: 4)
+    assert int((layer.weight == 0).sum()) == 3
+    assert torch.equal(layer.weight.flatten()[:3], torch.zeros(3))
+    assert get_parametrization(layer).threshold() == 3.0

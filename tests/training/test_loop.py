@@ -156,6 +156,7 @@ def _model_state(run: Path) -> dict[str, torch.Tensor]:
 
 
 GMP = {"sparsity.method": "gmp", "sparsity.options": {"sparsity": 0.8, "frequency": 2}}
+STR_TARGET = {"sparsity.options": {"sparsity": 0.8}}
 
 
 @pytest.mark.slow
@@ -166,8 +167,15 @@ GMP = {"sparsity.method": "gmp", "sparsity.options": {"sparsity": 0.8, "frequenc
         (11, {}, signal.SIGINT),
         (11, GMP, signal.SIGINT),
         (11, {}, signal.SIGTERM),
+        (11, STR_TARGET, signal.SIGINT),
     ],
-    ids=["str-epoch-boundary", "str-mid-epoch", "gmp-mid-epoch", "str-mid-epoch-sigterm"],
+    ids=[
+        "str-epoch-boundary",
+        "str-mid-epoch",
+        "gmp-mid-epoch",
+        "str-mid-epoch-sigterm",
+        "str-target-mid-epoch",
+    ],
 )
 def test_resume_after_ctrl_c_equals_uninterrupted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupt_step: int, method: dict, signum
@@ -201,6 +209,22 @@ def test_resume_after_ctrl_c_equals_uninterrupted(
     assert resumed.final["sparsity"] > (0.5 if method else 0.0)
     rows = list(csv.DictReader((tmp_path / "resumed" / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
+
+
+def test_a_target_reaches_the_run_files(tmp_path: Path) -> None:
+    result = train(synthetic_config(tmp_path, **STR_TARGET, **{"train.epochs": 3}))
+    run = tmp_path / "run"
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [float(r["target"]) for r in rows] == [0.8, 0.8, 0.8]
+    assert float(rows[0]["scheduled"]) < float(rows[-1]["scheduled"]) == pytest.approx(0.8)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["target"]["kind"] == "sparsity" and summary["target"]["target"] == 0.8
+    assert summary["target"]["achieved"] == pytest.approx(result.final["sparsity"])
+    assert result.final["sparsity"] == pytest.approx(0.8, abs=0.05)  # 24 steps only
+    # without a target the columns are empty
+    train(synthetic_config(tmp_path, "plain", **{"train.epochs": 1}))
+    plain = list(csv.DictReader((tmp_path / "plain" / "metrics.csv").open()))
+    assert plain[0]["target"] == "" and plain[0]["scheduled"] == ""
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(

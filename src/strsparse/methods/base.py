@@ -57,6 +57,9 @@ class SparsityMethod(nn.Module):
 
     name: ClassVar[str]
     Options: ClassVar[type]
+    # learns its thresholds, so a sparsity/FLOPs target can steer them (the model-level
+    # handle then runs a ``strsparse.methods.target.TargetController``)
+    supports_target: ClassVar[bool] = False
 
     def threshold(self) -> float | None:
         """The layer's current magnitude threshold for reports (mean if it varies), if any."""

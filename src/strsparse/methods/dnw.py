@@ -1,9 +1,10 @@
 """DNW: Discovering Neural Wirings (Wortsman et al., NeurIPS 2019).
 
-Every forward pass keeps the top ``1 - s`` fraction of each layer's weights by magnitude
-(exactly ``round((1 - s) * n)`` of them); the backward pass is straight-through, so every
-weight - kept or not - gets the dense gradient and the kept set can change from one step
-to the next. There is no schedule: the target sparsity holds from the first step.
+Every forward pass zeroes the ``int(s * n)`` smallest-magnitude weights of each layer (the
+count rounded down, as the authors' code does) and keeps the other ``n - int(s * n)``; the
+backward pass is straight-through, so every weight - kept or not - gets the dense gradient
+and the kept set can change from one step to the next. There is no schedule: the target
+sparsity holds from the first step.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from strsparse.methods.base import (
     resolve_targets,
 )
 
-__all__ = ["DiscoveringNeuralWirings", "DiscoveringNeuralWiringsOptions"]
+__all__ = ["DiscoveringNeuralWirings", "DiscoveringNeuralWiringsOptions", "dnw_mask"]
+
+
+def dnw_mask(weight: Tensor, sparsity: float) -> Tensor:
+    """Boolean mask dropping the ``int(sparsity * numel)`` smallest magnitudes of ``weight``
+    (rounded down, as Wortsman et al.'s code prunes), ties broken by position."""
+    numel = weight.numel()
+    return magnitude_mask(weight, int(sparsity * numel) / numel if numel else 0.0)
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,11 @@ class DiscoveringNeuralWirings(SparsityMethod):
         # a tuple so that nn.Module does not register it)
         self._last_raw: tuple[Tensor, ...] = ()
 
+    def _mask(self, weight: Tensor) -> Tensor:
+        return dnw_mask(weight, self.sparsity)
+
     def _masked(self, weight: Tensor) -> Tensor:
-        return weight * magnitude_mask(weight, self.sparsity)
+        return weight * self._mask(weight)
 
     def forward(self, weight: Tensor) -> Tensor:
         self._last_raw = (weight if weight.is_leaf else weight.detach(),)
@@ -72,7 +83,7 @@ class DiscoveringNeuralWirings(SparsityMethod):
         if self.sparsity == 0.0 or not self._last_raw:
             return None
         (weight,) = self._last_raw
-        return pruned_cutoff(weight, magnitude_mask(weight, self.sparsity))
+        return pruned_cutoff(weight, self._mask(weight))
 
     def extra_repr(self) -> str:
         return f"sparsity={self.sparsity}"

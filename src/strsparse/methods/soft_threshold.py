@@ -17,10 +17,18 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from strsparse.errors import OptionError, did_you_mean
-from strsparse.functional import THRESHOLD_FUNCTIONS, resolve_threshold_function, str_weights
+from strsparse.functional import (
+    THRESHOLD_FUNCTIONS,
+    initial_threshold,
+    resolve_threshold_function,
+    str_weights,
+    threshold_to_s,
+)
 from strsparse.methods.base import (
     LayerWeight,
     SparsityMethod,
+    check_fraction,
+    check_schedule_options,
     parametrization_chain,
     register_method,
     threshold_parameter,
@@ -56,18 +64,32 @@ class SoftThresholdOptions:
         or one ``s`` shared by all sparsified layers ('global', Appendix A.5.1).
     g: threshold function, 'sigmoid' (CNNs) or 'exp' (low-rank RNNs); threshold = k * g(s).
     init_threshold: the paper's s_init (-3200 for ResNet-50, -12800 for MobileNetV1): very
-        negative values keep every weight dense until weight decay has moved ``s``.
+        negative values keep every weight dense until weight decay has moved ``s``. None:
+        -3200 without a target; with a target, each layer's s starts where k * g(s) is its
+        1% magnitude quantile (the smallest over layers for a global ``s``).
     structure: 'weight' (unstructured, the default), 'filter' (one importance value per
         output filter of every conv and Linear) or 'rank' (one per rank-one component of every
         ``LowRankLinear``); see ``strsparse.methods.structured``. ``g`` defaults to 'exp' for
         'rank' (the paper's choice for low-rank RNNs) and to 'sigmoid' otherwise.
+    sparsity: a target: training ends at this fraction of zeros over the sparsified weights,
+        each layer still learning its own threshold (``strsparse.methods.target``).
+    flops: a target as a fraction of the dense forward FLOPs (``strsparse.flops``) instead;
+        needs ``input_shape`` (one sample's, e.g. (3, 32, 32)) unless the model carries an
+        ``input_shape`` attribute (the zoo's models do).
+    start, end: the target's cubic schedule, as an optimizer step (int) or a fraction of
+        training (float); the target is held from ``end`` on.
     """
 
     granularity: str = "layer"
     g: str | None = None
     k: float = 1.0
-    init_threshold: float = -3200.0
+    init_threshold: float | None = None
     structure: str = "weight"
+    sparsity: float | None = None
+    flops: float | None = None
+    start: int | float = 0.0
+    end: int | float = 0.7
+    input_shape: tuple[int, ...] | None = None
 
     @property
     def g_name(self) -> str:
@@ -99,10 +121,42 @@ class SoftThresholdOptions:
         resolve_threshold_function(self.g_name)
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or self.k <= 0:
             raise OptionError(f"k={self.k!r} must be a positive number")
-        if isinstance(self.init_threshold, bool) or not isinstance(
-            self.init_threshold, (int, float)
+        if self.init_threshold is not None and (
+            isinstance(self.init_threshold, bool)
+            or not isinstance(self.init_threshold, (int, float))
         ):
             raise OptionError(f"init_threshold={self.init_threshold!r} must be a number")
+        _check_target(self)
+        if self.init_threshold is None and not self.has_target:
+            object.__setattr__(self, "init_threshold", -3200.0)  # the paper's s_init
+        if self.has_target and self.structure != "weight":
+            raise OptionError(
+                f"a sparsity or FLOPs target works with structure='weight'; structure="
+                f"{self.structure!r} is steered by the decay on s (drop sparsity/flops)"
+            )
+
+    @property
+    def has_target(self) -> bool:
+        return self.sparsity is not None or self.flops is not None
+
+
+def _check_target(options: SoftThresholdOptions) -> None:
+    """Validate the target options of STR (``sparsity``, ``flops``, ``start``, ``end``)."""
+    sparsity = getattr(options, "sparsity", None)
+    flops = getattr(options, "flops", None)
+    if sparsity is not None and flops is not None:
+        raise OptionError(
+            f"STR got both sparsity={sparsity!r} and flops={flops!r}; give one target"
+        )
+    if sparsity is not None:
+        check_fraction(sparsity, "sparsity")
+    if flops is not None and (
+        isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 < flops <= 1
+    ):
+        raise OptionError(
+            f"flops={flops!r} must be a fraction of the dense FLOPs in (0, 1], e.g. 0.05"
+        )
+    check_schedule_options(getattr(options, "start", 0.0), getattr(options, "end", 1.0))
 
 
 def _threshold_shape(weight_shape: torch.Size, granularity: str, axis: int = 0) -> tuple[int, ...]:
@@ -152,6 +206,7 @@ class SoftThreshold(SparsityMethod):
 
     name = "str"
     Options = SoftThresholdOptions
+    supports_target = True
 
     def __init__(
         self,
@@ -170,7 +225,8 @@ class SoftThreshold(SparsityMethod):
         self.k = float(options.k)
         if shared_s is None:
             shape = _threshold_shape(weight_shape, options.granularity, axis)
-            shared_s = threshold_parameter(shape, options.init_threshold, like)
+            init = -3200.0 if options.init_threshold is None else options.init_threshold
+            shared_s = threshold_parameter(shape, init, like)
         self.s = shared_s
         self._batched = _BatchedWeight()
         self._batch: _LayerBatch | None = None
@@ -204,14 +260,17 @@ class SoftThreshold(SparsityMethod):
     def create(
         cls, layers: Mapping[str, LayerWeight], options: SoftThresholdOptions
     ) -> dict[str, SparsityMethod]:
+        init = _initial_s(layers, options)
         shared = None
         if options.granularity == "global":
             first = next(iter(layers.values()), None)
             like = first.weight if first is not None else None
-            shared = threshold_parameter((), options.init_threshold, like)
+            shared = threshold_parameter((), min(init.values()), like)
         parametrizations: dict[str, SparsityMethod] = {}
         for name, layer in layers.items():
             p = cls(layer.weight.shape, options, shared, layer.output_axis, like=layer.weight)
+            if shared is None:
+                p.s.data.fill_(init[name])
             _warn_if_pruned_at_init(name, layer.weight, p)
             parametrizations[name] = p
         return parametrizations
@@ -295,6 +354,20 @@ class _LayerBatch:
             for hook in self._hooks:
                 hook.remove()
             self._hooks = []
+
+
+def _initial_s(
+    layers: Mapping[str, LayerWeight], options: SoftThresholdOptions
+) -> dict[str, float]:
+    """Each layer's s_init: the option, or (with a target and no option) the s whose
+    threshold is the layer's 1% magnitude quantile."""
+    if options.init_threshold is not None or not options.has_target:
+        init = -3200.0 if options.init_threshold is None else float(options.init_threshold)
+        return dict.fromkeys(layers, init)
+    return {
+        name: threshold_to_s(initial_threshold(module.weight) / options.k, options.g_name)
+        for name, module in layers.items()
+    }
 
 
 @torch.no_grad()

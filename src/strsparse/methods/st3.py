@@ -10,9 +10,12 @@ forward weight is soft-thresholded and rescaled per output channel,
 
 and the backward pass is straight-through: every raw weight gets dL/dw_q, so pruned weights
 can come back. The target follows p_t = p_max * (1 - (1 - (t - t_start) / (t_end - t_start))^3)
-(dense before t_start). At t_end the thresholded, rescaled weights are written over the raw
-ones and the mask is frozen; from then on the forward pass is ``weight * mask`` (fine-tuning
-with the pruned weights held at zero).
+(dense before t_start) and holds p_max after t_end, the mask still free to move, as the
+authors run it. At ``freeze`` (their ``fix_from``, by default the end of training) the
+thresholded, rescaled weights are written over the raw ones and the mask is frozen; from then
+on the forward pass is ``weight * mask`` (fine-tuning with the pruned weights held at zero).
+The threshold is the linearly interpolated quantile of the magnitudes, as ``torch.quantile``
+computes it (computed from the two neighbouring order statistics, so any size works).
 """
 
 from __future__ import annotations
@@ -35,11 +38,17 @@ from strsparse.methods.base import (
     get_parametrization,
     raw_weight,
     register_method,
+    resolve_step,
     resolve_targets,
     schedule_window,
 )
 
-__all__ = ["StraightThroughSoftThreshold", "StraightThroughSoftThresholdOptions", "st3_weight"]
+__all__ = [
+    "StraightThroughSoftThreshold",
+    "StraightThroughSoftThresholdOptions",
+    "interpolated_quantile",
+    "st3_weight",
+]
 
 # ST-3's rescaling constants (authors' code): 1.01 / (r + 0.01) with 1e-6 in both means
 _RESCALE_OFFSET = 0.01
@@ -68,11 +77,40 @@ def st3_weight(
     return out
 
 
-def _kth_smallest(values: Tensor, k: int) -> Tensor:
-    """The k-th smallest entry (1-based) of ``values`` as a 0-dim tensor; 0 for k == 0."""
-    if k == 0:
+def interpolated_quantile(values: Tensor, q: float) -> Tensor:
+    """The ``q`` quantile of ``values`` with linear interpolation, as ``torch.quantile``
+    (its default ``interpolation='linear'``) computes it, as a 0-dim tensor; 0 for q == 0.
+
+    With the n values sorted, v_(0) <= ... <= v_(n-1), and pos = q * (n - 1):
+    v_(floor(pos)) + (pos - floor(pos)) * (v_(ceil(pos)) - v_(floor(pos))). The two order
+    statistics come from ``kthvalue``, which has no input-size limit (``torch.quantile``
+    refuses inputs of more than 2**24 entries).
+    """
+    if q == 0:
         return values.new_zeros(())
-    return torch.kthvalue(values.flatten(), k).values
+    flat = values.flatten()
+    position = q * (flat.numel() - 1)
+    lower = math.floor(position)
+    upper = min(lower + 1, flat.numel() - 1)
+    low = torch.kthvalue(flat, lower + 1).values
+    if upper == lower or position == lower:
+        return low
+    high = torch.kthvalue(flat, upper + 1).values
+    return low + (position - lower) * (high - low)
+
+
+def _freeze_step(freeze: int | float, end: int, total_steps: int) -> int:
+    """The step of the fix: ``freeze`` resolved like ``end`` (a fraction means at most the
+    last step), never before the ramp's last step ``end``."""
+    step = resolve_step(freeze, total_steps, "freeze")
+    if isinstance(freeze, float):
+        step = min(step, total_steps - 1)
+    if step < end:
+        raise OptionError(
+            f"freeze={freeze!r} (step {step}) comes before the end of the ramp (step {end}) "
+            f"with total_steps={total_steps}; pass a later freeze"
+        )
+    return step
 
 
 def _layer_scale(shape: torch.Size) -> float:
@@ -89,9 +127,12 @@ class StraightThroughSoftThresholdOptions:
     budget: per-layer final sparsities (layer name -> fraction) instead of ``sparsity``:
         each layer then gets its own quantile at its own scheduled target.
     start, end: t_start and t_end as an optimizer step (int) or a fraction of
-        ``total_steps`` (float in [0, 1]); dense before ``start``; at ``end`` the weights
-        are fixed and the mask frozen. By default the target ramps up over the first 80% of
-        training and the last 20% fine-tunes.
+        ``total_steps`` (float in [0, 1]); dense before ``start``, p_max from ``end`` on.
+        By default the target ramps up over the first 80% of training.
+    freeze: the authors' ``fix_from``: the step (int) or fraction of training (float) at
+        which the weights are fixed and the mask frozen, at or after ``end``. The default,
+        1.0, is the last step (the authors' default: the mask moves until the end); pass
+        ``freeze=end`` to fine-tune a frozen mask after the ramp.
     normalize: ST-3σ: divide each layer's magnitudes by 1/sqrt(sum(weight.shape)) before
         the global quantile (layers with small initial weights are not emptied first).
         Only meaningful with ``sparsity`` (a budget uses per-layer quantiles).
@@ -102,12 +143,19 @@ class StraightThroughSoftThresholdOptions:
     budget: Mapping[str, float] | None = None
     start: int | float = 0.0
     end: int | float = 0.8
+    freeze: int | float = 1.0
     normalize: bool = False
     rescale: bool = True
 
     def __post_init__(self) -> None:
         check_target_options("st3", self.sparsity, self.budget)
         check_schedule_options(self.start, self.end)
+        resolve_step(self.freeze, 1, "freeze")
+        if type(self.freeze) is type(self.end) and self.freeze < self.end:
+            raise OptionError(
+                f"freeze={self.freeze!r} comes before end={self.end!r}: the mask is frozen at "
+                "or after the end of the ramp; pass freeze=end to freeze right after it"
+            )
         for option in ("normalize", "rescale"):
             value = getattr(self, option)
             if not isinstance(value, bool):
@@ -175,7 +223,7 @@ class StraightThroughSoftThreshold(SparsityMethod):
     def extra_repr(self) -> str:
         o = self.options
         return (
-            f"final={self.final}, start={o.start!r}, end={o.end!r}, "
+            f"final={self.final}, start={o.start!r}, end={o.end!r}, freeze={o.freeze!r}, "
             f"normalize={o.normalize}, rescale={o.rescale}"
         )
 
@@ -200,7 +248,7 @@ class StraightThroughSoftThreshold(SparsityMethod):
     @classmethod
     @torch.no_grad()
     def update(cls, layers: Mapping[str, LayerWeight], step: int, total_steps: int) -> None:
-        """Set every layer's threshold for ``step``; at ``end``, fix the weights (``freeze``).
+        """Set every layer's threshold for ``step``; at ``freeze``, fix the weights.
 
         Frozen layers are left alone: the fix happens once.
         """
@@ -209,6 +257,7 @@ class StraightThroughSoftThreshold(SparsityMethod):
             return
         options = params[0].options
         start, end = schedule_window(options.start, options.end, total_steps)
+        freeze_step = _freeze_step(options.freeze, end, total_steps)
         targets = [
             cubic_sparsity(step, start, end, p.final) if step >= start else 0.0 for p in params
         ]
@@ -223,18 +272,17 @@ class StraightThroughSoftThreshold(SparsityMethod):
                 for p, w in zip(params, weights, strict=True)
             ]
             flat = torch.cat(magnitudes)
-            quantile = _kth_smallest(flat, round(targets[0] * flat.numel()))
+            quantile = interpolated_quantile(flat, targets[0])
             thresholds = [quantile * p.scale if options.normalize else quantile for p in params]
         else:
             thresholds = [
-                _kth_smallest(w.abs(), round(t * w.numel()))
-                for w, t in zip(weights, targets, strict=True)
+                interpolated_quantile(w.abs(), t) for w, t in zip(weights, targets, strict=True)
             ]
         for p, threshold, target in zip(params, thresholds, targets, strict=True):
             p.current_threshold.copy_(threshold)
             p.target.fill_(target)
             p._dense = target == 0.0
-        if step >= end:
+        if step >= freeze_step:
             cls.freeze(layers)
 
     @classmethod
@@ -243,7 +291,7 @@ class StraightThroughSoftThreshold(SparsityMethod):
         """ST-3's final fix, now: write the thresholded, rescaled weights into the raw ones
         and freeze the mask; afterwards the forward pass is ``weight * mask``.
 
-        ``update`` calls it at ``end``; call it yourself to stop pruning early, e.g.
+        ``update`` calls it at the ``freeze`` step; call it yourself to stop pruning early, e.g.
         ``StraightThroughSoftThreshold.freeze(handle.layers)``. Frozen layers are skipped.
         """
         for module in layers.values():

@@ -347,7 +347,8 @@ def train_epoch(
                     raise TrainingDiverged(_diverged_message(run, progress, loss_value))
                 if progress.step % log_every == 0:
                     recorder.log_step(progress.step, loss_value, lr)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.3g}", refresh=False)
+                    postfix = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.3g}"}
+                    bar.set_postfix(postfix | _target_postfix(run.handle), refresh=False)
             mid_epoch = progress.batch < run.steps_per_epoch  # an epoch end saves anyway
             if mid_epoch and (interrupt.raised or progress.step % every == 0):
                 _save_mid_epoch(run, progress, recorder, sums, rng_epoch_start, interrupt.raised)
@@ -546,6 +547,37 @@ def _save(run: _Run, progress: Progress, recorder: Recorder, **kwargs: Any) -> N
         save_progress(run.ckpt_dir, progress, state, save_every=run.cfg.train.save_every, **kwargs)
 
 
+def _target_record(handle: SparsityHandle | None) -> dict[str, float]:
+    """The ``target`` and ``scheduled`` columns: NaN (empty) without a target."""
+    status = handle.target_status() if handle is not None else None
+    if status is None:
+        return {"target": math.nan, "scheduled": math.nan}
+    return {"target": status["target"], "scheduled": status["scheduled"]}
+
+
+def _target_postfix(handle: SparsityHandle | None) -> dict[str, str]:
+    """Progress-bar fields of a target: what was reached and what the schedule asks now."""
+    status = handle.target_status() if handle is not None else None
+    if status is None:
+        return {}
+    name = "sparsity" if status["kind"] == "sparsity" else "flops"
+    return {name: f"{100 * status['achieved']:.2f}%", "target": f"{100 * status['scheduled']:.2f}%"}
+
+
+def _target_summary(
+    handle: SparsityHandle | None, final: Mapping[str, float]
+) -> dict[str, Any] | None:
+    """summary.json's ``target``: kind, target and what the final model reached."""
+    status = handle.target_status() if handle is not None else None
+    if status is None:
+        return None
+    if status["kind"] == "sparsity":
+        achieved = final.get("sparsity", math.nan)
+    else:
+        achieved = final.get("sparse_flops", math.nan) / final.get("flops", math.nan)
+    return {"kind": status["kind"], "target": status["target"], "achieved": achieved}
+
+
 def _end_epoch(run: _Run, progress: Progress, recorder: Recorder) -> SparsityReport:
     """Evaluate, measure the per-layer record, record the epoch and save ``last.pt`` (and
     ``best.pt`` when the validation top-1 is the best so far)."""
@@ -573,6 +605,7 @@ def _end_epoch(run: _Run, progress: Progress, recorder: Recorder) -> SparsityRep
         "sparse_flops": layers.model_totals()["sparse_flops"],
         "time": sums["time"],
         "structure": " ".join(f"{n}={a}/{total}" for n, (a, total) in structure.items()),
+        **_target_record(run.handle),
     }
     is_best = recorder.add_epoch(row, layers, val)
     progress.epoch_state = {}
@@ -712,7 +745,13 @@ def _finish(
         final = {**_evaluate(run), "sparsity": layers.sparsity}
     if run.env.is_main:
         final.update(layers.model_totals())
-    summary_path = recorder.finish(final, layers, epochs=progress.epoch, steps=progress.step)
+    summary_path = recorder.finish(
+        final,
+        layers,
+        epochs=progress.epoch,
+        steps=progress.step,
+        target=_target_summary(run.handle, final),
+    )
     logger.info(
         "done: top1 %.2f%% (best %.2f%%), sparsity %.2f%%; results in %s",
         final["top1"],

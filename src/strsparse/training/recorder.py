@@ -44,6 +44,10 @@ CSV_COLUMNS = (
     "sparse_flops",
     "time",
     "structure",
+    # STR with a target: the final target and the schedule's value at the epoch's end (a
+    # sparsity, or a fraction of dense FLOPs for a FLOPs target); empty otherwise
+    "target",
+    "scheduled",
 )
 
 
@@ -168,6 +172,10 @@ class Recorder:
             for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5"):
                 w.add_scalar(key.replace("_", "/", 1), row[key], step)
             w.add_scalar("sparsity/overall", row["sparsity"], step)
+            for key in ("target", "scheduled"):
+                value = row.get(key, math.nan)
+                if isinstance(value, float) and not math.isnan(value):
+                    w.add_scalar(f"target/{key}", value, step)
             if not math.isnan(row["sparse_flops"]):
                 w.add_scalar("flops/sparse", row["sparse_flops"], step)
             for layer in layers.layers:
@@ -195,9 +203,16 @@ class Recorder:
             logger.info("epoch %d: alive filters / ranks %s", row["epoch"], row["structure"])
 
     def finish(
-        self, final: Mapping[str, float], layers: SparsityReport, *, epochs: int, steps: int
+        self,
+        final: Mapping[str, float],
+        layers: SparsityReport,
+        *,
+        epochs: int,
+        steps: int,
+        target: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Write ``summary.json`` and the plots; returns the summary's path."""
+        """Write ``summary.json`` and the plots; returns the summary's path. ``target``: a
+        target's kind, value and what the final model reached (STR with a target)."""
         path = self.run_dir / "summary.json"
         if not self.enabled:
             return path
@@ -215,6 +230,7 @@ class Recorder:
             "flops": {"dense": final.get("flops"), "sparse": final.get("sparse_flops")},
             "params": {"dense": final.get("params"), "nonzero": final.get("nonzero_params")},
             "train_time_s": sum(self.history.get("time", [])),
+            "target": dict(target) if target is not None else None,
             "layers": [layer.as_dict() for layer in layers.layers],
         }
         write_atomic(path, json.dumps(_finite_or_none(summary), indent=2) + "\n")

@@ -1,0 +1,411 @@
+"""A sparsity (or FLOPs) target for STR: one shared pressure that steers every layer's ``s``.
+
+STR's final sparsity is set indirectly by the weight decay on ``s`` (Kusupati et al., 2020,
+eq. 6). ``sparsify(model, "str", sparsity=0.95)`` replaces that knob with a controller: each
+optimizer step it measures the (cost-weighted) density D of the sparsified weights, compares
+it with a cubic schedule D*_t that goes from dense to the target between ``start`` and
+``end`` and then holds, and moves every threshold by one shared, signed amount rho,
+
+    log t_e <- log t_e + rho * c_l * w_e,   w_e = max(-log(t_e / k), 1)
+    (s_e <- s_e + rho * c_l * w_e / (d log g / ds)(s_e)),
+
+on top of the optimizer's own update of ``s`` from the task gradient. rho comes from a PI
+controller on the log-density error e = ln D - ln D*_t (the same relative miss means the
+same at 50% and at 99% sparsity), divided by the measured elasticity -d ln D / d log t (how
+many weights sit just above the thresholds: STR piles them up there, so a fixed gain would
+oscillate on one model and crawl on another) and clipped. The pressure is applied
+decoupled from the optimizer, as AdamW decouples weight decay: its strength does not depend
+on the learning rate, momentum or Adam's normalisation, so the target is held even when the
+learning rate has decayed. w_e is the profile of the paper's decay (which moves s by
+lambda * |s|, and |s| ~ -log(t / k) for small thresholds), so layers with small weights drift
+faster, as with the decay, but it never falls below 1, so the drift has no fixed point (the
+decay cannot lift a sigmoid threshold past 0.5). Because it is a common drift, not a
+threshold, each layer still settles where its own task gradient balances it: layers whose
+weights matter push their threshold back, the others drift up, and the budget is learned.
+c_l is 1 for a sparsity target and (FLOPs per weight / the largest)^(1/2) for a FLOPs target.
+A layer whose weights are all zero is not pushed further up (it gets no task gradient to
+come back with), and one that zeroes nothing is not pulled further down.
+
+The controller's state (its integral, the last step, the scheduled and achieved density)
+lives in buffers of a module shared by every layer's parametrization: it is in the model's
+``state_dict``, a resumed run continues exactly, and every rank of a data-parallel job, with
+the same weights, computes the same update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from strsparse.errors import OptionError
+from strsparse.functional import cubic_sparsity
+from strsparse.methods.base import LayerWeight, get_parametrization, raw_weight, schedule_window
+
+__all__ = [
+    "ControllerGains",
+    "TargetController",
+    "density_error",
+    "flops_costs",
+    "flops_pressure",
+    "register_flops_counter",
+    "log_threshold_gradient",
+]
+
+
+def density_error(density: float, target_density: float) -> float:
+    """e = ln(D) - ln(D*): positive while the model is denser than the target.
+
+    The log makes one error mean the same relative miss at 50% and at 99% sparsity.
+    """
+    eps = 1e-12
+    return math.log(max(density, eps)) - math.log(max(target_density, eps))
+
+
+def log_threshold_gradient(g: str, s: Tensor) -> Tensor:
+    """d log g(s) / ds for the threshold functions: sigmoid(-s) for sigmoid, 1 for exp."""
+    if g == "sigmoid":
+        return torch.sigmoid(-s)
+    if g == "exp":
+        return torch.ones_like(s)
+    raise OptionError(f"no log-derivative for threshold function g={g!r}")
+
+
+def _threshold_method(layer: LayerWeight) -> Any:
+    """The learned-threshold parametrization (STR's) on ``layer``: its ``s``, ``k``,
+    ``g_name`` and ``threshold_tensor()``."""
+    p = get_parametrization(layer)
+    if p is None:
+        raise OptionError(f"{layer!r} carries no sparsity parametrization")
+    return p
+
+
+# (model, one sample's input shape) -> ({module name: (FLOPs, params)}, total dense FLOPs):
+# ``strsparse.flops`` registers its counter here when it is imported (it sits above the
+# methods in the package's layers, so the methods cannot import it)
+FlopsCounter = Callable[[nn.Module, tuple[int, ...]], tuple[dict[str, tuple[int, int]], int]]
+_FLOPS_COUNTER: list[FlopsCounter] = []
+
+
+def register_flops_counter(counter: FlopsCounter) -> None:
+    """Install the FLOPs counter a FLOPs target uses (``strsparse.flops`` does, on import)."""
+    _FLOPS_COUNTER[:] = [counter]
+
+
+def flops_costs(
+    model: nn.Module, layers: Mapping[str, Any], input_shape: tuple[int, ...]
+) -> tuple[dict[str, float], float]:
+    """(layer -> dense FLOPs per weight, FLOPs that no sparsified layer holds) of one forward
+    pass of ``model`` on ``input_shape``, counted by ``strsparse.flops``."""
+    if not _FLOPS_COUNTER:
+        raise RuntimeError("no FLOPs counter registered: import strsparse.flops first")
+    records, total = _FLOPS_COUNTER[0](model, input_shape)
+    missing = [n for n in layers if n not in records]
+    if missing:
+        raise OptionError(
+            f"the FLOPs counter sees no module for layers {', '.join(missing[:5])}; a FLOPs "
+            "target needs layers that are modules of their own (Linear, Conv)"
+        )
+    costs = {n: records[n][0] / max(records[n][1], 1) for n in layers}
+    fixed = total - sum(records[n][0] for n in layers)
+    return costs, float(fixed)
+
+
+def flops_pressure(costs: Mapping[str, float], exponent: float = 0.5) -> dict[str, float]:
+    """Each layer's share of the drift for a FLOPs target: (FLOPs per weight)^exponent over
+    the largest, so the costliest weights feel the full drift and a fully connected layer
+    (1 FLOP per weight) next to a convolution with 784 feels 1/28 of it."""
+    top = max(costs.values())
+    return {n: (c / top) ** exponent for n, c in costs.items()}
+
+
+@dataclass(frozen=True)
+class ControllerGains:
+    """Gains of the per-step controller, in log-threshold units per step:
+    rho = clip((proportional * e + integral * sum(e)) / elasticity, -max_rate, max_rate), the
+    elasticity -d ln D / d log t measured by moving every threshold by ``probe`` (at least
+    ``min_elasticity``). With proportional = 0.5 each step closes about half the gap."""
+
+    proportional: float = 0.5
+    integral: float = 0.02
+    max_rate: float = 0.5
+    probe: float = 0.05
+    min_elasticity: float = 0.2
+
+
+class TargetController(nn.Module):
+    """Drives STR's thresholds to a density schedule with one shared, decoupled pressure.
+
+    The model-level handle owns it (``SparsityHandle.step`` calls :meth:`step` once per
+    optimizer step, before the forward pass); its buffers (``integral``, ``last_step``,
+    ``scheduled``, ``achieved``, ``rate``) are registered under every STR parametrization of
+    the model, so they are part of ``state_dict`` and an interrupted run resumes exactly.
+
+    ``costs``: layer name -> cost of one weight (1 for a sparsity target, FLOPs per weight
+    for a FLOPs target). ``fixed_cost`` is the cost that no threshold controls (dense layers,
+    pooling) and counts in the density. ``target_density`` is 1 - sparsity, or the FLOPs
+    fraction. ``pressure_weights``: layer name -> c_l, the relative pressure (default 1).
+    """
+
+    def __init__(
+        self,
+        layer_names: Sequence[str],
+        *,
+        target_density: float,
+        kind: str,
+        start: int | float,
+        end: int | float,
+        costs: Mapping[str, float] | None = None,
+        pressure_weights: Mapping[str, float] | None = None,
+        fixed_cost: float = 0.0,
+        gains: ControllerGains | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_names = list(layer_names)
+        self.integral: Tensor
+        self.last_step: Tensor
+        self.scheduled: Tensor
+        self.achieved: Tensor
+        self.rate: Tensor
+        self.target_density = float(target_density)
+        self.kind = kind
+        self.start, self.end = start, end
+        self.costs = {n: float((costs or {}).get(n, 1.0)) for n in self.layer_names}
+        self.pressure_weights = {
+            n: float((pressure_weights or {}).get(n, 1.0)) for n in self.layer_names
+        }
+        self.fixed_cost = float(fixed_cost)
+        self.gains = gains or ControllerGains()
+        self.register_buffer("integral", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("last_step", torch.tensor(-1, dtype=torch.long))
+        self.register_buffer("scheduled", torch.ones((), dtype=torch.float64))
+        self.register_buffer("achieved", torch.ones((), dtype=torch.float64))
+        self.register_buffer("rate", torch.zeros((), dtype=torch.float64))
+        self._profiles: dict[str, Tensor] = {}
+
+    @property
+    def target(self) -> float:
+        """The final target as the user gave it: sparsity, or the fraction of dense FLOPs."""
+        return 1.0 - self.target_density if self.kind == "sparsity" else self.target_density
+
+    def _value(self, density: float) -> float:
+        return 1.0 - density if self.kind == "sparsity" else density
+
+    @property
+    def scheduled_target(self) -> float:
+        """The schedule's value at the last step (sparsity or FLOPs fraction)."""
+        return self._value(float(self.scheduled))
+
+    @property
+    def achieved_target(self) -> float:
+        """The measured value at the last step (sparsity or FLOPs fraction)."""
+        return self._value(float(self.achieved))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, target={self.target:g}, start={self.start!r}, end={self.end!r}"
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, layers: Mapping[str, Any], options: Any
+    ) -> TargetController | None:
+        """The controller for a method's options (STR's ``sparsity`` or ``flops``, ``start``,
+        ``end``, ``input_shape``) on ``layers`` of ``model``; None without a target."""
+        if getattr(options, "sparsity", None) is None and getattr(options, "flops", None) is None:
+            return None
+        if options.flops is None:
+            return cls.for_options(layers, options)
+        shape = options.input_shape or getattr(model, "input_shape", None)
+        if shape is None:
+            raise OptionError(
+                "a FLOPs target needs one sample's input shape to count FLOPs: pass "
+                "input_shape=(C, H, W) (the model has no input_shape attribute)"
+            )
+        costs, fixed = flops_costs(model, layers, tuple(shape))
+        return cls.for_options(
+            layers, options, costs=costs, fixed_cost=fixed, pressure_weights=flops_pressure(costs)
+        )
+
+    @classmethod
+    def for_options(
+        cls,
+        layers: Mapping[str, LayerWeight],
+        options: object,
+        *,
+        costs: Mapping[str, float] | None = None,
+        fixed_cost: float = 0.0,
+        pressure_weights: Mapping[str, float] | None = None,
+    ) -> TargetController:
+        """The controller for STR's options (``sparsity`` or ``flops``), attached to
+        ``layers``. A FLOPs target needs ``costs`` (FLOPs per weight of each layer) and
+        ``fixed_cost`` (FLOPs no threshold controls)."""
+        sparsity = getattr(options, "sparsity", None)
+        flops = getattr(options, "flops", None)
+        start = getattr(options, "start", 0.0)
+        end = getattr(options, "end", 0.7)
+        if sparsity is not None:
+            controller = cls(
+                list(layers),
+                target_density=1.0 - float(sparsity),
+                kind="sparsity",
+                start=start,
+                end=end,
+                pressure_weights=pressure_weights,
+            )
+        else:
+            if costs is None or flops is None:
+                raise OptionError("a FLOPs target needs the FLOPs per weight of every layer")
+            total = fixed_cost + sum(costs[n] * raw_weight(m).numel() for n, m in layers.items())
+            if fixed_cost / total >= float(flops):
+                raise OptionError(
+                    f"flops={flops} is below what the layers left dense cost "
+                    f"({fixed_cost / total:.4f} of the dense FLOPs); raise the target or "
+                    "sparsify more layers"
+                )
+            controller = cls(
+                list(layers),
+                target_density=float(flops),
+                kind="flops",
+                start=start,
+                end=end,
+                costs=costs,
+                fixed_cost=fixed_cost,
+                pressure_weights=pressure_weights,
+            )
+        controller.attach(layers)
+        return controller
+
+    def attach(self, layers: Mapping[str, LayerWeight]) -> None:
+        """Register this controller under every layer's parametrization, so that its buffers
+        are in the model's ``state_dict`` and move with the model (created beside the weights,
+        as every method's state is)."""
+        first = next(iter(layers.values()), None)
+        if first is not None and not raw_weight(first).is_meta:
+            self.to(raw_weight(first).device)
+        for module in layers.values():
+            _threshold_method(module).add_module("target_controller", self)
+
+    # -- measuring ------------------------------------------------------------------------
+    @torch.no_grad()
+    def kept_weights(
+        self,
+        layers: Mapping[str, LayerWeight],
+        rate: float = 0.0,
+        direction: Mapping[str, float] | None = None,
+    ) -> dict[str, int]:
+        """Layer name -> number of weights above their threshold, after moving the
+        thresholds by ``rate`` in ``direction`` when given (one device sync)."""
+        counts = []
+        for name in self.layer_names:
+            module = layers[name]
+            weight = raw_weight(module)
+            p = _threshold_method(module)
+            threshold = p.threshold_tensor().to(weight.dtype)
+            if direction is not None:
+                shift = rate * direction[name] * self._profiles[name]
+                threshold = threshold * torch.exp(shift).to(weight.dtype)
+            counts.append((weight.abs() > threshold).sum())
+        return dict(zip(self.layer_names, torch.stack(counts).tolist(), strict=True))
+
+    def density(
+        self, layers: Mapping[str, LayerWeight], kept: Mapping[str, int] | None = None
+    ) -> float:
+        """Cost-weighted fraction of weights above their threshold (plus the fixed cost)."""
+        kept = self.kept_weights(layers) if kept is None else kept
+        nonzero = self.fixed_cost
+        total = self.fixed_cost
+        for name in self.layer_names:
+            cost = self.costs[name]
+            nonzero += cost * kept[name]
+            total += cost * raw_weight(layers[name]).numel()
+        return nonzero / total if total > 0 else 1.0
+
+    def _direction(
+        self, layers: Mapping[str, LayerWeight], kept: Mapping[str, int], sign: float
+    ) -> dict[str, float]:
+        """Per layer, how far one unit of rate moves its log-threshold in direction ``sign``:
+        c_l, or 0 where the layer cannot act (all pruned going up, none pruned going down)."""
+        out = {}
+        for name in self.layer_names:
+            n = kept[name]
+            can_act = n > 0 if sign > 0 else n < raw_weight(layers[name]).numel()
+            out[name] = self.pressure_weights[name] if can_act else 0.0
+        return out
+
+    # -- the step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, layers: Mapping[str, LayerWeight], step: int, total_steps: int) -> None:
+        """Measure the density, compare it with the schedule at ``step`` and move every
+        threshold by the controller's shared relative amount (once per step)."""
+        start, end = schedule_window(self.start, self.end, total_steps)
+        scheduled = 1.0 - cubic_sparsity(step, start, end, 1.0 - self.target_density)
+        self._set_profiles(layers)
+        kept = self.kept_weights(layers)
+        density = self.density(layers, kept)
+        self.scheduled.fill_(scheduled)
+        self.achieved.fill_(density)
+        if step == int(self.last_step):
+            return
+        g = self.gains
+        error = density_error(density, scheduled)
+        sign = 1.0 if error >= 0 else -1.0
+        direction = self._direction(layers, kept, sign)
+        # elasticity: how much ln D moves per unit of log-threshold shift, measured on the
+        # weights as they are (STR piles weights up just above the threshold, so it varies a
+        # lot); dividing by it makes the loop gain the same on every model
+        shifted = self.density(layers, self.kept_weights(layers, sign * g.probe, direction))
+        elasticity = max(
+            abs(math.log(max(density, 1e-12)) - math.log(max(shifted, 1e-12))) / g.probe,
+            g.min_elasticity,
+        )
+        integral = float(self.integral) + g.integral * error / elasticity
+        rate = g.proportional * error / elasticity + integral
+        if abs(rate) > g.max_rate:
+            rate = math.copysign(g.max_rate, rate)
+            integral = float(self.integral)  # anti-windup: no integration while clipped
+        self.integral.fill_(integral)
+        self.rate.fill_(rate)
+        self.last_step.fill_(step)
+        self._push(
+            layers,
+            rate,
+            direction if math.copysign(1.0, rate) == sign else self._direction(layers, kept, -sign),
+        )
+
+    @torch.no_grad()
+    def _set_profiles(self, layers: Mapping[str, LayerWeight]) -> None:
+        """How the drift is shared among thresholds: w_e = max(-log(t_e / k), 1), the
+        paper's decay profile (decay moves s by lambda * |s|, and |s| ~ -log(t / k) for the
+        small thresholds of a sigmoid or exp), so layers whose weights, and thresholds, are
+        small drift faster; it never falls below 1, so the drift has no fixed point. Divided
+        by its largest value, so that no threshold moves by more than ``max_rate`` a step."""
+        profiles = {}
+        for name in self.layer_names:
+            p = _threshold_method(layers[name])
+            t = p.threshold_tensor().detach() / p.k
+            profiles[name] = (-torch.log(t.clamp_min(1e-30))).clamp_min(1.0)
+        top = torch.stack([w.max() for w in profiles.values()]).max()
+        self._profiles = {name: w / top for name, w in profiles.items()}
+
+    def _push(
+        self, layers: Mapping[str, LayerWeight], rate: float, direction: Mapping[str, float]
+    ) -> None:
+        """s_e += rate * direction_l / (d log g/ds)(s_e): log-thresholds move by rate * c_l."""
+        if rate == 0.0:
+            return
+        shift: dict[int, tuple[Tensor, int]] = {}
+        params: dict[int, Tensor] = {}
+        for name in self.layer_names:
+            p = _threshold_method(layers[name])
+            s = p.s
+            slope = log_threshold_gradient(p.g_name, s).clamp_min(0.1)
+            term = (rate * direction[name]) * self._profiles[name] / slope
+            # a shared s (granularity 'global') moves once, by the mean over its layers
+            total, count = shift.get(id(s), (torch.zeros_like(s), 0))
+            shift[id(s)] = (total + term, count + 1)
+            params[id(s)] = s
+        for key, (total, count) in shift.items():
+            params[key].add_(total / count)

@@ -1,0 +1,219 @@
+"""STR with a target: the controller reaches the sparsity asked for, keeps a learned budget,
+resumes exactly, and leaves STR without a target as it was."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import strsparse
+from strsparse.functional import initial_threshold, threshold_to_s
+from strsparse.methods import get_parametrization
+from strsparse.methods.target import TargetController, density_error
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
+
+
+def _train(
+    model: nn.Module,
+    handle: strsparse.SparsityHandle,
+    steps: int,
+    *,
+    seed: int = 0,
+    lr: float = 0.1,
+    first: int = 0,
+    last: int | None = None,
+    opt: torch.optim.Optimizer | None = None,
+) -> torch.optim.Optimizer:
+    """A user's own loop: SGD with momentum and weight decay on everything (``s`` included),
+    cosine LR, ``handle.step`` before each forward; a fixed random teacher labels the data."""
+    teacher = torch.Generator().manual_seed(1234)
+    w1 = torch.randn(32, 64, generator=teacher)
+    w2 = torch.randn(64, 10, generator=teacher)
+    data = torch.Generator().manual_seed(seed)
+    opt = opt or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    for step in range(steps if last is None else last):
+        x = torch.randn(64, 32, generator=data)
+        if step < first:
+            continue
+        y = (torch.relu(x @ w1) @ w2).argmax(1)
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        handle.step(step, steps)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("target", "granularity", "steps", "seed"),
+    [
+        (0.5, "layer", 400, 0),
+        (0.9, "layer", 400, 1),
+        (0.99, "layer", 400, 2),
+        (0.95, "channel", 300, 0),
+        (0.8, "weight", 300, 1),
+        (0.98, "global", 400, 0),
+    ],
+)
+def test_target_is_reached_and_the_budget_stays_learned(
+    target: float, granularity: str, steps: int, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    model = _mlp()
+    handle = strsparse.sparsify(model, "str", sparsity=target, granularity=granularity)
+    _train(model, handle, steps, seed=seed)
+    report = strsparse.sparsity_report(model)
+    assert report.sparsity == pytest.approx(target, abs=0.005)
+    layer_sparsity = [row.sparsity for row in report.layers]
+    # each layer found its own threshold: not one quantile for all
+    assert max(layer_sparsity) - min(layer_sparsity) > 0.01
+    status = handle.target_status()
+    assert status["kind"] == "sparsity" and status["target"] == target
+    assert status["scheduled"] == pytest.approx(target)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_a_target_equals_the_uninterrupted_one() -> None:
+    steps, cut = 200, 90
+    torch.manual_seed(0)
+    full = _mlp()
+    _train(full, strsparse.sparsify(full, "str", sparsity=0.9), steps)
+
+    torch.manual_seed(0)
+    first = _mlp()
+    opt = _train(first, strsparse.sparsify(first, "str", sparsity=0.9), steps, last=cut)
+    saved_model = copy.deepcopy(first.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+
+    torch.manual_seed(99)  # a different fresh init: everything must come from the state
+    resumed = _mlp()
+    handle = strsparse.sparsify(resumed, "str", sparsity=0.9)
+    resumed.load_state_dict(saved_model)
+    opt = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt.load_state_dict(saved_opt)
+    _train(resumed, handle, steps, first=cut, opt=opt)
+
+    expected, got = full.state_dict(), resumed.state_dict()
+    assert any("target_controller" in key for key in expected)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_without_a_target_str_is_unchanged() -> None:
+    model = _mlp()
+    handle = strsparse.sparsify(model, "str")
+    assert handle.controller is None and handle.target_status() is None
+    assert all(float(s.detach()) == -3200.0 for s in handle.threshold_parameters())
+    assert not any("target_controller" in key for key in model.state_dict())
+
+
+def test_the_default_init_threshold_comes_from_the_weights() -> None:
+    torch.manual_seed(0)
+    model = _mlp()
+    weights = [m.weight.detach().clone() for m in model if isinstance(m, nn.Linear)]
+    handle = strsparse.sparsify(model, "str", sparsity=0.9)
+    for w, p in zip(weights, handle.parametrizations.values(), strict=True):
+        threshold = float(p.threshold_tensor().detach())
+        assert threshold == pytest.approx(initial_threshold(w), rel=1e-4)
+        assert 0.005 < float((w.abs() <= threshold).float().mean()) < 0.02  # ~1% start at 0
+    # an explicit init_threshold wins
+    handle = strsparse.sparsify(_mlp(), "str", sparsity=0.9, init_threshold=-7.0)
+    assert all(float(s.detach()) == -7.0 for s in handle.threshold_parameters())
+
+
+def test_pure_helpers() -> None:
+    assert density_error(0.2, 0.1) == pytest.approx(math.log(2))
+    assert density_error(0.1, 0.1) == 0.0
+    assert torch.sigmoid(torch.tensor(threshold_to_s(0.01, "sigmoid"))) == pytest.approx(0.01)
+    assert math.exp(threshold_to_s(0.3, "exp")) == pytest.approx(0.3)
+
+
+def test_target_option_errors() -> None:
+    with pytest.raises(ValueError, match="both sparsity"):
+        strsparse.sparsify(_mlp(), "str", sparsity=0.9, flops=0.1)
+    with pytest.raises(ValueError, match="fraction"):
+        strsparse.sparsify(_mlp(), "str", sparsity=90)
+    with pytest.raises(ValueError, match="flops=2"):
+        strsparse.sparsify(_mlp(), "str", flops=2)
+    with pytest.raises(ValueError, match="before start"):
+        strsparse.sparsify(_mlp(), "str", sparsity=0.9, start=0.5, end=0.2)
+
+
+def test_controller_state_lives_in_the_state_dict_and_moves_with_the_model() -> None:
+    model = _mlp()
+    handle = strsparse.sparsify(model, "str", sparsity=0.9)
+    assert isinstance(handle.controller, TargetController)
+    keys = [k for k in model.state_dict() if "target_controller" in k]
+    # one shared module, registered under each layer's parametrization
+    assert {k.rsplit(".", 1)[1] for k in keys} == {
+        "integral",
+        "last_step",
+        "scheduled",
+        "achieved",
+        "rate",
+    }
+    for layer in handle.layers.values():
+        assert get_parametrization(layer).target_controller is handle.controller
+    strsparse.finalize(model)
+    assert not any("target_controller" in k for k in model.state_dict())
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fraction", [0.3, 0.1])
+def test_flops_target_is_reached_and_costly_layers_feel_more_pressure(fraction: float) -> None:
+    from strsparse import flops
+
+    torch.manual_seed(0)
+    model = _cnn()
+    handle = strsparse.sparsify(model, "str", flops=fraction, input_shape=(1, 8, 8))
+    costs = handle.controller.costs
+    assert costs["0"] == 64 and costs["2"] == 16 and costs["5"] == 1  # output positions
+    teacher = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 10, generator=teacher)
+    data = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    steps = 400
+    for step in range(steps):
+        x = torch.randn(32, 1, 8, 8, generator=data)
+        y = (x.flatten(1) @ w).argmax(1)
+        for group in opt.param_groups:
+            group["lr"] = 0.05 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        handle.step(step, steps)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    profile = flops.profile(model, (1, 8, 8))
+    achieved = profile.overall.sparse_flops / profile.overall.flops
+    assert achieved == pytest.approx(fraction, abs=0.005)
+    assert handle.target_status()["kind"] == "flops"
+
+
+def test_a_flops_target_needs_an_input_shape() -> None:
+    with pytest.raises(ValueError, match="input_shape"):
+        strsparse.sparsify(_mlp(), "str", flops=0.1)
