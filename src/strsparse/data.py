@@ -225,7 +225,23 @@ def random_crop_flip(images: Tensor, padding: int = 2) -> Tensor:
     return torch.where(flip[:, None, None, None], out.flip(-1), out).contiguous()
 
 
-class TensorImageDataset(Dataset):
+class _BatchedDataset(Dataset):
+    """A dataset that builds whole batches with tensor ops in ``batch``; single samples
+    and ``DataLoader``'s ``__getitems__`` are views of it."""
+
+    def batch(self, indices: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x, y = self.batch([index])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
+        x, y = self.batch(indices)
+        return list(zip(x.unbind(0), y.unbind(0), strict=True))
+
+
+class TensorImageDataset(_BatchedDataset):
     """Images held in memory as uint8 (N, C, H, W) with int64 labels (N,), normalized to
     float on access: ``(x / 255 - mean) / std``.
 
@@ -278,14 +294,6 @@ class TensorImageDataset(Dataset):
         if self.augment:
             images = random_crop_flip(images, self.padding)
         return images.float() * self._scale - self._shift, self.labels[index]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        x, y = self.batch([index])
-        return x[0], y[0]
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
-        x, y = self.batch(indices)
-        return list(zip(x.unbind(0), y.unbind(0), strict=True))
 
     def take(self, n: int | None) -> TensorImageDataset:
         """The first ``n`` samples (all when ``n`` is None or larger than the dataset)."""
@@ -384,7 +392,7 @@ def _fashion_mnist(data_cfg: DataConfig) -> tuple[Dataset, Dataset, DatasetInfo]
 # -- sequences: Fashion-MNIST row by row, HAR-2, Google-12 -----------------------------------
 
 
-class SequenceDataset(Dataset):
+class SequenceDataset(_BatchedDataset):
     """Sequences held in memory as (N, T, F) with int64 labels (N,), returned as float
     ``x * scale - shift`` with per-feature ``scale`` and ``shift`` (F,): one affine pass per
     batch, so uint8 images read row by row stay uint8 in memory."""
@@ -411,14 +419,6 @@ class SequenceDataset(Dataset):
         """Normalized sequences (B, T, F) and labels (B,)."""
         index = torch.as_tensor(indices, dtype=torch.long)
         return self.data[index].float() * self.scale - self.shift, self.labels[index]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        x, y = self.batch([index])
-        return x[0], y[0]
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
-        x, y = self.batch(indices)
-        return list(zip(x.unbind(0), y.unbind(0), strict=True))
 
     def take(self, n: int | None) -> SequenceDataset:
         """The first ``n`` samples (all when ``n`` is None or larger than the dataset)."""
