@@ -285,26 +285,40 @@ def export_dense(
     return out_dir
 
 
-def read_spec(out_dir: str | os.PathLike) -> DenseModelSpec:
-    """The architecture spec of an export directory (its ``config.yaml``)."""
-    path = Path(out_dir) / CONFIG_FILE
+def _read_config(
+    path: Path, *, fmt: str, max_version: int, writer: str, wrong_format: str
+) -> dict[str, Any]:
+    """The YAML mapping of an export's ``config.yaml``, checked for its ``format`` and a
+    ``version`` this strsparse reads; ``writer`` names what writes such a directory."""
     if not path.is_file():
         raise MissingFileError(
-            f"{str(path)!r} does not exist; pass a directory written by export_dense "
-            "(`strsparse convert`)"
+            f"{str(path)!r} does not exist; pass a directory written by {writer}"
         )
     try:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ExportError(f"{str(path)!r} is not valid YAML: {exc}") from exc
-    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{str(path)!r} is not a strsparse dense-model config (format)")
+    if not isinstance(document, dict) or document.get("format") != fmt:
+        raise ExportError(f"{str(path)!r} {wrong_format}")
     version = document.get("version")
-    if not isinstance(version, int) or version > EXPORT_VERSION:
+    if not isinstance(version, int) or version > max_version:
         raise ExportError(
             f"{str(path)!r} has version {version!r}; this strsparse reads versions up to "
-            f"{EXPORT_VERSION}: upgrade strsparse"
+            f"{max_version}: upgrade strsparse"
         )
+    return document
+
+
+def read_spec(out_dir: str | os.PathLike) -> DenseModelSpec:
+    """The architecture spec of an export directory (its ``config.yaml``)."""
+    path = Path(out_dir) / CONFIG_FILE
+    document = _read_config(
+        path,
+        fmt=EXPORT_FORMAT,
+        max_version=EXPORT_VERSION,
+        writer="export_dense (`strsparse convert`)",
+        wrong_format="is not a strsparse dense-model config (format)",
+    )
     model = document.get("model")
     if not isinstance(model, dict):
         raise ExportError(f"{str(path)!r} lacks the 'model' section")
@@ -322,20 +336,25 @@ def read_spec(out_dir: str | os.PathLike) -> DenseModelSpec:
     )
 
 
-def load_dense(out_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild an exported model (``create_model`` from ``config.yaml``) and load its
-    safetensors weights with ``strict=True``; returned in eval mode on ``device``."""
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an export's safetensors file; an unreadable file is an ``ExportError``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ExportError(f"cannot read {str(weights)!r}: {exc}") from exc
+
+
+def load_dense(out_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an exported model (``create_model`` from ``config.yaml``) and load its
+    safetensors weights with ``strict=True``; returned in eval mode on ``device``."""
     spec = read_spec(out_dir)
     weights = Path(out_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise MissingFileError(f"{str(weights)!r} does not exist; the export is incomplete")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise ExportError(f"cannot read {str(weights)!r}: {exc}") from exc
+    state = _read_weights(weights)
     model = spec.create()
     try:
         model.load_state_dict(state, strict=True)
@@ -430,37 +449,20 @@ def _build_slim(document: Mapping[str, Any], where: Path) -> nn.Module:
 def load_slim(out_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model written by ``export_slim`` (``strsparse convert --slim``) from its
     ``config.yaml`` and load its safetensors weights with ``strict=True``; in eval mode."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     out_dir = Path(out_dir)
-    path = out_dir / CONFIG_FILE
-    if not path.is_file():
-        raise MissingFileError(
-            f"{str(path)!r} does not exist; pass a directory written by export_slim "
-            "(`strsparse convert --slim`)"
-        )
-    try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ExportError(f"{str(path)!r} is not valid YAML: {exc}") from exc
-    if not isinstance(document, dict) or document.get("format") != SLIM_FORMAT:
-        raise ExportError(
-            f"{str(path)!r} is not a slim-model config (format {SLIM_FORMAT!r}); a dense "
+    document = _read_config(
+        out_dir / CONFIG_FILE,
+        fmt=SLIM_FORMAT,
+        max_version=SLIM_VERSION,
+        writer="export_slim (`strsparse convert --slim`)",
+        wrong_format=(
+            f"is not a slim-model config (format {SLIM_FORMAT!r}); a dense "
             "export loads with load_dense"
-        )
-    version = document.get("version")
-    if not isinstance(version, int) or version > SLIM_VERSION:
-        raise ExportError(
-            f"{str(path)!r} has version {version!r}; this strsparse reads versions up to "
-            f"{SLIM_VERSION}: upgrade strsparse"
-        )
+        ),
+    )
     model = _build_slim(document, out_dir)
     weights = out_dir / WEIGHTS_FILE
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise ExportError(f"cannot read {str(weights)!r}: {exc}") from exc
+    state = _read_weights(weights)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
