@@ -17,20 +17,7 @@ from strsparse.methods.st3 import (
     st3_weight,
 )
 from tests.lookalikes import Conv1D
-
-
-def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 10)
-    )
-
-
-NAMES = ["0", "2", "4"]
-
-
-def _zeros(module: nn.Module) -> int:
-    return int((module.weight == 0).sum())
+from tests.methods.nets import CONV_NET_LAYERS, conv_net, count_zeros
 
 
 def _global_quantile(handle: strsparse.SparsityHandle, sparsity: float) -> float:
@@ -44,7 +31,7 @@ def _count(sparsity: float, n: int) -> int:
 
 
 def test_st3_schedule_values_and_exact_final_sparsity() -> None:
-    model = _model()
+    model = conv_net()
     handle = strsparse.sparsify(model, "st3", sparsity=0.9, start=10, end=30, freeze=30)
     total = sum(m.weight.numel() for m in handle.layers.values())
 
@@ -61,17 +48,17 @@ def test_st3_schedule_values_and_exact_final_sparsity() -> None:
             p = get_parametrization(module)
             assert float(p.target) == pytest.approx(target)
             assert p.threshold() == pytest.approx(expected)
-        zeros = sum(_zeros(m) for m in handle.layers.values())
+        zeros = sum(count_zeros(m) for m in handle.layers.values())
         assert zeros == _count(target, total)
     assert float(get_parametrization(model[0]).target) == pytest.approx(0.9 * (1 - 0.05**3))
 
     handle.step(30, 100)  # p_max exactly, then the fix
-    assert sum(_zeros(m) for m in handle.layers.values()) == _count(0.9, total)
+    assert sum(count_zeros(m) for m in handle.layers.values()) == _count(0.9, total)
     assert all(bool(get_parametrization(m).frozen) for m in handle.layers.values())
 
 
 def test_st3_normalized_variant_scales_the_layer_thresholds() -> None:
-    model = _model()
+    model = conv_net()
     handle = strsparse.sparsify(model, "st3", sparsity=0.6, normalize=True, end=10)
     total = sum(m.weight.numel() for m in handle.layers.values())
     handle.step(10, 20)
@@ -81,20 +68,20 @@ def test_st3_normalized_variant_scales_the_layer_thresholds() -> None:
         thresholds[name] = get_parametrization(module).threshold() * sum(shape) ** 0.5
     # one quantile q of |w| * sqrt(sum(shape)) over all layers; th_l = q / sqrt(sum(shape))
     assert len({round(v, 5) for v in thresholds.values()}) == 1
-    assert sum(_zeros(m) for m in handle.layers.values()) == _count(0.6, total)
+    assert sum(count_zeros(m) for m in handle.layers.values()) == _count(0.6, total)
 
 
 def test_st3_budget_uses_per_layer_quantiles() -> None:
     budget = {"0": 0.2, "2": 0.5, "4": 0.9}
-    handle = strsparse.sparsify(_model(), "st3", budget=budget, start=0, end=10, rescale=False)
+    handle = strsparse.sparsify(conv_net(), "st3", budget=budget, start=0, end=10, rescale=False)
     numel = {n: m.weight.numel() for n, m in handle.layers.items()}
     handle.step(5, 20)
-    for name in NAMES:
+    for name in CONV_NET_LAYERS:
         target = cubic_sparsity(5, 0, 10, budget[name])
-        assert _zeros(handle.layers[name]) == _count(target, numel[name])
+        assert count_zeros(handle.layers[name]) == _count(target, numel[name])
     handle.step(10, 20)
-    assert {n: _zeros(m) for n, m in handle.layers.items()} == {
-        n: _count(budget[n], numel[n]) for n in NAMES
+    assert {n: count_zeros(m) for n, m in handle.layers.items()} == {
+        n: _count(budget[n], numel[n]) for n in CONV_NET_LAYERS
     }
 
 
@@ -222,7 +209,7 @@ def test_st3_frozen_state_survives_a_round_trip() -> None:
 
 
 def test_st3_freeze_rejects_other_methods() -> None:
-    handle = strsparse.sparsify(_model(), "gmp", sparsity=0.5)
+    handle = strsparse.sparsify(conv_net(), "gmp", sparsity=0.5)
     with pytest.raises(ValueError, match="freeze expects layers sparsified with 'st3'"):
         StraightThroughSoftThreshold.freeze(handle.layers)
 
