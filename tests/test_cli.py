@@ -242,29 +242,35 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def _train(argv: list[str]) -> str:
+    """``strsparse train`` on one intra-op thread (tiny models run fastest so); its stdout.
+    The run must succeed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, out, err = _run(["train", *argv])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    return out
+
+
 @pytest.fixture(scope="module")
 def str_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A 1-epoch STR run of LeNet-5 on 256 synthetic images, trained through the CLI."""
     root = tmp_path_factory.mktemp("runs")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code, out, err = _run(
-            [
-                "train",
-                "--config",
-                "fashion_mnist_str",
-                f"output_dir={root}",
-                "name=str_run",
-                *SYNTHETIC,
-                "--quiet",
-                # an override after an option, with a negative number
-                "sparsity.options.init_threshold=-4.5",
-            ]
-        )
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0, err
+    out = _train(
+        [
+            "--config",
+            "fashion_mnist_str",
+            f"output_dir={root}",
+            "name=str_run",
+            *SYNTHETIC,
+            "--quiet",
+            # an override after an option, with a negative number
+            "sparsity.options.init_threshold=-4.5",
+        ]
+    )
     return root / "str_run", out
 
 

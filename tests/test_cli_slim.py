@@ -7,32 +7,25 @@ from pathlib import Path
 import torch
 
 from strsparse.cli import main
-from tests.test_cli import SYNTHETIC, _run
+from tests.test_cli import SYNTHETIC, _train
 
 
 def test_convert_slim_writes_a_smaller_model_that_reloads(tmp_path: Path, capsys) -> None:
     from strsparse.export import load_slim
     from strsparse.training import restore_model
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code, _, err = _run(
-            [
-                "train",
-                "--config",
-                "fashion_mnist_str",
-                f"output_dir={tmp_path}",
-                "name=filter_run",
-                *SYNTHETIC,
-                "train.epochs=1",
-                "--quiet",
-                "sparsity.options.structure=filter",
-            ]
-        )
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0, err
+    _train(
+        [
+            "--config",
+            "fashion_mnist_str",
+            f"output_dir={tmp_path}",
+            "name=filter_run",
+            *SYNTHETIC,
+            "train.epochs=1",
+            "--quiet",
+            "sparsity.options.structure=filter",
+        ]
+    )
     run = tmp_path / "filter_run"
     checkpoint = run / "checkpoints" / "last.pt"
     state = torch.load(checkpoint, weights_only=True)
