@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from strsparse.cli import build_parser, main
+from tests.training.runs import nan_at_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:STR layer:UserWarning")  # restored runs
 
@@ -479,28 +480,10 @@ def test_resume_alone_continues_the_run_with_its_own_config(
 def test_divergence_is_one_line_and_exit_status_1(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    from strsparse.training import load_checkpoint, loop
+    from strsparse.training import load_checkpoint
 
-    original = loop.build_model
     last = tmp_path / "nan" / "checkpoints" / "last.pt"
-    kept: dict[str, bytes] = {}
-
-    def build_with_nan(cfg, info=None, *, loading_weights=False):
-        model, handle, info = original(cfg, info, loading_weights=loading_weights)
-        calls = {"n": 0}
-
-        def hook(module, inputs, output):
-            if module.training:
-                calls["n"] += 1
-                if calls["n"] == 8 + 3:  # third step of epoch 2 (8 steps per epoch)
-                    kept["bytes"] = last.read_bytes()
-                    return output * float("nan")
-            return None
-
-        model.register_forward_hook(hook)
-        return model, handle, info
-
-    monkeypatch.setattr(loop, "build_model", build_with_nan)
+    kept = nan_at_step(monkeypatch, 8 + 3, last)  # third step of epoch 2 (8 steps per epoch)
     argv = ["train", "-c", "fashion_mnist_str", f"output_dir={tmp_path}", "name=nan", *SYNTHETIC]
     assert main([*argv, "train.epochs=2", "--quiet"]) == 1
     line = _one_error_line(capsys.readouterr().err)

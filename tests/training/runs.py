@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from strsparse.config import Config, config_from_dict
+from strsparse.training import loop
 
 
 def synthetic_config(tmp_path: Path, name: str = "run", **changes: object) -> Config:
@@ -34,3 +37,30 @@ def synthetic_config(tmp_path: Path, name: str = "run", **changes: object) -> Co
             node = node[section]
         node[leaf] = value
     return config_from_dict(data)
+
+
+def nan_at_step(monkeypatch: pytest.MonkeyPatch, step: int, last: Path) -> dict[str, bytes]:
+    """Make the model built by the training loop output NaN at its ``step``-th training
+    forward (counted across epochs, from 1). The returned dict then holds, under
+    ``"bytes"``, what ``last`` (the run's ``last.pt``) held at that moment."""
+    original = loop.build_model
+    kept: dict[str, bytes] = {}
+
+    def build_with_nan(cfg, info=None, *, loading_weights=False):
+        model, handle, info = original(cfg, info, loading_weights=loading_weights)
+        calls = {"n": 0}
+
+        def hook(module, inputs, output):
+            if not module.training:
+                return None
+            calls["n"] += 1
+            if calls["n"] == step:
+                kept["bytes"] = last.read_bytes()
+                return output * float("nan")
+            return None
+
+        model.register_forward_hook(hook)
+        return model, handle, info
+
+    monkeypatch.setattr(loop, "build_model", build_with_nan)
+    return kept

@@ -23,7 +23,7 @@ from strsparse.training import (
 )
 from strsparse.training import loop as training_loop
 from strsparse.training.recorder import CSV_COLUMNS
-from tests.training.runs import synthetic_config
+from tests.training.runs import nan_at_step, synthetic_config
 
 
 def test_evaluate_counts_top1_top5_and_loss() -> None:
@@ -230,28 +230,9 @@ def test_a_target_reaches_the_run_files(tmp_path: Path) -> None:
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = training_loop.build_model
     steps_per_epoch = 8
-    snapshot: dict[str, bytes] = {}
     last = tmp_path / "run" / "checkpoints" / "last.pt"
-
-    def build_with_nan(cfg, info=None, *, loading_weights=False):
-        model, handle, info = original(cfg, info, loading_weights=loading_weights)
-        calls = {"n": 0}
-
-        def hook(module, inputs, output):
-            if not module.training:
-                return None
-            calls["n"] += 1
-            if calls["n"] == steps_per_epoch + 3:  # third step of epoch 2
-                snapshot["bytes"] = last.read_bytes()
-                return output * float("nan")
-            return None
-
-        model.register_forward_hook(hook)
-        return model, handle, info
-
-    monkeypatch.setattr(training_loop, "build_model", build_with_nan)
+    snapshot = nan_at_step(monkeypatch, steps_per_epoch + 3, last)  # third step of epoch 2
     with pytest.raises(TrainingDiverged, match="loss is nan.*kept as it was"):
         train(synthetic_config(tmp_path))
     assert last.read_bytes() == snapshot["bytes"]
