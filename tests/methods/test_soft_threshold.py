@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 
 import strsparse
 from strsparse.methods import get_parametrization, raw_weight
+from strsparse.methods.soft_threshold import InitThresholdWarning
 from tests.lookalikes import Conv1D
 
 
@@ -391,3 +392,54 @@ def test_a_weight_changed_in_place_before_the_backward_is_an_error() -> None:
         batched.mid.parametrizations.weight.original.mul_(2.0)
     with pytest.raises(RuntimeError, match="in-place"):
         out.sum().backward()
+
+
+def test_auto_init_threshold_starts_each_layer_from_its_weights() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 8))
+    with torch.no_grad():
+        model[0].weight.mul_(0.05)  # a pretrained layer of a much smaller scale
+    fixed = deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InitThresholdWarning)
+        handle = strsparse.sparsify(model, "str", init_threshold="auto")
+    params = handle.parametrizations
+    for layer in handle.layers.values():  # about 1% of each layer starts at zero
+        assert 0.005 <= float((layer.weight == 0).float().mean()) <= 0.03
+    assert params["0"].threshold() < params["1"].threshold() / 5  # follows each layer's scale
+    with pytest.warns(InitThresholdWarning, match="init_threshold='auto'"):
+        strsparse.sparsify(deepcopy(fixed), "str", init_threshold=-4.0)
+
+    # a short fine-tune with weight decay: auto prunes more, the paper's -3200 stays dense
+    dense = strsparse.sparsify(fixed, "str", init_threshold=-3200.0)
+    x, y = torch.randn(32, 64), torch.randn(32, 8)
+    for m in (model, fixed):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=0.01)
+        for _ in range(30):
+            opt.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+    before = 0.01
+    assert strsparse.sparsity_report(model).sparsity > before
+    assert strsparse.sparsity_report(fixed).sparsity == 0.0 and dense.layers
+
+
+def test_auto_init_threshold_is_recomputed_from_pretrained_weights() -> None:
+    torch.manual_seed(0)
+    pretrained = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 3))
+    with torch.no_grad():
+        pretrained[0].weight.mul_(0.1)
+    loaded_first = deepcopy(pretrained)
+    reference = strsparse.sparsify(loaded_first, "str", init_threshold="auto")
+    model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 3))
+    handle = strsparse.sparsify(model, "str", init_threshold="auto")
+    strsparse.load_pretrained(model, pretrained.state_dict(), handle=handle)
+    for name, p in handle.parametrizations.items():
+        torch.testing.assert_close(p.s, reference.parametrizations[name].s)
+
+
+def test_auto_init_threshold_needs_unstructured_str() -> None:
+    with pytest.raises(strsparse.errors.OptionError, match="init_threshold='auto'"):
+        strsparse.sparsify(nn.Linear(4, 3), "str", structure="filter", init_threshold="auto")
+    with pytest.raises(strsparse.errors.OptionError, match="or 'auto'"):
+        strsparse.sparsify(nn.Linear(4, 3), "str", init_threshold="automatic")

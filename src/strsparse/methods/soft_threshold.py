@@ -38,6 +38,9 @@ __all__ = ["InitThresholdWarning", "SoftThreshold", "SoftThresholdOptions"]
 
 logger = logging.getLogger(__name__)
 
+# init_threshold="auto": each layer's s_init from its own weights
+AUTO = "auto"
+
 GRANULARITIES = ("layer", "channel", "weight", "global")
 # "weight": unstructured (a threshold on every weight); "filter" and "rank" are built by
 # strsparse.methods.structured
@@ -66,7 +69,10 @@ class SoftThresholdOptions:
     init_threshold: the paper's s_init (-3200 for ResNet-50, -12800 for MobileNetV1): very
         negative values keep every weight dense until weight decay has moved ``s``. None:
         -3200 without a target; with a target, each layer's s starts where k * g(s) is its
-        1% magnitude quantile (the smallest over layers for a global ``s``).
+        1% magnitude quantile (the smallest over layers for a global ``s``). 'auto' does the
+        same without a target: the start for fine-tuning a pretrained model, whose weights'
+        scale a fixed s_init cannot know (-3200 stays dense in any short run; -4 already
+        zeroes most of some pretrained layers).
     structure: 'weight' (unstructured, the default), 'filter' (one importance value per
         output filter of every conv and Linear) or 'rank' (one per rank-one component of every
         ``LowRankLinear``); see ``strsparse.methods.structured``. ``g`` defaults to 'exp' for
@@ -83,7 +89,7 @@ class SoftThresholdOptions:
     granularity: str = "layer"
     g: str | None = None
     k: float = 1.0
-    init_threshold: float | None = None
+    init_threshold: float | str | None = None
     structure: str = "weight"
     sparsity: float | None = None
     flops: float | None = None
@@ -121,14 +127,22 @@ class SoftThresholdOptions:
         resolve_threshold_function(self.g_name)
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or self.k <= 0:
             raise OptionError(f"k={self.k!r} must be a positive number")
-        if self.init_threshold is not None and (
+        if self.init_threshold not in (None, AUTO) and (
             isinstance(self.init_threshold, bool)
             or not isinstance(self.init_threshold, (int, float))
         ):
-            raise OptionError(f"init_threshold={self.init_threshold!r} must be a number")
+            raise OptionError(
+                f"init_threshold={self.init_threshold!r} must be a number (s_init, e.g. -3200) "
+                f"or {AUTO!r} (from each layer's weights)"
+            )
         _check_target(self)
         if self.init_threshold is None and not self.has_target:
             object.__setattr__(self, "init_threshold", -3200.0)  # the paper's s_init
+        if self.init_threshold == AUTO and self.structure != "weight":
+            raise OptionError(
+                f"init_threshold='auto' works with structure='weight'; give structure="
+                f"{self.structure!r} a number, e.g. init_threshold=-3200"
+            )
         if self.has_target and self.structure != "weight":
             raise OptionError(
                 f"a sparsity or FLOPs target works with structure='weight'; structure="
@@ -225,7 +239,8 @@ class SoftThreshold(SparsityMethod):
         self.k = float(options.k)
         if shared_s is None:
             shape = _threshold_shape(weight_shape, options.granularity, axis)
-            init = -3200.0 if options.init_threshold is None else options.init_threshold
+            init = options.init_threshold
+            init = init if isinstance(init, (int, float)) else -3200.0  # create() sets auto ones
             shared_s = threshold_parameter(shape, init, like)
         self.s = shared_s
         self._batched = _BatchedWeight()
@@ -359,9 +374,10 @@ class _LayerBatch:
 def _initial_s(
     layers: Mapping[str, LayerWeight], options: SoftThresholdOptions
 ) -> dict[str, float]:
-    """Each layer's s_init: the option, or (with a target and no option) the s whose
+    """Each layer's s_init: the option, or ('auto', or a target and no option) the s whose
     threshold is the layer's 1% magnitude quantile."""
-    if options.init_threshold is not None or not options.has_target:
+    auto = options.init_threshold == AUTO or (options.init_threshold is None and options.has_target)
+    if not auto:
         init = -3200.0 if options.init_threshold is None else float(options.init_threshold)
         return dict.fromkeys(layers, init)
     return {
@@ -381,7 +397,8 @@ def _warn_if_pruned_at_init(name: str, weight: Tensor, p: SoftThreshold) -> None
             f"STR layer {name!r}: the initial threshold k*g(init_threshold) = "
             f"{float(threshold.mean()):.3g} already zeroes {pruned:.0%} of its weights "
             f"(mean |w| = {float(weight.abs().mean()):.3g}); such a layer may never learn. "
-            "Use a more negative init_threshold (the paper uses -3200 for ResNet-50).",
+            "Use a more negative init_threshold (the paper uses -3200 for ResNet-50), or "
+            "init_threshold='auto' to start from each layer's weights (fine-tuning).",
             InitThresholdWarning,
             stacklevel=5,  # user -> sparsify -> create -> no_grad wrapper -> here
         )
