@@ -33,7 +33,9 @@ from torch.nn.utils import parametrize
 from strsparse.data import dataset_info
 from strsparse.errors import MissingFileError, OutputExistsError, StrsparseError
 from strsparse.models import create_model
+from strsparse.models.cifar_resnet import ChannelPlacement
 from strsparse.report import sparsity_report
+from strsparse.slimming import SlimError, describe_layers, rebuild_layers, slim
 
 __all__ = [
     "CONFIG_FILE",
@@ -392,8 +394,6 @@ def export_slim(
     listed layer replaced) and loads the weights with ``strict=True``: nothing is unpickled,
     and no training configuration is needed. Checked to reload before anything is written.
     """
-    from strsparse.slimming import describe_layers, slim
-
     out_dir = Path(out_dir)
     spec = cfg if isinstance(cfg, DenseModelSpec) else DenseModelSpec.from_config(cfg)
     _check_destination(out_dir, force)
@@ -427,9 +427,6 @@ def export_slim(
 
 
 def _build_slim(document: Mapping[str, Any], where: Path) -> nn.Module:
-    from strsparse.models.cifar_resnet import ChannelPlacement
-    from strsparse.slimming import SlimError, rebuild_layers
-
     model_doc = document.get("model")
     layers = document.get("layers")
     if not isinstance(model_doc, dict) or not isinstance(layers, dict):
