@@ -14,10 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from strsparse.data import dataset_info
 from strsparse.errors import OptionError, OutputExistsError
+from strsparse.export import DenseModelSpec
 from strsparse.inference.convert import to_sparse
 from strsparse.inference.onnx_export import export_onnx
 from strsparse.inference.serialize import SPARSE_FILE, save_sparse
+from strsparse.slimming import slim as slim_model
 
 __all__ = ["ONNX_FILE", "convert_run"]
 
@@ -55,9 +58,6 @@ def convert_run(
 ) -> list[str]:
     """Write ``model`` (restored from a run with config ``cfg``) in format ``fmt`` to
     ``out_dir``; returns the lines to print. With ``slim``, the slimmed model (ONNX only)."""
-    from strsparse.data import dataset_info
-    from strsparse.export import DenseModelSpec
-
     out_dir = Path(out_dir)
     if fmt not in ("sparse", "onnx"):
         raise OptionError(f"unknown format {fmt!r}; choose dense, sparse or onnx")
@@ -87,8 +87,6 @@ def convert_run(
         shape = tuple(int(d) for d in dataset_info(cfg.data).input_shape)
         example = torch.zeros(1, *shape)
         if slim:
-            from strsparse.slimming import slim as slim_model
-
             model = slim_model(model, example)
         path = export_onnx(model, out_dir / ONNX_FILE, example)
         return [

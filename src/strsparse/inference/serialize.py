@@ -19,6 +19,7 @@ from torch import nn
 from strsparse.atomic import atomic_path
 from strsparse.errors import MissingFileError, OptionError
 from strsparse.inference.convert import to_sparse
+from strsparse.models import create_model
 
 __all__ = ["SPARSE_FILE", "SPARSE_FORMAT", "load_sparse", "save_sparse"]
 
@@ -92,8 +93,6 @@ def load_sparse(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
                 f"{str(path)!r} does not name its architecture; pass the dense model: "
                 "load_sparse(path, model)"
             )
-        from strsparse.models import create_model
-
         arch = json.loads(metadata["architecture"])
         model = create_model(
             arch["name"],
