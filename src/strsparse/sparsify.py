@@ -39,6 +39,7 @@ __all__ = [
     "finalize",
     "load_pretrained",
     "sparse_layers",
+    "select_layers",
     "sparsify",
 ]
 
@@ -226,6 +227,47 @@ def _names(name: str, layer: LayerWeight) -> list[str]:
     return [name, *(n for n, _, _ in layer.tied)]
 
 
+def select_layers(
+    model: nn.Module,
+    *,
+    structure: str = "weight",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> dict[str, LayerWeight]:
+    """The layers ``sparsify`` would attach to, by name: the eligible ones (or, for a
+    structured STR, the structured candidates) filtered by ``include``/``exclude``. A pattern
+    matching nothing, or patterns leaving nothing, is an ``OptionError``. Touches nothing, so
+    it also checks a configuration on a model built on the meta device."""
+    if structure == "weight":
+        candidates = eligible_layers(model, include)
+    else:
+        candidates = structured_candidates(model, structure)
+    if not candidates:
+        what = {"filter": "conv or Linear layer", "rank": "LowRankLinear layer"}
+        raise OptionError(
+            f"{type(model).__name__} has no "
+            f"{what.get(structure, '>= 2-dim weight tensor')} to sparsify"
+        )
+    names = list(candidates)
+    if include is not None:
+        _check_patterns(include, [a for n in names for a in _names(n, candidates[n])], "include")
+        names = [n for n in names if any(_matches(a, include) for a in _names(n, candidates[n]))]
+    elif structure != "weight":
+        left_out = default_exclusions(model, structure)
+        if left_out:
+            logger.info("structure=%r leaves out the output layers %s", structure, sorted(left_out))
+        names = [n for n in names if n not in left_out]
+    if exclude is not None:
+        _check_patterns(exclude, [a for n in names for a in _names(n, candidates[n])], "exclude")
+        names = [
+            n for n in names if not any(_matches(a, exclude) for a in _names(n, candidates[n]))
+        ]
+    if not names:
+        raise OptionError("include/exclude leave no layer to sparsify")
+
+    return {name: candidates[name] for name in names}
+
+
 def sparsify(
     model: nn.Module,
     method: str,
@@ -260,34 +302,7 @@ def sparsify(
     method_cls = get_method(method)
     parsed = method_cls.parse_options(options)
     structure = getattr(parsed, "structure", "weight")  # STR's filter / rank structures
-    if structure == "weight":
-        candidates = eligible_layers(model, include)
-    else:
-        candidates = structured_candidates(model, structure)
-    if not candidates:
-        what = {"filter": "conv or Linear layer", "rank": "LowRankLinear layer"}
-        raise OptionError(
-            f"{type(model).__name__} has no "
-            f"{what.get(structure, '>= 2-dim weight tensor')} to sparsify"
-        )
-    names = list(candidates)
-    if include is not None:
-        _check_patterns(include, [a for n in names for a in _names(n, candidates[n])], "include")
-        names = [n for n in names if any(_matches(a, include) for a in _names(n, candidates[n]))]
-    elif structure != "weight":
-        left_out = default_exclusions(model, structure)
-        if left_out:
-            logger.info("structure=%r leaves out the output layers %s", structure, sorted(left_out))
-        names = [n for n in names if n not in left_out]
-    if exclude is not None:
-        _check_patterns(exclude, [a for n in names for a in _names(n, candidates[n])], "exclude")
-        names = [
-            n for n in names if not any(_matches(a, exclude) for a in _names(n, candidates[n]))
-        ]
-    if not names:
-        raise OptionError("include/exclude leave no layer to sparsify")
-
-    layers = {name: candidates[name] for name in names}
+    layers = select_layers(model, structure=structure, include=include, exclude=exclude)
     for name, layer in layers.items():
         if get_parametrization(layer) is not None:
             raise OptionError(

@@ -62,8 +62,14 @@ def _restored(run: Path) -> nn.Module:
         ({"sparsity.options": {"granularity": "chanel"}}, "did you mean 'channel'"),
         ({"model.kwargs": {"image_size": 8}}, "image_size"),
         ({"sparsity.method": "gmp", "sparsity.budget": "no-such-budget"}, "no-such-budget"),
+        ({"sparsity.include": ["layer9.*"]}, "include pattern 'layer9.*'"),
+        ({"sparsity.exclude": ["nope"]}, "exclude pattern 'nope'"),
+        (
+            {"sparsity.options": {"structure": "filter"}, "sparsity.include": ["nope"]},
+            "include pattern 'nope'",
+        ),
     ],
-    ids=["sparsity", "granularity", "model-option", "budget"],
+    ids=["sparsity", "granularity", "model-option", "budget", "include", "exclude", "filter"],
 )
 def test_option_errors_come_before_any_data_or_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, changes: dict, match: str

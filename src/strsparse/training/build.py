@@ -19,7 +19,7 @@ from strsparse.errors import BudgetError, did_you_mean
 from strsparse.methods import get_method
 from strsparse.methods.soft_threshold import InitThresholdWarning
 from strsparse.models import create_model
-from strsparse.sparsify import SparsityHandle, eligible_layers, sparsify
+from strsparse.sparsify import SparsityHandle, eligible_layers, select_layers, sparsify
 from strsparse.training.checkpoint import CheckpointError, describe_mismatch, load_checkpoint
 
 __all__ = ["DENSE", "build_model", "check_config", "resolve_budget", "restore_model"]
@@ -90,7 +90,13 @@ def check_config(cfg: Config) -> None:
     with torch.device("meta"):
         model = _create_model(cfg, dataset_info(cfg.data))
     if cfg.sparsity.method != DENSE:
-        get_method(cfg.sparsity.method).parse_options(_method_options(cfg, model))
+        parsed = get_method(cfg.sparsity.method).parse_options(_method_options(cfg, model))
+        select_layers(
+            model,
+            structure=getattr(parsed, "structure", "weight"),
+            include=cfg.sparsity.include or None,
+            exclude=cfg.sparsity.exclude or None,
+        )
 
 
 def restore_model(
