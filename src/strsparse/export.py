@@ -356,13 +356,19 @@ def load_dense(out_dir: str | os.PathLike, *, device: str | torch.device = "cpu"
     weights = Path(out_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise MissingFileError(f"{str(weights)!r} does not exist; the export is incomplete")
+    return _load_weights(spec.create(), weights, "architecture", device)
+
+
+def _load_weights(
+    model: nn.Module, weights: Path, what: str, device: str | torch.device
+) -> nn.Module:
+    """``model`` with the exported ``weights`` loaded strictly, in eval mode on ``device``."""
     state = _read_weights(weights)
-    model = spec.create()
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ExportError(
-            f"{str(weights)!r} does not match the architecture in {CONFIG_FILE}: {exc}"
+            f"{str(weights)!r} does not match the {what} in {CONFIG_FILE}: {exc}"
         ) from exc
     return model.to(device).eval()
 
@@ -458,12 +464,4 @@ def load_slim(out_dir: str | os.PathLike, *, device: str | torch.device = "cpu")
         ),
     )
     model = _build_slim(document, out_dir)
-    weights = out_dir / WEIGHTS_FILE
-    state = _read_weights(weights)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ExportError(
-            f"{str(weights)!r} does not match the slim architecture in {CONFIG_FILE}: {exc}"
-        ) from exc
-    return model.to(device).eval()
+    return _load_weights(model, out_dir / WEIGHTS_FILE, "slim architecture", device)
