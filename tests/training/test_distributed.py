@@ -1,7 +1,9 @@
-"""Two-process data-parallel training on CPU (gloo) through torchrun."""
+"""Two-process data-parallel training on CPU (gloo) through torchrun: identical replicas, and
+interrupted runs that resume exactly (every rank with its own random states)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import subprocess
@@ -46,10 +48,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_identical_replicas(tmp_path: Path) -> None:
+def _torchrun(tmp_path: Path, worker: str, *args: str) -> None:
+    """Run ``worker`` (a script) on two gloo processes; its arguments: ``tmp_path``, the
+    repository root (for ``tests.training.runs``), then ``args``."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     command = [
         sys.executable,
@@ -60,10 +63,16 @@ def test_two_processes_train_identical_replicas(tmp_path: Path) -> None:
         f"--master_port={_free_port()}",
         str(script),
         str(tmp_path),
-        str(Path(__file__).parents[2]),  # the repository root, for tests.training.runs
+        str(Path(__file__).parents[2]),
+        *args,
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-8000:]
+
+
+@pytest.mark.slow
+def test_two_processes_train_identical_replicas(tmp_path: Path) -> None:
+    _torchrun(tmp_path, WORKER)
 
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -80,3 +89,112 @@ def test_two_processes_train_identical_replicas(tmp_path: Path) -> None:
         assert torch.equal(state["model"][key], rank0[key]), key
     assert (run / "summary.json").is_file() and (run / "metrics.csv").is_file()
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+# Runs one after another in the same two processes (one process group): each argument is
+# NAME:ACTION, ACTION one of none, fail@N (every rank stops dead in its N-th training
+# forward, as if killed) and sigterm@N@R (rank R alone is sent SIGTERM in its N-th training
+# forward). Dropout after conv1 makes every rank draw its own random numbers each step.
+RUNS = textwrap.dedent(
+    """
+    import signal
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from torch import nn
+
+    from strsparse.training import loop
+
+    sys.path.insert(0, sys.argv[2])
+    from tests.training.runs import synthetic_config
+
+    out = Path(sys.argv[1])
+    build_model = loop.build_model
+
+
+    class Killed(Exception):
+        pass
+
+
+    def builder(action, rank):
+        kind, *where = action.split("@")
+
+        def build(cfg, info=None, *, loading_weights=False):
+            model, handle, info = build_model(cfg, info, loading_weights=loading_weights)
+            model.conv1.register_forward_hook(
+                lambda m, i, output: nn.functional.dropout(output, 0.3, m.training)
+            )
+            calls = {"n": 0}
+
+            def hook(module, inputs, output):
+                calls["n"] += module.training
+                if kind != "none" and calls["n"] == int(where[0]) and module.training:
+                    if kind == "fail":
+                        raise Killed
+                    if int(where[1]) == rank:
+                        signal.raise_signal(signal.SIGTERM)
+
+            model.register_forward_hook(hook)
+            return model, handle, info
+
+        return build
+
+
+    dist.init_process_group("gloo")  # kept for all the runs
+    rank = dist.get_rank()
+    for run in sys.argv[3:]:
+        name, action = run.split(":")
+        loop.build_model = builder(action, rank)
+        every = {"train.checkpoint_every_steps": 3} if action.startswith("fail") else {}
+        cfg = synthetic_config(out, name, **{"train.tensorboard": False}, **every)
+        try:
+            loop.train(cfg)
+            outcome = "finished"
+        except Killed:
+            outcome = "killed"
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+        with open(out / f"outcomes{rank}.txt", "a") as f:
+            f.write(f"{name} {outcome}\\n")
+    dist.destroy_process_group()
+    """
+)
+
+
+def _outcomes(tmp_path: Path, rank: int) -> list[str]:
+    return (tmp_path / f"outcomes{rank}.txt").read_text().splitlines()
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """The same weights and thresholds (the models' states) and the same metrics, bit for
+    bit."""
+    state_a, state_b = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+
+    def rows(run: Path) -> list[dict[str, str]]:
+        return [
+            {k: v for k, v in row.items() if k != "time"}
+            for row in csv.DictReader((run / "metrics.csv").open())
+        ]
+
+    assert rows(a) == rows(b)
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumes_exactly_mid_epoch(tmp_path: Path) -> None:
+    # 2 epochs x 4 steps per rank; checkpoints at steps 3 and 6, killed in step 7
+    _torchrun(tmp_path, RUNS, "full:none", "cut:fail@7", "cut:none")
+    assert (
+        _outcomes(tmp_path, 0)
+        == _outcomes(tmp_path, 1)
+        == [
+            "full finished",
+            "cut killed",
+            "cut finished",
+        ]
+    )
+    assert load_checkpoint(tmp_path / "cut")["step"] == 8
+    _assert_same_run(tmp_path / "full", tmp_path / "cut")

@@ -13,14 +13,17 @@ from torch.utils.data.distributed import DistributedSampler
 
 from strsparse.config import config_to_dict
 from strsparse.training import load_checkpoint, train
-from strsparse.training.checkpoint import capture_rng_state
+from strsparse.training.checkpoint import CheckpointError, capture_rng_state
 from strsparse.training.resume import (
     Progress,
     RunMismatchError,
     RunPlace,
     config_differences,
     epoch_batches,
+    for_rank,
     place_run,
+    reseed_rank,
+    save_progress,
 )
 from tests.training.runs import synthetic_config
 
@@ -137,3 +140,64 @@ def test_a_run_started_before_a_config_key_existed_still_matches(tmp_path: Path)
     del saved["optim"]["lr_scaling"], saved["train"]["checkpoint_every_steps"]  # older file
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
     assert place_run(tmp_path, "run", config_to_dict(cfg)).run_dir == tmp_path / "run"
+
+
+# -- every rank its own random state ------------------------------------------------------
+
+
+def _saved_by_two_ranks(tmp_path: Path, batch: int) -> dict:
+    """A checkpoint as rank 0 of two writes it, each rank with its own states and sums."""
+    ranks = []
+    for rank in range(2):
+        torch.manual_seed(100 + rank)
+        ranks.append({"rng": capture_rng_state(), "epoch_state": {"loss_sum": float(rank)}})
+    state = {"config": {}, "model": {}}
+    progress = Progress(epoch=1, step=5, batch=batch, epoch_state=ranks[0]["epoch_state"])
+    return load_checkpoint(save_progress(tmp_path, progress, state, ranks=ranks))
+
+
+def test_each_rank_resumes_with_its_own_random_state(tmp_path: Path) -> None:
+    saved = _saved_by_two_ranks(tmp_path, batch=2)
+    assert saved["world_size"] == 2 and len(saved["ranks"]) == 2
+    draws = []
+    for rank in range(2):
+        mine = for_rank(saved, rank, 2)
+        assert mine["epoch_state"] == {"loss_sum": float(rank)}
+        assert mine["step"] == 5 and "ranks" in mine
+        torch.set_rng_state(mine["rng"]["torch"])
+        draws.append(torch.rand(3))
+        torch.manual_seed(100 + rank)
+        assert torch.equal(draws[-1], torch.rand(3))  # where that rank's stream was
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_a_checkpoint_without_per_rank_states_gives_every_rank_rank_0s(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    saved = _saved_by_two_ranks(tmp_path, batch=2)
+    older = {k: v for k, v in saved.items() if k not in ("ranks", "world_size")}
+    mine = for_rank(older, 1, 2)
+    assert torch.equal(mine["rng"]["torch"], saved["rng"]["torch"])
+    assert mine["epoch_state"] == {"loss_sum": 0.0}
+    assert not caplog.text  # rank 0 alone warns: one warning per job
+    for_rank(older, 0, 2)
+    assert "not exactly" in caplog.text
+    assert for_rank(older, 0, 1) == older  # one process: as it always was
+
+
+def test_another_number_of_processes_resumes_only_at_an_epoch_boundary(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mid_epoch = _saved_by_two_ranks(tmp_path, batch=2)
+    with pytest.raises(CheckpointError, match=r"inside epoch 2 by 2 process.*nproc_per_node=2"):
+        for_rank(mid_epoch, 0, 4)
+    boundary = _saved_by_two_ranks(tmp_path, batch=0)
+    for rank in range(4):
+        mine = for_rank(boundary, rank, 4)
+        assert mine["rng"] is None and "epoch_state" not in mine  # the loop reseeds the rank
+    assert caplog.text.count("not exactly") == 1
+    draws = []
+    for rank in range(2):
+        reseed_rank(0, 5, rank)
+        draws.append(torch.rand(3))
+    assert not torch.equal(draws[0], draws[1])

@@ -14,7 +14,9 @@ unpickled but data. Keys:
 - ``epoch_state``: running train-loss sums of that partial epoch;
 - ``metrics``: the latest validation metrics; ``best``: the best ones;
 - ``history``: per-epoch lists (what ``metrics.csv`` and the plots are drawn from);
-- ``rng``: torch (CPU and CUDA), Python and NumPy random states.
+- ``rng``: torch (CPU and CUDA), Python and NumPy random states (rank 0's under torchrun);
+- ``world_size``: the number of processes that trained; with more than one, ``ranks`` holds
+  each rank's ``rng``, ``rng_epoch_start`` and ``epoch_state`` (``resume.for_rank``).
 
 There is no LR-scheduler state: the learning rate is a pure function of ``step``.
 """
@@ -47,6 +49,7 @@ __all__ = [
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
+    "seed_everything",
 ]
 
 logger = logging.getLogger(__name__)
@@ -169,6 +172,13 @@ def describe_mismatch(
         f"the checkpoint holds a {what(saved_config)} model, the config asks for "
         f"{what(config)}: tensors {'; '.join(parts) or 'differ'}"
     )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's default generators (any integer)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed % 2**64)  # torch maps a negative seed the same way
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -27,6 +27,7 @@ __all__ = [
     "any_rank",
     "broadcast_buffers",
     "cleanup_distributed",
+    "gather_to_main",
     "on_main",
     "setup_distributed",
 ]
@@ -142,6 +143,17 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         return
     for buffer in module.buffers():
         dist.broadcast(buffer.data, src=src)
+
+
+def gather_to_main(env: DistributedEnv, value: T) -> list[T] | None:
+    """Every rank's ``value``, in rank order, on rank 0 (None on the other ranks): for what
+    only rank 0 writes but each rank holds its own of, such as random states. A collective:
+    every rank must call it."""
+    if not (env.enabled and dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[Any] | None = [None] * env.world_size if env.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
 
 
 def on_main(env: DistributedEnv, fn: Callable[[], T]) -> T:

@@ -9,8 +9,9 @@ TensorBoard) and write ``checkpoints/last.pt`` atomically. At the end the record
 ``summary.json`` and the plots.
 
 Resuming (``strsparse.training.resume``) restores model, optimizer, position, record and
-random states, and the loader order is a function of (seed, epoch), so a resumed run ends
-with the same weights as an uninterrupted one (on CPU). Ctrl-C finishes the current step,
+random states (every rank's own under torchrun), and the loader order is a function of
+(seed, epoch), so a resumed run ends with the same weights as an uninterrupted one (on CPU,
+and on as many processes). Ctrl-C finishes the current step,
 saves ``last.pt`` with the position inside the epoch, and re-raises ``KeyboardInterrupt``.
 """
 
@@ -21,7 +22,6 @@ import dataclasses
 import logging
 import math
 import os
-import random
 import signal
 import threading
 import time
@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -46,13 +45,19 @@ from strsparse.methods.structured import structure_report
 from strsparse.report import SparsityReport, sparsity_report
 from strsparse.sparsify import SparsityHandle
 from strsparse.training.build import build_model, check_config
-from strsparse.training.checkpoint import load_checkpoint, restore_rng_state
+from strsparse.training.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    seed_everything,
+)
 from strsparse.training.distributed import (
     DistributedEnv,
     all_reduce_sum,
     any_rank,
     broadcast_buffers,
     cleanup_distributed,
+    gather_to_main,
     on_main,
     setup_distributed,
 )
@@ -61,8 +66,10 @@ from strsparse.training.recorder import Recorder, log_to_file
 from strsparse.training.resume import (
     Progress,
     epoch_batches,
+    for_rank,
     load_progress,
     place_run,
+    reseed_rank,
     save_progress,
 )
 from strsparse.training.schedules import learning_rate
@@ -372,9 +379,8 @@ def _save_mid_epoch(
     """``last.pt`` inside an epoch (Ctrl-C, SIGTERM, ``train.checkpoint_every_steps``), with
     what an exact resume needs: the running sums and the random state at the epoch's start."""
     progress.epoch_state = sums.state()
-    if not math.isfinite(progress.epoch_state["loss_sum"]):
-        return  # never replace a good checkpoint with a diverged state
-    _save(run, progress, recorder, rng_epoch_start=rng_epoch_start)
+    if not _save(run, progress, recorder, rng_epoch_start=rng_epoch_start):
+        return
     logger.log(
         logging.WARNING if interrupted else logging.INFO,
         "saved %s at epoch %d, step %d; the same command resumes from it",
@@ -535,16 +541,42 @@ def _measure_layers(run: _Run) -> SparsityReport:
     return sparsity_report(run.model, flops=profile)
 
 
-def _save(run: _Run, progress: Progress, recorder: Recorder, **kwargs: Any) -> None:
-    if run.env.is_main:
-        state = {
-            "config": config_to_dict(run.cfg),
-            "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-            **recorder.state(),
-        }
-        save_progress(run.ckpt_dir, progress, state, save_every=run.cfg.train.save_every, **kwargs)
+def _save(
+    run: _Run,
+    progress: Progress,
+    recorder: Recorder,
+    *,
+    is_best: bool = False,
+    rng_epoch_start: Any = None,
+) -> bool:
+    """Write ``last.pt`` (rank 0) with every rank's random states and running sums, gathered
+    to rank 0 (every rank calls this). Returns whether it was written (on rank 0): a rank
+    whose running sums are not finite leaves the last good checkpoint as it was."""
+    own = {"rng": capture_rng_state(), "epoch_state": dict(progress.epoch_state)}
+    if rng_epoch_start is not None:
+        own["rng_epoch_start"] = rng_epoch_start
+    ranks = gather_to_main(run.env, own)
+    if ranks is None:  # not rank 0
+        return False
+    if not all(math.isfinite(r["epoch_state"].get("loss_sum", 0.0)) for r in ranks):
+        return False  # never replace a good checkpoint with a diverged state
+    state = {
+        "config": config_to_dict(run.cfg),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        **recorder.state(),
+    }
+    save_progress(
+        run.ckpt_dir,
+        progress,
+        state,
+        is_best=is_best,
+        save_every=run.cfg.train.save_every,
+        rng_epoch_start=rng_epoch_start,
+        ranks=ranks,
+    )
+    return True
 
 
 def _target_record(handle: SparsityHandle | None) -> dict[str, float]:
@@ -651,6 +683,8 @@ def _train(
     cfg = dataclasses.replace(cfg, output_dir=str(run_dir.parent), name=run_dir.name)
     ckpt_path = place.checkpoint
     ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
+    if ckpt is not None:  # this rank's own random states and running sums
+        ckpt = for_rank(ckpt, env.rank, env.world_size)
     if env.is_main:
         remove_stale_temporaries(run_dir)  # left by a write that was killed half-way
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -658,7 +692,7 @@ def _train(
             save_config(cfg, run_dir / "config.yaml")
     with log_to_file(run_dir / "train.log", env.is_main):
         _configure_torch(cfg, device)
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         run = _build_run(cfg, env, device, loading_weights=ckpt is not None)
         _configure_threads(cfg, env, device)
         if ckpt is not None:
@@ -675,7 +709,7 @@ def _train(
         else:
             progress = Progress()
             # each rank draws its own dropout/augmentation randomness from here on
-            _seed_everything(cfg.seed + env.rank)
+            seed_everything(cfg.seed + env.rank)
         purge_step = progress.step if ckpt is not None else None
         recorder = Recorder(cfg, run_dir, enabled=env.is_main, saved=ckpt, purge_step=purge_step)
         try:
@@ -690,7 +724,10 @@ def _fit(
 ) -> SparsityReport | None:
     """Train the epochs left; returns the last epoch's per-layer record (None if none ran)."""
     if ckpt is not None and progress.batch == 0:
-        restore_rng_state(ckpt["rng"])
+        if ckpt["rng"] is None:  # saved by another number of processes
+            reseed_rank(run.cfg.seed, progress.step, run.env.rank)
+        else:
+            restore_rng_state(ckpt["rng"])
     epochs = run.cfg.train.epochs
     if progress.epoch >= epochs:
         logger.info("the run has completed its %d epochs already", epochs)
@@ -769,12 +806,6 @@ def _finish(
 
 
 # -- process set-up -----------------------------------------------------------------------
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _configure_torch(cfg: Config, device: torch.device) -> None:

@@ -12,6 +12,11 @@ A checkpoint holds the model, optimizer and scaler, the position (``Progress``),
 the run stopped: the loader's order is a function of (seed, epoch), the random state at the
 start of the epoch is restored before the loader is iterated (its workers and shuffling draw
 from it), then the state at the interruption, so every later step draws what it would have.
+
+Under torchrun each rank draws its own dropout and augmentation randomness and keeps its own
+running sums, so a checkpoint keeps every rank's (``ranks``, gathered to rank 0, which
+writes the file) and ``for_rank`` gives each rank its own back: a resumed multi-process run
+is exact too, when it runs on as many processes as the one that saved.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,7 @@ from strsparse.training.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
+    seed_everything,
 )
 
 __all__ = [
@@ -46,8 +52,10 @@ __all__ = [
     "RunPlace",
     "config_differences",
     "epoch_batches",
+    "for_rank",
     "load_progress",
     "place_run",
+    "reseed_rank",
     "save_progress",
 ]
 
@@ -236,6 +244,59 @@ def load_progress(
     )
 
 
+# what each rank of a distributed run holds of its own: its random states and running sums
+RANK_KEYS = ("rng", "rng_epoch_start", "epoch_state")
+
+
+def for_rank(ckpt: Mapping[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """``ckpt`` as rank ``rank`` of ``world_size`` processes resumes it: with that rank's own
+    random states and running sums (``RANK_KEYS``) in place of rank 0's.
+
+    A checkpoint from before per-rank states were kept gives every rank rank 0's (resuming a
+    multi-process run from it is not exact). A checkpoint saved by another number of
+    processes resumes at an epoch boundary, not exactly: ``rng`` is None there and each rank
+    reseeds (``reseed_rank``); mid-epoch it is refused with ``CheckpointError``, since the
+    position inside the epoch is one of each process's shard.
+    """
+    saved_world = ckpt.get("world_size")
+    if saved_world is None or saved_world == world_size:
+        ranks = ckpt.get("ranks")
+        if ranks is None or world_size == 1:
+            if saved_world is None and world_size > 1 and rank == 0:  # one warning per job
+                logger.warning(
+                    "this checkpoint predates per-rank random states: every rank resumes with "
+                    "rank 0's, so the resumed run is not exactly the uninterrupted one"
+                )
+            return dict(ckpt)
+        shared = {key: value for key, value in ckpt.items() if key not in RANK_KEYS}
+        return {**shared, **{key: ranks[rank][key] for key in RANK_KEYS if key in ranks[rank]}}
+    if int(ckpt.get("batch", 0)) > 0:
+        raise CheckpointError(
+            f"this checkpoint was saved inside epoch {int(ckpt['epoch']) + 1} by {saved_world} "
+            f"process(es); resuming it on {world_size} cannot continue that epoch (each "
+            f"process's position is one of its own shard). Resume on {saved_world} "
+            f"(torchrun --nproc_per_node={saved_world}), or from a checkpoint saved at the end "
+            "of an epoch (train.save_every keeps checkpoints/epoch_NNN.pt)"
+        )
+    if rank == 0:
+        logger.warning(
+            "resuming a checkpoint of %d process(es) on %d: the data is sharded otherwise and "
+            "every rank restarts its random streams, so the run continues, but not exactly as "
+            "it would have on %d",
+            saved_world,
+            world_size,
+            saved_world,
+        )
+    shared = {key: value for key, value in ckpt.items() if key not in RANK_KEYS}
+    return {**shared, "rng": None}
+
+
+def reseed_rank(seed: int, step: int, rank: int) -> None:
+    """Seed torch, Python and NumPy for rank ``rank`` continuing a run at ``step`` without a
+    saved state of its own (``for_rank`` on another number of processes)."""
+    seed_everything((seed * 1_000_003 + step) * 1_000_003 + rank)
+
+
 def set_loader_epoch(loader: Any, epoch: int, seed: int) -> None:
     """Make the loader's order a function of (seed, epoch): DistributedSampler.set_epoch, or
     reseed the sampler's / loader's generator."""
@@ -286,20 +347,27 @@ def save_progress(
     is_best: bool = False,
     save_every: int | None = None,
     rng_epoch_start: Any = None,
+    ranks: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write ``ckpt_dir/last.pt`` atomically: ``state`` (config, model, optimizer, scaler,
     the record) with ``progress`` and the random states. Copy it to ``best.pt`` when
-    ``is_best`` and to ``epoch_NNN.pt`` every ``save_every`` epochs."""
+    ``is_best`` and to ``epoch_NNN.pt`` every ``save_every`` epochs.
+
+    ``ranks``: in a distributed run, every rank's ``RANK_KEYS`` (rank 0's first), kept under
+    ``ranks`` beside rank 0's own at the top level, which older readers use."""
     payload = {
         **state,
         "epoch": progress.epoch,
         "step": progress.step,
         "batch": progress.batch,
         "epoch_state": dict(progress.epoch_state),
-        "rng": capture_rng_state(),
+        "rng": ranks[0]["rng"] if ranks else capture_rng_state(),
+        "world_size": len(ranks) if ranks else 1,
     }
     if rng_epoch_start is not None:
         payload["rng_epoch_start"] = rng_epoch_start
+    if ranks is not None and len(ranks) > 1:
+        payload["ranks"] = [{k: r[k] for k in RANK_KEYS if r.get(k) is not None} for r in ranks]
     last = save_checkpoint(payload, ckpt_dir / "last.pt")
     if is_best:
         copy_atomic(last, ckpt_dir / "best.pt")
