@@ -155,6 +155,44 @@ def test_every_instruction_set_matches_dense(isa: str) -> None:
         set_isa("auto")
 
 
+DEPTHWISE = {
+    "3x3": dict(kernel_size=3, padding=1),
+    "3x3-stride2": dict(kernel_size=3, stride=2, padding=1),
+    "3x3-nopad": dict(kernel_size=3),
+    "3x3-pad3": dict(kernel_size=3, padding=3),
+    "3x3-dilated": dict(kernel_size=3, padding=2, dilation=2),
+    "5x5-stride2-dilated": dict(kernel_size=5, stride=2, padding=3, dilation=2),
+    "3x5-stride3": dict(kernel_size=(3, 5), stride=3, padding=(0, 2)),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("name", list(DEPTHWISE))
+def test_native_depthwise_matches_dense(name: str, isa: str, monkeypatch) -> None:
+    """The depthwise kernel (its own path: no parity planes of the whole input) on every
+    instruction set, over small planes (computed as one shifted window) and wide ones (row by
+    row), odd sizes and batches."""
+    try:
+        set_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        conv = nn.Conv2d(12, 12, groups=12, bias=True, **DEPTHWISE[name])
+        model = _prune(nn.Sequential(conv, nn.BatchNorm2d(12), nn.ReLU6()), 0.5)
+        sparse = to_sparse(model, max_density=1.0)
+        assert sparse.net.get_submodule("0").clamp == (0.0, 6.0)
+
+        def no_planes(*args: object) -> None:
+            raise AssertionError("the depthwise conv went through the generic path")
+
+        monkeypatch.setattr(_native.Backend, "pad_planes", no_planes)
+        for shape in [(1, 12, 7, 7), (3, 12, 9, 14), (2, 12, 41, 67)]:
+            _check_close(model, sparse, torch.randn(*shape))
+    finally:
+        set_isa("auto")
+
+
 def test_per_layer_rule_keeps_dense_layers_dense() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5))

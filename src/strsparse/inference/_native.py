@@ -66,6 +66,8 @@ class Backend:
             lib.ss_subsample.restype = None
             lib.ss_maxpool.argtypes = [_ptr, _ptr] + [_i64] * 9 + [_int]
             lib.ss_maxpool.restype = None
+            lib.ss_depthwise.argtypes = [_ptr] * 6 + [_i64] * 11 + [_f32, _f32, _int]
+            lib.ss_depthwise.restype = None
             lib.ss_isa.restype = _int
             lib.ss_set_isa.argtypes = [_int]
             lib.ss_set_isa.restype = _int
@@ -222,6 +224,53 @@ class Backend:
         if residual is None:
             return view.contiguous()
         return (view + residual).clamp_(lo, hi)
+
+    def depthwise(
+        self,
+        x: Tensor,
+        values: Tensor,
+        taps: Tensor,
+        row_ptr: Tensor,
+        bias: Tensor | None,
+        pad: tuple[int, int],
+        stride: int,
+        hq: int,
+        wq: int,
+        ho: int,
+        wo: int,
+        lo: float,
+        hi: float,
+    ) -> Tensor | None:
+        """Depthwise convolution of channel-major ``x`` (C, N, H, W) into (C, N, ho, wo)
+        (see ``ss_depthwise``: ``taps`` are the nonzeros' offsets in a plane padded and split
+        into parity planes of ``hq x wq``); ``None`` without native code."""
+        if self._lib is None:
+            return None
+        c, n, h, w = x.shape
+        out = torch.empty(c, n, ho, wo)
+        self._lib.ss_depthwise(
+            x.data_ptr(),
+            out.data_ptr(),
+            values.data_ptr(),
+            taps.data_ptr(),
+            row_ptr.data_ptr(),
+            _ptr_of(bias),
+            c,
+            n,
+            h,
+            w,
+            pad[0],
+            pad[1],
+            stride,
+            hq,
+            wq,
+            ho,
+            wo,
+            lo,
+            hi,
+            torch.get_num_threads(),
+        )
+        return out
 
     def maxpool(self, x: Tensor, kernel: int, stride: int, padding: int) -> Tensor | None:
         """Max pooling of channel-major ``x`` (C, N, H, W); ``None`` without native code."""

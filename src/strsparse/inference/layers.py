@@ -5,7 +5,9 @@ channel's pixels (all images of the batch) are one contiguous run, so the kernel
 dimension is ``N * H * W`` and a 1x1 conv is a plain sparse-times-dense product. A k x k conv
 reads its input through per-nonzero offsets into the zero-padded input (split into parity
 planes when strided) and computes a few junk columns that are dropped afterwards, so no
-im2col is built. BatchNorm is folded into the weights and bias, and the residual add and the
+im2col is built. A depthwise conv has a kernel of its own, which pads one (channel, image)
+plane at a time into a buffer that stays in cache and writes its output without junk
+columns. BatchNorm is folded into the weights and bias, and the residual add and the
 activation (a clamp: ReLU, ReLU6) are fused into the kernel's epilogue.
 
 Weights are stored in CSR by output channel: ``values`` (float32), ``indices`` (the column
@@ -241,6 +243,10 @@ class SparseConv2d(_SparseBase):
     def pointwise(self) -> bool:
         return self.kernel_size == (1, 1) and self.padding == (0, 0)
 
+    @property
+    def depthwise(self) -> bool:
+        return self.groups == self.in_channels == self.out_channels
+
     def _output_size(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (ph, pw), (dh, dw), s = self.kernel_size, self.padding, self.dilation, self.stride
         return (h + 2 * ph - dh * (kh - 1) - 1) // s + 1, (w + 2 * pw - dw * (kw - 1) - 1) // s + 1
@@ -277,6 +283,19 @@ class SparseConv2d(_SparseBase):
         offsets = ci * ch_stride + ((dy % s) * s + dx % s) * plane + (dy // s) * wq + dx // s
         return (offsets.to(torch.int32).contiguous(), ho, wo, hq, wq, plane, ch_stride)
 
+    def _depthwise_geometry(self, h: int, w: int) -> tuple[Any, ...] | None:
+        """The nonzeros' offsets in one (channel, image) plane padded and split into parity
+        planes (``ss_depthwise``), and the plane sizes."""
+        ho, wo = self._output_size(h, w)
+        (ph, pw), (dh, dw), s = self.padding, self.dilation, self.stride
+        hq, wq = -(-(h + 2 * ph) // s), -(-(w + 2 * pw) // s)
+        if ho <= 0 or wo <= 0 or s * s * hq * wq > _INT32_MAX:
+            return None
+        _, r, t, _ = self._nonzero_coords()
+        dy, dx = r * dh, t * dw
+        taps = ((dy % s) * s + dx % s) * (hq * wq) + (dy // s) * wq + dx // s
+        return (taps.to(torch.int32).contiguous(), ho, wo, hq, wq)
+
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if not self.channel_major:  # a dense layer between standard-layout ops
             y = F.conv2d(
@@ -291,12 +310,22 @@ class SparseConv2d(_SparseBase):
             )
         x = x.contiguous().float()
         c, n, h, w = x.shape
+        lo, hi = self.clamp
+        if self.mode == "sparse" and self.depthwise and residual is None and backend().native:
+            dw_geometry = self._cached((h, w), lambda: self._depthwise_geometry(h, w))
+            if dw_geometry is not None:
+                taps, ho, wo, hq, wq = dw_geometry
+                out = backend().depthwise(
+                    x, self.values, taps, self.row_ptr, self.bias,
+                    (self.padding[0], self.padding[1]), self.stride, hq, wq, ho, wo, lo, hi,
+                )  # fmt: skip
+                if out is not None:
+                    return out
         geometry = None
         if self.mode == "sparse":
             geometry = self._cached((n, h, w), lambda: self._geometry(n, h, w))
         if geometry is None:  # dense layer, or too large for 32-bit offsets
             return self._dense_forward(x, residual)
-        lo, hi = self.clamp
         if residual is not None:
             residual = residual.contiguous().float()
         if self.pointwise:

@@ -14,6 +14,8 @@
  * floats with AVX-512, 64 with AVX2), output channels looping inside a tile. The instruction
  * set is picked at run time (target attributes + __builtin_cpu_supports), not at build time.
  * Work is split over pixel tiles and blocks of output channels on a small thread pool.
+ * Depthwise convs have a kernel of their own (ss_depthwise), one (channel, image) plane at a
+ * time.
  */
 #ifndef SS_NO_PYTHON
 #include <Python.h>
@@ -683,6 +685,270 @@ SS_EXPORT void ss_maxpool(const float *in, float *out, int64_t planes, int64_t h
     pool_args a = {in, out, 0, h, w, kh, kw, stride, pad, ho, wo};
     if (planes * h * w < SS_SERIAL_VALUES) threads = 1;
     parallel_for(threads, planes, maxpool_task, &a);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Depthwise convolution. Each (channel, image) plane is copied into a zero-padded buffer of
+ * its own (split into parity planes when strided) that stays in cache, and its output is a
+ * sum of shifted windows over that buffer, with the bias and the clamp fused: the input is
+ * read once and the output written once, where the generic path writes and reads back the
+ * padded input and a junk-column output. Only the plane's interior is copied: the padding of
+ * the buffer is zeroed once and stays zero from plane to plane. Each instruction set gets its
+ * own copy of the plane loop, so that the short row copies and windows are inlined.          */
+
+typedef struct {
+    const float *in;
+    float *out;
+    const float *values;
+    const int32_t *taps; /* per nonzero: its offset in a plane's padded buffer */
+    const int32_t *row_ptr;
+    const float *bias; /* may be NULL */
+    int64_t n, h, w, pad_t, pad_l, stride, hq, wq, ho, wo;
+    float lo, hi;
+} depthwise_args;
+
+/* dst[q] = clamp(b + sum_k w[k] * src[taps[k] + q], lo, hi) for q in [0, count). */
+typedef void (*window_fn)(float *dst, const float *src, const float *w, const int32_t *taps,
+                          int nt, float b, float lo, float hi, int64_t count);
+
+/* Fill the interior of plane `item`'s padded buffer and compute its output. Inlined into each
+ * instruction set's task with that set's `window` and `copy`. */
+static inline __attribute__((always_inline)) void
+depthwise_plane(const depthwise_args *a, int64_t item, float *buf, float *tmp, int by_rows,
+                window_fn window, strided_fn copy) {
+    const int64_t s = a->stride, plane = a->hq * a->wq, wq = a->wq;
+    const int64_t c = item / a->n;
+    const float *src = a->in + item * a->h * a->w;
+    float *dst = a->out + item * a->ho * a->wo;
+    /* parity plane (pa, pb) holds rows i with 0 <= s*i + pa - pad_t < h and columns j with
+     * 0 <= s*j + pb - pad_l < w of the image */
+    for (int64_t pa = 0; pa < s; pa++)
+        for (int64_t pb = 0; pb < s; pb++) {
+            float *p = buf + (pa * s + pb) * plane;
+            const int64_t top = a->pad_t - pa, left = a->pad_l - pb;
+            const int64_t i0 = top <= 0 ? 0 : (top + s - 1) / s;
+            int64_t i1 = (a->h + top + s - 1) / s;
+            const int64_t j0 = left <= 0 ? 0 : (left + s - 1) / s;
+            int64_t j1 = (a->w + left + s - 1) / s;
+            if (i1 > a->hq) i1 = a->hq;
+            if (j1 > wq) j1 = wq;
+            if (j1 <= j0) continue;
+            const int64_t x0 = s * j0 - left;
+            for (int64_t i = i0; i < i1; i++)
+                copy(p + i * wq + j0, src + (s * i - top) * a->w + x0, j1 - j0, s, a->w - x0);
+        }
+    const int32_t k0 = a->row_ptr[c], nt = a->row_ptr[c + 1] - k0;
+    const float b = a->bias ? a->bias[c] : 0.0f;
+    if (by_rows) {
+        for (int64_t i = 0; i < a->ho; i++)
+            window(dst + i * a->wo, buf + i * wq, a->values + k0, a->taps + k0, nt, b, a->lo,
+                   a->hi, a->wo);
+    } else {
+        window(tmp, buf, a->values + k0, a->taps + k0, nt, b, a->lo, a->hi,
+               (a->ho - 1) * wq + a->wo);
+        for (int64_t i = 0; i < a->ho; i++) copy(dst + i * a->wo, tmp + i * wq, a->wo, 1, a->wo);
+    }
+}
+
+/* The plane buffer (zeroed) and, unless the output is computed row by row, room for a whole
+ * shifted window. Rows go straight into the output unless short rows would leave most of the
+ * `lanes` of a vector idle. */
+static float *depthwise_buffer(const depthwise_args *a, int64_t lanes, int *by_rows) {
+    const int64_t n_pix = (a->ho - 1) * a->wq + a->wo; /* the shifted window, junk included */
+    const int64_t row_lanes = a->ho * ((a->wo + lanes - 1) / lanes) * lanes;
+    const int64_t flat_lanes = (n_pix + lanes - 1) / lanes * lanes + n_pix / 4;
+    *by_rows = row_lanes <= flat_lanes;
+    const int64_t size = a->stride * a->stride * a->hq * a->wq + (*by_rows ? 0 : n_pix);
+    return (float *)calloc((size_t)size, sizeof(float));
+}
+
+static void window_portable(float *dst, const float *src, const float *w, const int32_t *taps,
+                            int nt, float b, float lo, float hi, int64_t count) {
+    float acc[64];
+    for (int64_t q0 = 0; q0 < count; q0 += 64) {
+        const int64_t m = count - q0 < 64 ? count - q0 : 64;
+        for (int64_t q = 0; q < m; q++) acc[q] = b;
+        for (int k = 0; k < nt; k++) {
+            const float wk = w[k];
+            const float *s = src + taps[k] + q0;
+            for (int64_t q = 0; q < m; q++) acc[q] += wk * s[q];
+        }
+        for (int64_t q = 0; q < m; q++) dst[q0 + q] = clampf(acc[q], lo, hi);
+    }
+}
+
+static void depthwise_task_portable(void *ctx, int64_t begin, int64_t end) {
+    const depthwise_args *a = (const depthwise_args *)ctx;
+    int by_rows;
+    float *buf = depthwise_buffer(a, 1, &by_rows);
+    if (!buf) return;
+    float *tmp = buf + a->stride * a->stride * a->hq * a->wq;
+    for (int64_t item = begin; item < end; item++)
+        depthwise_plane(a, item, buf, tmp, by_rows, window_portable, strided_copy_portable);
+    free(buf);
+}
+
+#if SS_X86
+/* dst[j] = src[stride * j] for j < count, src holding `avail` floats: stride 1 and 2 in
+ * masked vectors, so that short rows cost no scalar tails. */
+__attribute__((target("avx512f"))) static inline void
+copy_avx512(float *dst, const float *src, int64_t count, int64_t stride, int64_t avail) {
+    if (stride == 1) {
+        for (int64_t j = 0; j < count; j += 16) {
+            const int64_t rem = count - j;
+            const __mmask16 m = (__mmask16)(rem >= 16 ? 0xFFFF : ((1u << rem) - 1u));
+            _mm512_mask_storeu_ps(dst + j, m, _mm512_maskz_loadu_ps(m, src + j));
+        }
+    } else if (stride == 2) {
+        const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                               28, 30);
+        for (int64_t j = 0; j < count; j += 16) {
+            const int64_t rem = count - j, left = avail - 2 * j;
+            const __mmask16 m = (__mmask16)(rem >= 16 ? 0xFFFF : ((1u << rem) - 1u));
+            const __mmask16 m_lo = (__mmask16)(left >= 16 ? 0xFFFF : ((1u << left) - 1u));
+            const __mmask16 m_hi =
+                (__mmask16)(left >= 32 ? 0xFFFF : (left <= 16 ? 0u : ((1u << (left - 16)) - 1u)));
+            const __m512 lo = _mm512_maskz_loadu_ps(m_lo, src + 2 * j);
+            const __m512 hi = _mm512_maskz_loadu_ps(m_hi, src + 2 * j + 16);
+            _mm512_mask_storeu_ps(dst + j, m, _mm512_permutex2var_ps(lo, even, hi));
+        }
+    } else {
+        for (int64_t j = 0; j < count; j++) dst[j] = src[stride * j];
+    }
+}
+
+__attribute__((target("avx512f"))) static inline void
+window_avx512(float *dst, const float *src, const float *w, const int32_t *taps, int nt, float b,
+              float lo, float hi, int64_t count) {
+    const __m512 vb = _mm512_set1_ps(b), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+    int64_t q = 0;
+    for (; q + 64 <= count; q += 64) {
+        __m512 a0 = vb, a1 = vb, a2 = vb, a3 = vb;
+        for (int k = 0; k < nt; k++) {
+            const __m512 wk = _mm512_set1_ps(w[k]);
+            const float *s = src + taps[k] + q;
+            a0 = _mm512_fmadd_ps(wk, _mm512_loadu_ps(s), a0);
+            a1 = _mm512_fmadd_ps(wk, _mm512_loadu_ps(s + 16), a1);
+            a2 = _mm512_fmadd_ps(wk, _mm512_loadu_ps(s + 32), a2);
+            a3 = _mm512_fmadd_ps(wk, _mm512_loadu_ps(s + 48), a3);
+        }
+        _mm512_storeu_ps(dst + q, _mm512_min_ps(_mm512_max_ps(a0, vlo), vhi));
+        _mm512_storeu_ps(dst + q + 16, _mm512_min_ps(_mm512_max_ps(a1, vlo), vhi));
+        _mm512_storeu_ps(dst + q + 32, _mm512_min_ps(_mm512_max_ps(a2, vlo), vhi));
+        _mm512_storeu_ps(dst + q + 48, _mm512_min_ps(_mm512_max_ps(a3, vlo), vhi));
+    }
+    for (; q < count; q += 16) {
+        const int64_t rem = count - q;
+        const __mmask16 m = (__mmask16)(rem >= 16 ? 0xFFFF : ((1u << rem) - 1u));
+        __m512 acc = vb;
+        for (int k = 0; k < nt; k++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(w[k]),
+                                  _mm512_maskz_loadu_ps(m, src + taps[k] + q), acc);
+        _mm512_mask_storeu_ps(dst + q, m, _mm512_min_ps(_mm512_max_ps(acc, vlo), vhi));
+    }
+}
+
+__attribute__((target("avx512f"))) static void depthwise_task_avx512(void *ctx, int64_t begin,
+                                                                     int64_t end) {
+    const depthwise_args *a = (const depthwise_args *)ctx;
+    int by_rows;
+    float *buf = depthwise_buffer(a, 16, &by_rows);
+    if (!buf) return;
+    float *tmp = buf + a->stride * a->stride * a->hq * a->wq;
+    for (int64_t item = begin; item < end; item++)
+        depthwise_plane(a, item, buf, tmp, by_rows, window_avx512, copy_avx512);
+    free(buf);
+}
+
+__attribute__((target("avx2,fma"))) static inline void
+copy_avx2(float *dst, const float *src, int64_t count, int64_t stride, int64_t avail) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    if (stride == 1) {
+        for (int64_t j = 0; j < count; j += 8) {
+            const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(count - j)), lane);
+            _mm256_maskstore_ps(dst + j, m, _mm256_maskload_ps(src + j, m));
+        }
+    } else if (stride == 2) {
+        for (int64_t j = 0; j < count; j += 8) {
+            const int left = (int)(avail - 2 * j < 16 ? avail - 2 * j : 16);
+            const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(count - j)), lane);
+            const __m256i m_lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), lane);
+            const __m256i m_hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(left - 8), lane);
+            const __m256 lo = _mm256_maskload_ps(src + 2 * j, m_lo);
+            const __m256 hi = _mm256_maskload_ps(src + 2 * j + 8, m_hi);
+            const __m256 mixed = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+            const __m256d ordered = _mm256_permute4x64_pd(_mm256_castps_pd(mixed), 0xD8);
+            _mm256_maskstore_ps(dst + j, m, _mm256_castpd_ps(ordered));
+        }
+    } else {
+        for (int64_t j = 0; j < count; j++) dst[j] = src[stride * j];
+    }
+}
+
+__attribute__((target("avx2,fma"))) static inline void
+window_avx2(float *dst, const float *src, const float *w, const int32_t *taps, int nt, float b,
+            float lo, float hi, int64_t count) {
+    const __m256 vb = _mm256_set1_ps(b), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    int64_t q = 0;
+    for (; q + 32 <= count; q += 32) {
+        __m256 a0 = vb, a1 = vb, a2 = vb, a3 = vb;
+        for (int k = 0; k < nt; k++) {
+            const __m256 wk = _mm256_set1_ps(w[k]);
+            const float *s = src + taps[k] + q;
+            a0 = _mm256_fmadd_ps(wk, _mm256_loadu_ps(s), a0);
+            a1 = _mm256_fmadd_ps(wk, _mm256_loadu_ps(s + 8), a1);
+            a2 = _mm256_fmadd_ps(wk, _mm256_loadu_ps(s + 16), a2);
+            a3 = _mm256_fmadd_ps(wk, _mm256_loadu_ps(s + 24), a3);
+        }
+        _mm256_storeu_ps(dst + q, _mm256_min_ps(_mm256_max_ps(a0, vlo), vhi));
+        _mm256_storeu_ps(dst + q + 8, _mm256_min_ps(_mm256_max_ps(a1, vlo), vhi));
+        _mm256_storeu_ps(dst + q + 16, _mm256_min_ps(_mm256_max_ps(a2, vlo), vhi));
+        _mm256_storeu_ps(dst + q + 24, _mm256_min_ps(_mm256_max_ps(a3, vlo), vhi));
+    }
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (; q < count; q += 8) {
+        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(count - q)), lane);
+        __m256 acc = vb;
+        for (int k = 0; k < nt; k++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(w[k]),
+                                  _mm256_maskload_ps(src + taps[k] + q, m), acc);
+        _mm256_maskstore_ps(dst + q, m, _mm256_min_ps(_mm256_max_ps(acc, vlo), vhi));
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void depthwise_task_avx2(void *ctx, int64_t begin,
+                                                                   int64_t end) {
+    const depthwise_args *a = (const depthwise_args *)ctx;
+    int by_rows;
+    float *buf = depthwise_buffer(a, 8, &by_rows);
+    if (!buf) return;
+    float *tmp = buf + a->stride * a->stride * a->hq * a->wq;
+    for (int64_t item = begin; item < end; item++)
+        depthwise_plane(a, item, buf, tmp, by_rows, window_avx2, copy_avx2);
+    free(buf);
+}
+#endif
+
+/* Depthwise convolution of a channel-major (C, N, h, w) input into (C, N, ho, wo):
+ * out[c, n, i, j] = clamp(bias[c] + sum_k values[k] * P[taps[k] + i*wq + j], lo, hi), k in
+ * [row_ptr[c], row_ptr[c+1]), where P is plane (c, n) zero-padded by (pad_t, pad_l) and split
+ * into stride x stride parity planes of hq x wq: P[(a*stride + b)*hq*wq + i*wq + j] =
+ * in[c, n, stride*i + a - pad_t, stride*j + b - pad_l] (0 outside the image). */
+SS_EXPORT void ss_depthwise(const float *in, float *out, const float *values,
+                            const int32_t *taps, const int32_t *row_ptr, const float *bias,
+                            int64_t c, int64_t n, int64_t h, int64_t w, int64_t pad_t,
+                            int64_t pad_l, int64_t stride, int64_t hq, int64_t wq, int64_t ho,
+                            int64_t wo, float lo, float hi, int threads) {
+    if (c <= 0 || n <= 0 || ho <= 0 || wo <= 0) return;
+    depthwise_args a = {in, out, values, taps, row_ptr, bias, n, h, w, pad_t, pad_l, stride,
+                        hq, wq, ho, wo, lo, hi};
+    task_fn task = depthwise_task_portable;
+#if SS_X86
+    if (ss_isa() == ISA_AVX512) task = depthwise_task_avx512;
+    else if (ss_isa() == ISA_AVX2) task = depthwise_task_avx2;
+#endif
+    if (c * n * (h * w + ho * wo) < 2 * SS_SERIAL_VALUES) threads = 1;
+    parallel_for(threads, c * n, task, &a);
 }
 
 #ifndef SS_NO_PYTHON
