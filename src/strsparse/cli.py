@@ -768,7 +768,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line per job, not one per torchrun rank
+            print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (StrsparseError, OSError) as exc:  # anything else is a bug: its traceback shows
         if debug:

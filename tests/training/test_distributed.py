@@ -198,3 +198,15 @@ def test_a_two_process_run_resumes_exactly_mid_epoch(tmp_path: Path) -> None:
     )
     assert load_checkpoint(tmp_path / "cut")["step"] == 8
     _assert_same_run(tmp_path / "full", tmp_path / "cut")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_all_at_one_step_and_resumes_exactly(tmp_path: Path) -> None:
+    # rank 1 alone is signalled in step 3 of 4 of epoch 1: both ranks finish that step, agree
+    # to stop, rank 0 writes last.pt with both ranks' states, and both leave cleanly
+    _torchrun(tmp_path, RUNS, "full:none", "term:sigterm@3@1", "term:none")
+    expected = ["full finished", "term interrupted", "term finished"]
+    assert _outcomes(tmp_path, 0) == _outcomes(tmp_path, 1) == expected
+    log = (tmp_path / "term" / "train.log").read_text()
+    assert "interrupted: saved" in log and "epoch 1, step 3" in log
+    _assert_same_run(tmp_path / "full", tmp_path / "term")

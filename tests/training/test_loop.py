@@ -211,6 +211,19 @@ def test_resume_after_ctrl_c_equals_uninterrupted(
     assert [r["epoch"] for r in rows] == ["1", "2"]
 
 
+def test_a_repeated_sigterm_waits_for_the_checkpoint_a_second_ctrl_c_does_not() -> None:
+    # a scheduler and torchrun may each send SIGTERM to a worker: the second must not cut
+    # the checkpoint short; a second Ctrl-C is someone who wants out now
+    with training_loop._InterruptFlag() as interrupt:
+        assert interrupt.active and not interrupt.raised
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
+        assert interrupt.raised
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers put back
+
+
 def test_a_target_reaches_the_run_files(tmp_path: Path) -> None:
     result = train(synthetic_config(tmp_path, **STR_TARGET, **{"train.epochs": 3}))
     run = tmp_path / "run"

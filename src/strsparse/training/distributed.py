@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,6 +25,8 @@ __all__ = [
     "DistributedEnv",
     "all_reduce_sum",
     "any_rank",
+    "any_rank_each",
+    "barrier",
     "broadcast_buffers",
     "cleanup_distributed",
     "gather_to_main",
@@ -130,6 +132,18 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` is true on any rank (``flag`` itself when not distributed)."""
     return all_reduce_sum([float(flag)], device)[0] > 0
+
+
+def any_rank_each(flags: Sequence[bool], device: torch.device) -> list[bool]:
+    """For each of ``flags``, whether it is true on any rank, in one all_reduce: every rank
+    gets the same answer, whenever each set its own flags."""
+    return [total > 0 for total in all_reduce_sum([float(f) for f in flags], device)]
+
+
+def barrier(env: DistributedEnv) -> None:
+    """Wait until every rank gets here (nothing when not distributed)."""
+    if env.enabled and dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

@@ -11,8 +11,9 @@ TensorBoard) and write ``checkpoints/last.pt`` atomically. At the end the record
 Resuming (``strsparse.training.resume``) restores model, optimizer, position, record and
 random states (every rank's own under torchrun), and the loader order is a function of
 (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one (on CPU,
-and on as many processes). Ctrl-C finishes the current step,
-saves ``last.pt`` with the position inside the epoch, and re-raises ``KeyboardInterrupt``.
+and on as many processes). Ctrl-C or SIGTERM (on any rank under torchrun) finishes the
+current step, saves ``last.pt`` with the position inside the epoch, and raises
+``KeyboardInterrupt`` (on every rank).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ from strsparse.training.distributed import (
     DistributedEnv,
     all_reduce_sum,
     any_rank,
+    any_rank_each,
+    barrier,
     broadcast_buffers,
     cleanup_distributed,
     gather_to_main,
@@ -348,19 +351,28 @@ def train_epoch(
             progress.step += 1
             progress.batch += 1
             bar.update(targets.shape[0])
+            # one process stops at once; ranks stop together, at a check they all make
+            stop = interrupt.raised and not run.env.enabled
             if progress.step % check_every == 0 or progress.batch == run.steps_per_epoch:
                 loss_value = float(loss.detach())
-                if any_rank(not math.isfinite(loss_value), run.device):  # all ranks stop
+                # one all_reduce: has any rank's loss diverged, has any rank been signalled
+                diverged, stop = any_rank_each(
+                    [not math.isfinite(loss_value), interrupt.raised], run.device
+                )
+                if diverged:  # all ranks stop
                     raise TrainingDiverged(_diverged_message(run, progress, loss_value))
                 if progress.step % log_every == 0:
                     recorder.log_step(progress.step, loss_value, lr)
                     postfix = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.3g}"}
                     bar.set_postfix(postfix | _target_postfix(run.handle), refresh=False)
             mid_epoch = progress.batch < run.steps_per_epoch  # an epoch end saves anyway
-            if mid_epoch and (interrupt.raised or progress.step % every == 0):
-                _save_mid_epoch(run, progress, recorder, sums, rng_epoch_start, interrupt.raised)
-                if interrupt.raised:
+            if mid_epoch and (stop or progress.step % every == 0):
+                _save_mid_epoch(run, progress, recorder, sums, rng_epoch_start, stop)
+                if stop:
+                    barrier(run.env)  # no rank leaves (and torchrun stops the rest) mid-write
                     raise KeyboardInterrupt
+            if stop:
+                interrupt.agreed = True  # at the epoch's end: stop after it is saved
     finally:
         bar.close()
     if run.env.enabled:
@@ -383,7 +395,8 @@ def _save_mid_epoch(
         return
     logger.log(
         logging.WARNING if interrupted else logging.INFO,
-        "saved %s at epoch %d, step %d; the same command resumes from it",
+        "%ssaved %s at epoch %d, step %d; the same command resumes from it",
+        "interrupted: " if interrupted else "",
         run.ckpt_dir / "last.pt",
         progress.epoch + 1,
         progress.step,
@@ -469,27 +482,38 @@ def _diverged_message(run: _Run, progress: Progress, value: float) -> str:
 
 
 class _InterruptFlag:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM (what Slurm, Kubernetes and cloud
-    schedulers send before they stop a job) into a flag the loop checks between steps, so the
-    checkpoint it saves is consistent; a second signal interrupts at once. Only in the main
-    thread of a single-process run (in a distributed job, ranks cannot stop at the same step:
-    use ``train.checkpoint_every_steps`` there)."""
+    """Turns Ctrl-C (SIGINT) and SIGTERM (what Slurm, Kubernetes and cloud schedulers send
+    before they stop a job, and what torchrun passes on to its workers) into a flag the loop
+    reads between steps, so the checkpoint it saves is consistent.
+
+    Under torchrun every rank keeps its own flag, and the ranks agree to stop in the loop's
+    check after a step (the all_reduce that also looks for a diverged loss), however many of
+    them were signalled; ``agreed`` records a stop agreed at an epoch's last step. A second
+    Ctrl-C quits at once; a repeated SIGTERM does not (a scheduler and torchrun may each send
+    one to the same worker). Only rank 0 (``announce``) logs the signal. Signal handlers can
+    be set in the main thread only: elsewhere the flag stays down.
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, active: bool) -> None:
-        self.active = active and threading.current_thread() is threading.main_thread()
-        self.raised = False
+    def __init__(self, *, announce: bool = True) -> None:
+        self.active = threading.current_thread() is threading.main_thread()
+        self.announce = announce
+        self.raised = False  # a signal came to this process
+        self.agreed = False  # all ranks agreed to stop at the end of the epoch
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.raised:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.raised = True
-        logger.warning(
-            "%s: finishing this step, saving a checkpoint (again: quit at once)",
-            signal.Signals(signum).name,
-        )
+        if self.announce:
+            logger.warning(
+                "%s: finishing this step, saving a checkpoint (Ctrl-C again: quit at once)",
+                signal.Signals(signum).name,
+            )
 
     def __enter__(self) -> _InterruptFlag:
         if self.active:
@@ -755,7 +779,7 @@ def _fit(
     if progress.step == 0:
         recorder.add_start(sparsity_report(run.model))
     layers = None
-    with _InterruptFlag(active=not run.env.enabled) as interrupt:
+    with _InterruptFlag(announce=run.env.is_main) as interrupt:
         while progress.epoch < epochs:
             batches, rng_epoch_start = epoch_batches(
                 run.train_loader,
@@ -767,7 +791,17 @@ def _fit(
             resume = None
             train_epoch(run, progress, batches, recorder, interrupt, rng_epoch_start)
             layers = _end_epoch(run, progress, recorder)
-            if interrupt.raised:
+            # saved at the epoch's end: stop there when signalled (one all_reduce an epoch
+            # catches a signal that came during the evaluation), unless the run is done
+            stop = interrupt.agreed or any_rank(interrupt.raised, run.device)
+            if stop and progress.epoch < epochs:
+                if run.env.is_main:
+                    logger.warning(
+                        "interrupted: saved %s at the end of epoch %d; the same command "
+                        "resumes from it",
+                        run.ckpt_dir / "last.pt",
+                        progress.epoch,
+                    )
                 raise KeyboardInterrupt
     return layers
 
