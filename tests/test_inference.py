@@ -155,6 +155,49 @@ def test_every_instruction_set_matches_dense(isa: str) -> None:
         set_isa("auto")
 
 
+class _PointwiseResidual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(channels, channels, 1)
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.first(x))
+        return torch.relu(self.bn(self.conv(x)) + x)  # the add fused into conv
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_one_pixel_products_match_dense(isa: str) -> None:
+    """One sample through a Linear layer, or a 1x1 image through a pointwise conv with a
+    fused residual: the kernels gather a row's inputs; rows of 0 to 80 nonzeros cover full
+    and partial vectors."""
+    try:
+        set_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        torch.manual_seed(0)
+        linear = nn.Linear(80, 33)
+        with torch.no_grad():
+            keep = torch.arange(80) < torch.randint(0, 81, (33, 1))  # row i: its first k_i
+            linear.weight.mul_(keep[:, torch.randperm(80)])
+        model = nn.Sequential(linear, nn.ReLU()).eval()
+        sparse = to_sparse(model, max_density=1.0)
+        assert sparse.sparse_plan == {"0": "sparse"}
+        for batch in (1, 3):
+            _check_close(model, sparse, torch.randn(batch, 80))
+        conv = _prune(_PointwiseResidual(40), 0.6)
+        sparse_conv = to_sparse(conv, max_density=1.0)
+        assert sparse_conv.sparse_plan == {"first": "sparse", "conv": "sparse"}
+        calls = [n for n in sparse_conv.net.graph.nodes if n.target == "conv"]
+        assert len(calls[0].args) == 2  # input and fused residual
+        _check_close(conv, sparse_conv, torch.randn(1, 40, 1, 1))
+    finally:
+        set_isa("auto")
+
+
 DEPTHWISE = {
     "3x3": dict(kernel_size=3, padding=1),
     "3x3-stride2": dict(kernel_size=3, stride=2, padding=1),

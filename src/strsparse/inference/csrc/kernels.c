@@ -220,33 +220,37 @@ spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, cons
 #define LOAD512(k, p) \
     ((k) < nv - 1 || full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m[(k)], (p)))
     const __m512 vlo = _mm512_set1_ps(a->lo), vhi = _mm512_set1_ps(a->hi);
+    /* U independent sums of every vector (nonzeros taken in turn), so that short tiles are
+     * not bound by the FMA latency: 8 or more chains in flight */
+    const int U = nv <= 2 ? 4 : (nv <= 7 ? 2 : 1);
     for (int64_t co = c0; co < c1; co++) {
-        __m512 acc[8];
+        __m512 acc[8], more[3][8];
         for (int k = 0; k < nv; k++) acc[k] = _mm512_setzero_ps();
+        for (int u = 0; u < U - 1; u++)
+            for (int k = 0; k < nv; k++) more[u][k] = _mm512_setzero_ps();
         const int32_t j1 = a->row_ptr[co + 1];
         int32_t j = a->row_ptr[co];
-        if (nv == 1) {
-            /* one vector: four independent sums, or the FMA latency bounds the loop */
-            __m512 s1 = _mm512_setzero_ps(), s2 = s1, s3 = s1;
-            const float *in = a->in + p0;
-            for (; j + 4 <= j1; j += 4) {
-                acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(a->values[j]),
-                                         LOAD512(0, in + a->offsets[j]), acc[0]);
-                s1 = _mm512_fmadd_ps(_mm512_set1_ps(a->values[j + 1]),
-                                     LOAD512(0, in + a->offsets[j + 1]), s1);
-                s2 = _mm512_fmadd_ps(_mm512_set1_ps(a->values[j + 2]),
-                                     LOAD512(0, in + a->offsets[j + 2]), s2);
-                s3 = _mm512_fmadd_ps(_mm512_set1_ps(a->values[j + 3]),
-                                     LOAD512(0, in + a->offsets[j + 3]), s3);
+        const float *in = a->in + p0;
+        for (; j + U <= j1; j += U) {
+            const __m512 w = _mm512_set1_ps(a->values[j]);
+            const float *src = in + a->offsets[j];
+            for (int k = 0; k < nv; k++)
+                acc[k] = _mm512_fmadd_ps(w, LOAD512(k, src + 16 * k), acc[k]);
+            for (int u = 0; u < U - 1; u++) {
+                const __m512 wu = _mm512_set1_ps(a->values[j + 1 + u]);
+                const float *su = in + a->offsets[j + 1 + u];
+                for (int k = 0; k < nv; k++)
+                    more[u][k] = _mm512_fmadd_ps(wu, LOAD512(k, su + 16 * k), more[u][k]);
             }
-            acc[0] = _mm512_add_ps(_mm512_add_ps(acc[0], s1), _mm512_add_ps(s2, s3));
         }
         for (; j < j1; j++) {
             const __m512 w = _mm512_set1_ps(a->values[j]);
-            const float *src = a->in + a->offsets[j] + p0;
+            const float *src = in + a->offsets[j];
             for (int k = 0; k < nv; k++)
                 acc[k] = _mm512_fmadd_ps(w, LOAD512(k, src + 16 * k), acc[k]);
         }
+        for (int u = 0; u < U - 1; u++)
+            for (int k = 0; k < nv; k++) acc[k] = _mm512_add_ps(acc[k], more[u][k]);
         const __m512 b = _mm512_set1_ps(a->bias ? a->bias[co] : 0.0f);
         float *dst = a->out + co * a->ld_out + p0;
         const float *res = a->residual ? a->residual + co * a->ld_res + p0 : NULL;
@@ -262,8 +266,43 @@ spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, cons
     }
 }
 
+/* One pixel (a Linear layer on one sample): a row's nonzeros 16 at a time, their inputs
+ * gathered, where the tile loop would spend a masked vector on every nonzero. */
+__attribute__((target("avx512f"))) static void
+spmm_pixel_avx512(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0) {
+    const float *in = a->in + p0;
+    for (int64_t co = c0; co < c1; co++) {
+        const int32_t j1 = a->row_ptr[co + 1];
+        int32_t j = a->row_ptr[co];
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+        for (; j + 32 <= j1; j += 32) {
+            const __m512i i0 = _mm512_loadu_si512((const void *)(a->offsets + j));
+            const __m512i i1 = _mm512_loadu_si512((const void *)(a->offsets + j + 16));
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a->values + j), _mm512_i32gather_ps(i0, in, 4),
+                                 s0);
+            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a->values + j + 16),
+                                 _mm512_i32gather_ps(i1, in, 4), s1);
+        }
+        for (; j < j1; j += 16) {
+            const int32_t rem = j1 - j;
+            const __mmask16 m = (__mmask16)(rem >= 16 ? 0xFFFF : ((1u << rem) - 1u));
+            const __m512i idx = _mm512_maskz_loadu_epi32(m, a->offsets + j);
+            const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, in, 4);
+            s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a->values + j), x, s0);
+        }
+        float v = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        if (a->bias) v += a->bias[co];
+        if (a->residual) v += a->residual[co * a->ld_res + p0];
+        a->out[co * a->ld_out + p0] = clampf(v, a->lo, a->hi);
+    }
+}
+
 __attribute__((target("avx512f"))) static void
 spmm_tile_avx512(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t np) {
+    if (np == 1) {
+        spmm_pixel_avx512(a, c0, c1, p0);
+        return;
+    }
     const int nv = (int)((np + 15) / 16);
     const int rem = (int)(np - 16 * (nv - 1));
     const __mmask16 last = (__mmask16)(rem >= 16 ? 0xFFFF : ((1u << rem) - 1u));
@@ -291,33 +330,36 @@ spmm_tile_avx2_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, const 
 #define LOAD256(k, p) \
     ((k) < nv - 1 || full ? _mm256_loadu_ps(p) : _mm256_maskload_ps((p), m[(k)]))
     const __m256 vlo = _mm256_set1_ps(a->lo), vhi = _mm256_set1_ps(a->hi);
+    /* independent sums as with AVX-512, within the 16 vector registers */
+    const int U = nv <= 2 ? 4 : (nv <= 4 ? 2 : 1);
     for (int64_t co = c0; co < c1; co++) {
-        __m256 acc[8];
+        __m256 acc[8], more[3][8];
         for (int k = 0; k < nv; k++) acc[k] = _mm256_setzero_ps();
+        for (int u = 0; u < U - 1; u++)
+            for (int k = 0; k < nv; k++) more[u][k] = _mm256_setzero_ps();
         const int32_t j1 = a->row_ptr[co + 1];
         int32_t j = a->row_ptr[co];
-        if (nv == 1) {
-            /* one vector: four independent sums, or the FMA latency bounds the loop */
-            __m256 s1 = _mm256_setzero_ps(), s2 = s1, s3 = s1;
-            const float *in = a->in + p0;
-            for (; j + 4 <= j1; j += 4) {
-                acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(a->values[j]),
-                                         LOAD256(0, in + a->offsets[j]), acc[0]);
-                s1 = _mm256_fmadd_ps(_mm256_set1_ps(a->values[j + 1]),
-                                     LOAD256(0, in + a->offsets[j + 1]), s1);
-                s2 = _mm256_fmadd_ps(_mm256_set1_ps(a->values[j + 2]),
-                                     LOAD256(0, in + a->offsets[j + 2]), s2);
-                s3 = _mm256_fmadd_ps(_mm256_set1_ps(a->values[j + 3]),
-                                     LOAD256(0, in + a->offsets[j + 3]), s3);
+        const float *in = a->in + p0;
+        for (; j + U <= j1; j += U) {
+            const __m256 w = _mm256_set1_ps(a->values[j]);
+            const float *src = in + a->offsets[j];
+            for (int k = 0; k < nv; k++)
+                acc[k] = _mm256_fmadd_ps(w, LOAD256(k, src + 8 * k), acc[k]);
+            for (int u = 0; u < U - 1; u++) {
+                const __m256 wu = _mm256_set1_ps(a->values[j + 1 + u]);
+                const float *su = in + a->offsets[j + 1 + u];
+                for (int k = 0; k < nv; k++)
+                    more[u][k] = _mm256_fmadd_ps(wu, LOAD256(k, su + 8 * k), more[u][k]);
             }
-            acc[0] = _mm256_add_ps(_mm256_add_ps(acc[0], s1), _mm256_add_ps(s2, s3));
         }
         for (; j < j1; j++) {
             const __m256 w = _mm256_set1_ps(a->values[j]);
-            const float *src = a->in + a->offsets[j] + p0;
+            const float *src = in + a->offsets[j];
             for (int k = 0; k < nv; k++)
                 acc[k] = _mm256_fmadd_ps(w, LOAD256(k, src + 8 * k), acc[k]);
         }
+        for (int u = 0; u < U - 1; u++)
+            for (int k = 0; k < nv; k++) acc[k] = _mm256_add_ps(acc[k], more[u][k]);
         const __m256 b = _mm256_set1_ps(a->bias ? a->bias[co] : 0.0f);
         float *dst = a->out + co * a->ld_out + p0;
         const float *res = a->residual ? a->residual + co * a->ld_res + p0 : NULL;
@@ -333,8 +375,47 @@ spmm_tile_avx2_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, const 
     }
 }
 
+/* One pixel: the rows' inputs gathered, as with AVX-512. */
+__attribute__((target("avx2,fma"))) static void
+spmm_pixel_avx2(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0) {
+    const float *in = a->in + p0;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t co = c0; co < c1; co++) {
+        const int32_t j1 = a->row_ptr[co + 1];
+        int32_t j = a->row_ptr[co];
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+        for (; j + 16 <= j1; j += 16) {
+            const __m256i i0 = _mm256_loadu_si256((const __m256i *)(a->offsets + j));
+            const __m256i i1 = _mm256_loadu_si256((const __m256i *)(a->offsets + j + 8));
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a->values + j), _mm256_i32gather_ps(in, i0, 4),
+                                 s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a->values + j + 8),
+                                 _mm256_i32gather_ps(in, i1, 4), s1);
+        }
+        for (; j < j1; j += 8) {
+            const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(j1 - j), lane);
+            const __m256i idx = _mm256_maskload_epi32(a->offsets + j, m);
+            const __m256 x =
+                _mm256_mask_i32gather_ps(_mm256_setzero_ps(), in, idx, _mm256_castsi256_ps(m), 4);
+            s0 = _mm256_fmadd_ps(_mm256_maskload_ps(a->values + j, m), x, s0);
+        }
+        const __m256 s = _mm256_add_ps(s0, s1);
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        float v = _mm_cvtss_f32(h);
+        if (a->bias) v += a->bias[co];
+        if (a->residual) v += a->residual[co * a->ld_res + p0];
+        a->out[co * a->ld_out + p0] = clampf(v, a->lo, a->hi);
+    }
+}
+
 __attribute__((target("avx2,fma"))) static void
 spmm_tile_avx2(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t np) {
+    if (np == 1) {
+        spmm_pixel_avx2(a, c0, c1, p0);
+        return;
+    }
     const int nv = (int)((np + 7) / 8);
     const int rem = (int)(np - 8 * (nv - 1));
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
