@@ -201,3 +201,15 @@ def test_another_number_of_processes_resumes_only_at_an_epoch_boundary(
         reseed_rank(0, 5, rank)
         draws.append(torch.rand(3))
     assert not torch.equal(draws[0], draws[1])
+
+
+def test_rerunning_a_finished_run_adds_no_tensorboard_file(tmp_path: Path) -> None:
+    cfg = synthetic_config(tmp_path, **{**QUICK, "train.tensorboard": True})
+    train(cfg)
+    run = tmp_path / "run"
+    events = sorted((run / "tensorboard").iterdir())
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    before = _snapshot(run)
+    train(cfg)  # finished: nothing is logged, so no writer is opened
+    assert sorted((run / "tensorboard").iterdir()) == events
+    assert _snapshot(run) == before

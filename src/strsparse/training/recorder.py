@@ -112,13 +112,20 @@ class Recorder:
         self.history: dict[str, Any] = saved.get("history") or _new_history()
         self.metrics: dict[str, float] = dict(saved.get("metrics") or {})
         self.best: dict[str, float] = dict(saved.get("best") or {})
+        self._tensorboard = enabled and cfg.train.tensorboard
+        self._purge_step = purge_step or None
         self._writer: Any = None
-        if enabled and cfg.train.tensorboard:
+
+    def _events(self) -> Any:
+        """The TensorBoard writer, opened at the first value logged (None when off): a run
+        that logs nothing, such as a finished run run again, adds no empty events file."""
+        if self._writer is None and self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow to import: only when used
 
             self._writer = SummaryWriter(
-                log_dir=str(run_dir / "tensorboard"), purge_step=purge_step or None
+                log_dir=str(self.run_dir / "tensorboard"), purge_step=self._purge_step
             )
+        return self._writer
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the record."""
@@ -126,9 +133,10 @@ class Recorder:
 
     def log_step(self, step: int, loss: float, lr: float) -> None:
         """One training step's loss and learning rate (TensorBoard)."""
-        if self._writer is not None:
-            self._writer.add_scalar("train/loss", loss, step)
-            self._writer.add_scalar("train/lr", lr, step)
+        writer = self._events()
+        if writer is not None:
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/lr", lr, step)
 
     def add_start(self, layers: SparsityReport) -> None:
         """The thresholds before the first training step: the threshold plot's epoch 0."""
@@ -167,8 +175,9 @@ class Recorder:
         structure = structure or {}
         if self.enabled:
             write_metrics_csv(self.history, self.run_dir / "metrics.csv")
-        if self._writer is not None:
-            w, step = self._writer, row["step"]
+        w = self._events()
+        if w is not None:
+            step = row["step"]
             for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5"):
                 w.add_scalar(key.replace("_", "/", 1), row[key], step)
             w.add_scalar("sparsity/overall", row["sparsity"], step)
