@@ -827,14 +827,17 @@ def build_loaders(
     seeded with ``seed``; the trainer must call ``train_loader.sampler.set_epoch(epoch)``
     before every epoch, or all epochs see the same order. Validation is sharded across ranks
     without padding (``ShardSampler``): sum the metrics over ranks.
+
+    Training workers start afresh every epoch, seeded from the loader's ``generator`` (the
+    trainer reseeds it per epoch too), so augmentation drawn in a worker is a function of
+    the seed and the epoch and a resumed run draws what the uninterrupted one did; the
+    validation workers persist.
     """
     batch_size, eval_batch_size = data_cfg.batch_size, data_cfg.eval_batch_size
     workers = data_cfg.num_workers
-    common: dict[str, Any] = {
-        "num_workers": workers,
-        "pin_memory": torch.cuda.is_available(),
-        "persistent_workers": workers > 0,
-    }
+    common: dict[str, Any] = {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
+    train_common = {**common, "persistent_workers": False}
+    common["persistent_workers"] = workers > 0
     generator = torch.Generator().manual_seed(int(seed))
     if distributed:
         import torch.distributed as dist
@@ -856,7 +859,7 @@ def build_loaders(
             sampler=train_sampler,
             drop_last=False,
             generator=generator,
-            **common,
+            **train_common,
         )
         val_loader = DataLoader(val_ds, batch_size=eval_batch_size, sampler=val_sampler, **common)
         return train_loader, val_loader
@@ -866,7 +869,7 @@ def build_loaders(
         shuffle=True,
         drop_last=False,
         generator=generator,
-        **common,
+        **train_common,
     )
     val_loader = DataLoader(val_ds, batch_size=eval_batch_size, shuffle=False, **common)
     return train_loader, val_loader

@@ -386,12 +386,23 @@ def test_best_checkpoint_is_the_epoch_with_the_highest_top1(
     assert load_checkpoint(run)["epoch"] == 3
 
 
+# Fashion-MNIST with augmentation drawn in a loader worker: 256 images, 8 steps an epoch
+AUGMENTED_IN_A_WORKER = {
+    "data.name": "fashion_mnist",
+    "data.train_limit": 256,
+    "data.val_limit": 128,
+    "data.augment": True,
+    "data.num_workers": 1,
+}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("data", [{}, AUGMENTED_IN_A_WORKER], ids=["synthetic", "worker"])
 def test_a_step_interval_checkpoint_resumes_exactly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: dict
 ) -> None:
-    full = train(synthetic_config(tmp_path, "full"))
-    every = {"train.checkpoint_every_steps": 3}  # steps 3, 6 | 9, 12, 15 (8 per epoch)
+    full = train(synthetic_config(tmp_path, "full", **data))
+    every = {"train.checkpoint_every_steps": 3, **data}  # steps 3, 6 | 9, 12, 15 (8 an epoch)
     original = training_loop.build_model
 
     def build_then_die(cfg, info=None, *, loading_weights=False):

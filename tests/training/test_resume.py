@@ -24,6 +24,7 @@ from strsparse.training.resume import (
     place_run,
     reseed_rank,
     save_progress,
+    set_loader_epoch,
 )
 from tests.training.runs import synthetic_config
 
@@ -54,6 +55,17 @@ def test_every_epoch_has_its_own_order_a_function_of_seed_and_epoch(distributed:
     # a run resumed at epoch 2 builds a fresh loader: it must see the same order
     assert _order(_loader(distributed), 2) == orders[2]
     assert _order(_loader(distributed), 0) == orders[0]
+
+
+def test_the_generator_that_seeds_loader_workers_follows_seed_epoch_and_rank() -> None:
+    seeds = {}
+    for rank in range(2):
+        for epoch in range(2):
+            loader = _loader(distributed=True)  # a fresh loader, as a resumed run builds
+            set_loader_epoch(loader, epoch, seed=0, rank=rank)
+            seeds[rank, epoch] = loader.generator.initial_seed()
+    assert seeds[0, 0] == 0 and seeds[0, 1] == 1  # one process: seed + epoch, as before
+    assert len(set(seeds.values())) == 4
 
 
 def test_a_mid_epoch_resume_skips_the_batches_already_trained() -> None:

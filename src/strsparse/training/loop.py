@@ -787,6 +787,7 @@ def _fit(
                 seed=run.cfg.seed,
                 resume=resume,
                 keep_epoch_start=interrupt.active or bool(run.cfg.train.checkpoint_every_steps),
+                rank=run.env.rank,
             )
             resume = None
             train_epoch(run, progress, batches, recorder, interrupt, rng_epoch_start)

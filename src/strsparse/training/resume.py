@@ -57,6 +57,7 @@ __all__ = [
     "place_run",
     "reseed_rank",
     "save_progress",
+    "set_loader_epoch",
 ]
 
 # Keys that say where and how verbosely a run happens, not what it computes: a rerun that
@@ -297,17 +298,18 @@ def reseed_rank(seed: int, step: int, rank: int) -> None:
     seed_everything((seed * 1_000_003 + step) * 1_000_003 + rank)
 
 
-def set_loader_epoch(loader: Any, epoch: int, seed: int) -> None:
-    """Make the loader's order a function of (seed, epoch): DistributedSampler.set_epoch, or
-    reseed the sampler's / loader's generator."""
+def set_loader_epoch(loader: Any, epoch: int, seed: int, rank: int = 0) -> None:
+    """Make the loader's order and its workers' random streams a function of (seed, epoch,
+    rank): DistributedSampler.set_epoch, and reseed the loader's generator (which seeds its
+    workers, and is the sampler's own in one process) with ``seed + epoch`` on rank 0, a
+    distinct seed on every other rank."""
     sampler = getattr(loader, "sampler", None)
     set_epoch = getattr(sampler, "set_epoch", None)
     if set_epoch is not None:
         set_epoch(epoch)
-        return
     generator = getattr(sampler, "generator", None) or getattr(loader, "generator", None)
     if isinstance(generator, torch.Generator):
-        generator.manual_seed(seed + epoch)
+        generator.manual_seed(seed + epoch + 1_000_003 * rank)
 
 
 def epoch_batches(
@@ -317,6 +319,7 @@ def epoch_batches(
     seed: int,
     resume: Mapping[str, Any] | None,
     keep_epoch_start: bool,
+    rank: int = 0,
 ) -> tuple[Iterator[Any], Any]:
     """The batches of epoch ``progress.epoch`` still to train, and the random state at the
     start of the epoch (when ``keep_epoch_start``, for a mid-epoch checkpoint; else None).
@@ -325,7 +328,7 @@ def epoch_batches(
     batches are drawn and dropped and its random states restored. Without it the epoch
     starts afresh (``progress.batch`` and the running sums are reset).
     """
-    set_loader_epoch(loader, progress.epoch, seed)
+    set_loader_epoch(loader, progress.epoch, seed, rank)
     if resume is not None and "rng_epoch_start" in resume:
         restore_rng_state(resume["rng_epoch_start"])
     epoch_start = capture_rng_state() if keep_epoch_start else None
