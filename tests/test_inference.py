@@ -201,6 +201,8 @@ def test_one_pixel_products_match_dense(isa: str) -> None:
 DEPTHWISE = {
     "3x3": dict(kernel_size=3, padding=1),
     "3x3-stride2": dict(kernel_size=3, stride=2, padding=1),
+    "3x3-stride2-nopad": dict(kernel_size=3, stride=2),
+    "5x5-stride2-pad2": dict(kernel_size=5, stride=2, padding=2),
     "3x3-nopad": dict(kernel_size=3),
     "3x3-pad3": dict(kernel_size=3, padding=3),
     "3x3-dilated": dict(kernel_size=3, padding=2, dilation=2),

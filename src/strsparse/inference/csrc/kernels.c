@@ -788,19 +788,36 @@ typedef struct {
     float lo, hi;
 } depthwise_args;
 
-/* dst[q] = clamp(b + sum_k w[k] * src[taps[k] + q], lo, hi) for q in [0, count). */
-typedef void (*window_fn)(float *dst, const float *src, const float *w, const int32_t *taps,
-                          int nt, float b, float lo, float hi, int64_t count);
+/* dst[r*ld_dst + q] = clamp(b + sum_k w[k] * src[r*ld_src + taps[k] + q], lo, hi) for rows
+ * r in [0, rows) and q in [0, count). */
+typedef void (*window_fn)(float *dst, int64_t ld_dst, const float *src, int64_t ld_src,
+                          int64_t rows, const float *w, const int32_t *taps, int nt, float b,
+                          float lo, float hi, int64_t count);
+
+/* even[j] = src[2j] for j < ceil(w/2), odd[j] = src[2j + 1] for j < floor(w/2). */
+typedef void (*split_fn)(float *even, float *odd, const float *src, int64_t w);
 
 /* Fill the interior of plane `item`'s padded buffer and compute its output. Inlined into each
- * instruction set's task with that set's `window` and `copy`. */
+ * instruction set's task with that set's `window`, `copy` and `split` (NULL: stride 2 goes
+ * through `copy` like other strides). */
 static inline __attribute__((always_inline)) void
 depthwise_plane(const depthwise_args *a, int64_t item, float *buf, float *tmp, int by_rows,
-                window_fn window, strided_fn copy) {
+                window_fn window, strided_fn copy, split_fn split) {
     const int64_t s = a->stride, plane = a->hq * a->wq, wq = a->wq;
     const int64_t c = item / a->n;
     const float *src = a->in + item * a->h * a->w;
     float *dst = a->out + item * a->ho * a->wo;
+    if (split && s == 2) {
+        /* each image row split once into its even and odd padded columns */
+        const int64_t pl = a->pad_l;
+        for (int64_t y = 0; y < a->h; y++) {
+            const int64_t u = y + a->pad_t, i = u / 2;
+            if (i >= a->hq) break;
+            float *p0 = buf + (u % 2) * 2 * plane + i * wq, *p1 = p0 + plane;
+            if (pl % 2 == 0) split(p0 + pl / 2, p1 + pl / 2, src + y * a->w, a->w);
+            else split(p1 + pl / 2, p0 + pl / 2 + 1, src + y * a->w, a->w);
+        }
+    } else {
     /* parity plane (pa, pb) holds rows i with 0 <= s*i + pa - pad_t < h and columns j with
      * 0 <= s*j + pb - pad_l < w of the image */
     for (int64_t pa = 0; pa < s; pa++)
@@ -818,14 +835,14 @@ depthwise_plane(const depthwise_args *a, int64_t item, float *buf, float *tmp, i
             for (int64_t i = i0; i < i1; i++)
                 copy(p + i * wq + j0, src + (s * i - top) * a->w + x0, j1 - j0, s, a->w - x0);
         }
+    }
     const int32_t k0 = a->row_ptr[c], nt = a->row_ptr[c + 1] - k0;
     const float b = a->bias ? a->bias[c] : 0.0f;
     if (by_rows) {
-        for (int64_t i = 0; i < a->ho; i++)
-            window(dst + i * a->wo, buf + i * wq, a->values + k0, a->taps + k0, nt, b, a->lo,
-                   a->hi, a->wo);
+        window(dst, a->wo, buf, wq, a->ho, a->values + k0, a->taps + k0, nt, b, a->lo, a->hi,
+               a->wo);
     } else {
-        window(tmp, buf, a->values + k0, a->taps + k0, nt, b, a->lo, a->hi,
+        window(tmp, 0, buf, 0, 1, a->values + k0, a->taps + k0, nt, b, a->lo, a->hi,
                (a->ho - 1) * wq + a->wo);
         for (int64_t i = 0; i < a->ho; i++) copy(dst + i * a->wo, tmp + i * wq, a->wo, 1, a->wo);
     }
@@ -843,8 +860,9 @@ static float *depthwise_buffer(const depthwise_args *a, int64_t lanes, int *by_r
     return (float *)calloc((size_t)size, sizeof(float));
 }
 
-static void window_portable(float *dst, const float *src, const float *w, const int32_t *taps,
-                            int nt, float b, float lo, float hi, int64_t count) {
+static void window_row_portable(float *dst, const float *src, const float *w,
+                                const int32_t *taps, int nt, float b, float lo, float hi,
+                                int64_t count) {
     float acc[64];
     for (int64_t q0 = 0; q0 < count; q0 += 64) {
         const int64_t m = count - q0 < 64 ? count - q0 : 64;
@@ -858,6 +876,13 @@ static void window_portable(float *dst, const float *src, const float *w, const 
     }
 }
 
+static void window_portable(float *dst, int64_t ld_dst, const float *src, int64_t ld_src,
+                            int64_t rows, const float *w, const int32_t *taps, int nt, float b,
+                            float lo, float hi, int64_t count) {
+    for (int64_t r = 0; r < rows; r++)
+        window_row_portable(dst + r * ld_dst, src + r * ld_src, w, taps, nt, b, lo, hi, count);
+}
+
 static void depthwise_task_portable(void *ctx, int64_t begin, int64_t end) {
     const depthwise_args *a = (const depthwise_args *)ctx;
     int by_rows;
@@ -865,7 +890,8 @@ static void depthwise_task_portable(void *ctx, int64_t begin, int64_t end) {
     if (!buf) return;
     float *tmp = buf + a->stride * a->stride * a->hq * a->wq;
     for (int64_t item = begin; item < end; item++)
-        depthwise_plane(a, item, buf, tmp, by_rows, window_portable, strided_copy_portable);
+        depthwise_plane(a, item, buf, tmp, by_rows, window_portable, strided_copy_portable,
+                        NULL);
     free(buf);
 }
 
@@ -898,35 +924,106 @@ copy_avx512(float *dst, const float *src, int64_t count, int64_t stride, int64_t
     }
 }
 
-__attribute__((target("avx512f"))) static inline void
-window_avx512(float *dst, const float *src, const float *w, const int32_t *taps, int nt, float b,
-              float lo, float hi, int64_t count) {
-    const __m512 vb = _mm512_set1_ps(b), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
-    int64_t q = 0;
-    for (; q + 64 <= count; q += 64) {
-        __m512 a0 = vb, a1 = vb, a2 = vb, a3 = vb;
-        for (int k = 0; k < nt; k++) {
-            const __m512 wk = _mm512_set1_ps(w[k]);
-            const float *s = src + taps[k] + q;
-            a0 = _mm512_fmadd_ps(wk, _mm512_loadu_ps(s), a0);
-            a1 = _mm512_fmadd_ps(wk, _mm512_loadu_ps(s + 16), a1);
-            a2 = _mm512_fmadd_ps(wk, _mm512_loadu_ps(s + 32), a2);
-            a3 = _mm512_fmadd_ps(wk, _mm512_loadu_ps(s + 48), a3);
+__attribute__((target("avx512f"))) static inline void split_avx512(float *even, float *odd,
+                                                                   const float *src, int64_t w) {
+    const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for (int64_t x = 0; x < w; x += 32) {
+        const int64_t left = w - x, j = x / 2;
+        const int64_t ne = left >= 32 ? 16 : (left + 1) / 2, no = left >= 32 ? 16 : left / 2;
+        const __mmask16 m_lo = (__mmask16)(left >= 16 ? 0xFFFF : ((1u << left) - 1u));
+        const __mmask16 m_hi =
+            (__mmask16)(left >= 32 ? 0xFFFF : (left <= 16 ? 0u : ((1u << (left - 16)) - 1u)));
+        const __m512 lo = _mm512_maskz_loadu_ps(m_lo, src + x);
+        const __m512 hi = _mm512_maskz_loadu_ps(m_hi, src + x + 16);
+        _mm512_mask_storeu_ps(even + j, (__mmask16)((1u << ne) - 1u),
+                              _mm512_permutex2var_ps(lo, ie, hi));
+        _mm512_mask_storeu_ps(odd + j, (__mmask16)((1u << no) - 1u),
+                              _mm512_permutex2var_ps(lo, io, hi));
+    }
+}
+
+/* R rows of NV vectors each (constants once inlined), the lanes from `count` on masked: the
+ * R * NV sums are independent, so short rows do not wait on the FMA latency one by one. */
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
+window_block_avx512(float *dst, int64_t ld_dst, const float *src, int64_t ld_src,
+                    const float *w, const int32_t *taps, int nt, __m512 vb, __m512 vlo,
+                    __m512 vhi, int64_t count, const int R, const int NV) {
+    __mmask16 m[4];
+    for (int k = 0; k < NV; k++) {
+        const int64_t rem = count - 16 * k;
+        m[k] = (__mmask16)(rem >= 16 ? 0xFFFF : (rem <= 0 ? 0u : (1u << rem) - 1u));
+    }
+    __m512 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < NV; k++) acc[r][k] = vb;
+    for (int t = 0; t < nt; t++) {
+        const __m512 wt = _mm512_set1_ps(w[t]);
+        for (int r = 0; r < R; r++) {
+            const float *s = src + r * ld_src + taps[t];
+            for (int k = 0; k < NV; k++)
+                acc[r][k] = _mm512_fmadd_ps(wt, _mm512_maskz_loadu_ps(m[k], s + 16 * k),
+                                            acc[r][k]);
         }
-        _mm512_storeu_ps(dst + q, _mm512_min_ps(_mm512_max_ps(a0, vlo), vhi));
-        _mm512_storeu_ps(dst + q + 16, _mm512_min_ps(_mm512_max_ps(a1, vlo), vhi));
-        _mm512_storeu_ps(dst + q + 32, _mm512_min_ps(_mm512_max_ps(a2, vlo), vhi));
-        _mm512_storeu_ps(dst + q + 48, _mm512_min_ps(_mm512_max_ps(a3, vlo), vhi));
     }
-    for (; q < count; q += 16) {
-        const int64_t rem = count - q;
-        const __mmask16 m = (__mmask16)(rem >= 16 ? 0xFFFF : ((1u << rem) - 1u));
-        __m512 acc = vb;
-        for (int k = 0; k < nt; k++)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(w[k]),
-                                  _mm512_maskz_loadu_ps(m, src + taps[k] + q), acc);
-        _mm512_mask_storeu_ps(dst + q, m, _mm512_min_ps(_mm512_max_ps(acc, vlo), vhi));
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < NV; k++)
+            _mm512_mask_storeu_ps(dst + r * ld_dst + 16 * k, m[k],
+                                  _mm512_min_ps(_mm512_max_ps(acc[r][k], vlo), vhi));
+}
+
+__attribute__((target("avx512f"))) static inline void
+window_avx512(float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows,
+              const float *w, const int32_t *taps, int nt, float b, float lo, float hi,
+              int64_t count) {
+    const __m512 vb = _mm512_set1_ps(b), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+#define BLOCK(R, NV, d, s, c) \
+    window_block_avx512(d, ld_dst, s, ld_src, w, taps, nt, vb, vlo, vhi, c, R, NV)
+    if (count <= 64) {
+        /* short rows: up to four vectors at a time, from several rows */
+        const int nv = (int)((count + 15) / 16);
+        const int64_t per = nv == 1 ? 4 : (nv == 2 ? 2 : 1);
+        int64_t r = 0;
+        for (; r + per <= rows; r += per) {
+            float *d = dst + r * ld_dst;
+            const float *s = src + r * ld_src;
+            switch (nv) {
+            case 1: BLOCK(4, 1, d, s, count); break;
+            case 2: BLOCK(2, 2, d, s, count); break;
+            case 3: BLOCK(1, 3, d, s, count); break;
+            default: BLOCK(1, 4, d, s, count); break;
+            }
+        }
+        for (; r < rows; r++) {
+            float *d = dst + r * ld_dst;
+            const float *s = src + r * ld_src;
+            if (nv == 1) BLOCK(1, 1, d, s, count);
+            else BLOCK(1, 2, d, s, count);
+        }
+        return;
     }
+    for (int64_t r = 0; r < rows; r++) {
+        float *d = dst + r * ld_dst;
+        const float *s = src + r * ld_src;
+        int64_t q = 0;
+        for (; q + 64 <= count; q += 64) {
+            __m512 a0 = vb, a1 = vb, a2 = vb, a3 = vb;
+            for (int k = 0; k < nt; k++) {
+                const __m512 wk = _mm512_set1_ps(w[k]);
+                const float *sk = s + taps[k] + q;
+                a0 = _mm512_fmadd_ps(wk, _mm512_loadu_ps(sk), a0);
+                a1 = _mm512_fmadd_ps(wk, _mm512_loadu_ps(sk + 16), a1);
+                a2 = _mm512_fmadd_ps(wk, _mm512_loadu_ps(sk + 32), a2);
+                a3 = _mm512_fmadd_ps(wk, _mm512_loadu_ps(sk + 48), a3);
+            }
+            _mm512_storeu_ps(d + q, _mm512_min_ps(_mm512_max_ps(a0, vlo), vhi));
+            _mm512_storeu_ps(d + q + 16, _mm512_min_ps(_mm512_max_ps(a1, vlo), vhi));
+            _mm512_storeu_ps(d + q + 32, _mm512_min_ps(_mm512_max_ps(a2, vlo), vhi));
+            _mm512_storeu_ps(d + q + 48, _mm512_min_ps(_mm512_max_ps(a3, vlo), vhi));
+        }
+        if (q < count) BLOCK(1, 4, d + q, s + q, count - q);
+    }
+#undef BLOCK
 }
 
 __attribute__((target("avx512f"))) static void depthwise_task_avx512(void *ctx, int64_t begin,
@@ -937,7 +1034,7 @@ __attribute__((target("avx512f"))) static void depthwise_task_avx512(void *ctx, 
     if (!buf) return;
     float *tmp = buf + a->stride * a->stride * a->hq * a->wq;
     for (int64_t item = begin; item < end; item++)
-        depthwise_plane(a, item, buf, tmp, by_rows, window_avx512, copy_avx512);
+        depthwise_plane(a, item, buf, tmp, by_rows, window_avx512, copy_avx512, split_avx512);
     free(buf);
 }
 
@@ -967,8 +1064,8 @@ copy_avx2(float *dst, const float *src, int64_t count, int64_t stride, int64_t a
 }
 
 __attribute__((target("avx2,fma"))) static inline void
-window_avx2(float *dst, const float *src, const float *w, const int32_t *taps, int nt, float b,
-            float lo, float hi, int64_t count) {
+window_row_avx2(float *dst, const float *src, const float *w, const int32_t *taps, int nt,
+                float b, float lo, float hi, int64_t count) {
     const __m256 vb = _mm256_set1_ps(b), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
     int64_t q = 0;
     for (; q + 32 <= count; q += 32) {
@@ -997,6 +1094,14 @@ window_avx2(float *dst, const float *src, const float *w, const int32_t *taps, i
     }
 }
 
+__attribute__((target("avx2,fma"))) static inline void
+window_avx2(float *dst, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows,
+            const float *w, const int32_t *taps, int nt, float b, float lo, float hi,
+            int64_t count) {
+    for (int64_t r = 0; r < rows; r++)
+        window_row_avx2(dst + r * ld_dst, src + r * ld_src, w, taps, nt, b, lo, hi, count);
+}
+
 __attribute__((target("avx2,fma"))) static void depthwise_task_avx2(void *ctx, int64_t begin,
                                                                    int64_t end) {
     const depthwise_args *a = (const depthwise_args *)ctx;
@@ -1005,7 +1110,7 @@ __attribute__((target("avx2,fma"))) static void depthwise_task_avx2(void *ctx, i
     if (!buf) return;
     float *tmp = buf + a->stride * a->stride * a->hq * a->wq;
     for (int64_t item = begin; item < end; item++)
-        depthwise_plane(a, item, buf, tmp, by_rows, window_avx2, copy_avx2);
+        depthwise_plane(a, item, buf, tmp, by_rows, window_avx2, copy_avx2, NULL);
     free(buf);
 }
 #endif
