@@ -15,10 +15,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import strsparse
 from strsparse.training import (
+    CheckpointError,
     TrainingDiverged,
     evaluate,
     learning_rate,
     load_checkpoint,
+    save_checkpoint,
     train,
 )
 from strsparse.training import loop as training_loop
@@ -222,6 +224,30 @@ def test_a_repeated_sigterm_waits_for_the_checkpoint_a_second_ctrl_c_does_not() 
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers put back
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_number_of_processes_resumes_at_an_epoch_end_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    quick = {"train.max_steps_per_epoch": 2, "train.tensorboard": False}  # 2 epochs x 2 steps
+    for name, step in (("inside", 3), ("boundary", 2)):
+        with monkeypatch.context() as patch:
+            _interrupt_at(patch, step)
+            with pytest.raises(KeyboardInterrupt):
+                train(synthetic_config(tmp_path, name, **quick))
+        last = tmp_path / name / "checkpoints" / "last.pt"
+        save_checkpoint({**load_checkpoint(last), "world_size": 2}, last)  # as if from torchrun
+
+    inside = tmp_path / "inside" / "checkpoints" / "last.pt"
+    before = inside.read_bytes()
+    with pytest.raises(CheckpointError, match=r"inside epoch 2 by 2 .*nproc_per_node=2"):
+        train(synthetic_config(tmp_path, "inside", **quick))
+    assert inside.read_bytes() == before
+
+    result = train(synthetic_config(tmp_path, "boundary", **quick))  # each rank reseeds
+    assert "not exactly" in caplog.text
+    assert load_checkpoint(result.run_dir)["epoch"] == 2
 
 
 def test_a_target_reaches_the_run_files(tmp_path: Path) -> None:
