@@ -13,7 +13,7 @@ from torch import nn
 import strsparse
 from strsparse.functional import initial_threshold, threshold_to_s
 from strsparse.methods import get_parametrization
-from strsparse.methods.target import TargetController, density_error
+from strsparse.methods.target import TargetController, density_error, layer_floor
 
 
 def _mlp() -> nn.Module:
@@ -85,28 +85,41 @@ def test_target_is_reached_and_the_budget_stays_learned(
 
 
 @pytest.mark.slow
-def test_a_resumed_run_with_a_target_equals_the_uninterrupted_one() -> None:
+@pytest.mark.parametrize("kind", ["sparsity", "flops"])
+def test_a_resumed_run_with_a_target_equals_the_uninterrupted_one(kind: str) -> None:
     steps, cut = 200, 90
-    torch.manual_seed(0)
-    full = _mlp()
-    _train(full, strsparse.sparsify(full, "str", sparsity=0.9), steps)
+    build, train = (_mlp, _train) if kind == "sparsity" else (_cnn, _train_cnn)
+    target = {"sparsity": 0.9} if kind == "sparsity" else {"flops": 0.1, "input_shape": (1, 8, 8)}
+
+    def opt_for(model: nn.Module) -> torch.optim.Optimizer:
+        lr = 0.1 if kind == "sparsity" else 0.05
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
 
     torch.manual_seed(0)
-    first = _mlp()
-    opt = _train(first, strsparse.sparsify(first, "str", sparsity=0.9), steps, last=cut)
+    full = build()
+    train(full, strsparse.sparsify(full, "str", **target), steps, opt=opt_for(full))
+
+    torch.manual_seed(0)
+    first = build()
+    opt = train(
+        first, strsparse.sparsify(first, "str", **target), steps, last=cut, opt=opt_for(first)
+    )
     saved_model = copy.deepcopy(first.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
 
     torch.manual_seed(99)  # a different fresh init: everything must come from the state
-    resumed = _mlp()
-    handle = strsparse.sparsify(resumed, "str", sparsity=0.9)
+    resumed = build()
+    handle = strsparse.sparsify(resumed, "str", **target)
     resumed.load_state_dict(saved_model)
-    opt = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt = opt_for(resumed)
     opt.load_state_dict(saved_opt)
-    _train(resumed, handle, steps, first=cut, opt=opt)
+    train(resumed, handle, steps, first=cut, opt=opt)
 
     expected, got = full.state_dict(), resumed.state_dict()
     assert any("target_controller" in key for key in expected)
+    assert (
+        float(got[next(k for k in got if k.endswith("target_controller.last_step"))]) == steps - 1
+    )
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
 
@@ -183,23 +196,24 @@ def _cnn() -> nn.Module:
     )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fraction", [0.3, 0.1])
-def test_flops_target_is_reached_and_costly_layers_feel_more_pressure(fraction: float) -> None:
-    from strsparse import flops
-
-    torch.manual_seed(0)
-    model = _cnn()
-    handle = strsparse.sparsify(model, "str", flops=fraction, input_shape=(1, 8, 8))
-    costs = handle.controller.costs
-    assert costs["0"] == 64 and costs["2"] == 16 and costs["5"] == 1  # output positions
+def _train_cnn(
+    model: nn.Module,
+    handle: strsparse.SparsityHandle,
+    steps: int,
+    *,
+    first: int = 0,
+    opt: torch.optim.Optimizer | None = None,
+    last: int | None = None,
+) -> torch.optim.Optimizer:
+    """A user's loop on 8x8 images labelled by a fixed linear teacher (as ``_train``)."""
     teacher = torch.Generator().manual_seed(5)
     w = torch.randn(64, 10, generator=teacher)
     data = torch.Generator().manual_seed(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    steps = 400
-    for step in range(steps):
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for step in range(steps if last is None else last):
         x = torch.randn(32, 1, 8, 8, generator=data)
+        if step < first:
+            continue
         y = (x.flatten(1) @ w).argmax(1)
         for group in opt.param_groups:
             group["lr"] = 0.05 * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -208,10 +222,43 @@ def test_flops_target_is_reached_and_costly_layers_feel_more_pressure(fraction: 
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return opt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fraction", "granularity"),
+    [(0.3, "layer"), (0.1, "layer"), (0.03, "layer"), (0.1, "channel"), (0.05, "weight")],
+)
+def test_flops_target_is_reached_without_emptying_a_layer(
+    fraction: float, granularity: str
+) -> None:
+    from strsparse import flops
+
+    torch.manual_seed(0)
+    model = _cnn()
+    handle = strsparse.sparsify(
+        model, "str", flops=fraction, granularity=granularity, input_shape=(1, 8, 8)
+    )
+    costs = handle.controller.costs
+    assert costs["0"] == 64 and costs["2"] == 16 and costs["5"] == 1  # output positions
+    _train_cnn(model, handle, 400)
     profile = flops.profile(model, (1, 8, 8))
     achieved = profile.overall.sparse_flops / profile.overall.flops
     assert achieved == pytest.approx(fraction, abs=0.005)
     assert handle.target_status()["kind"] == "flops"
+    assert handle.target_status()["achieved"] == pytest.approx(achieved, abs=0.005)
+    report = strsparse.sparsity_report(model)
+    # no layer emptied, and each layer found its own sparsity
+    assert all(row.nonzero > 0 for row in report.layers)
+    layer_sparsity = [row.sparsity for row in report.layers]
+    assert max(layer_sparsity) - min(layer_sparsity) > 0.01
+
+
+def test_layer_floor() -> None:
+    assert layer_floor(400, 0.02) == 4  # 1% of the layer
+    assert layer_floor(400, 0.01) == 2  # half a uniform budget's density when that is less
+    assert layer_floor(10, 0.02) == 1  # never empty
 
 
 def test_a_flops_target_needs_an_input_shape() -> None:

@@ -22,9 +22,10 @@ faster, as with the decay, but it never falls below 1, so the drift has no fixed
 decay cannot lift a sigmoid threshold past 0.5). Because it is a common drift, not a
 threshold, each layer still settles where its own task gradient balances it: layers whose
 weights matter push their threshold back, the others drift up, and the budget is learned.
-c_l is 1 for a sparsity target and (FLOPs per weight / the largest)^(1/2) for a FLOPs target.
+c_l is 1 for a sparsity target and (FLOPs per weight / the largest)^(1/4) for a FLOPs target.
 A layer whose weights are all zero is not pushed further up (it gets no task gradient to
-come back with), and one that zeroes nothing is not pulled further down.
+come back with), and one that zeroes nothing is not pulled further down; under a FLOPs
+target the push fades out as a layer nears a floor (``layer_floor``), so none is emptied.
 
 The controller's state (its integral, the last step, the scheduled and achieved density)
 lives in buffers of a module shared by every layer's parametrization: it is in the model's
@@ -52,6 +53,7 @@ __all__ = [
     "density_error",
     "flops_costs",
     "flops_pressure",
+    "layer_floor",
     "register_flops_counter",
     "log_threshold_gradient",
 ]
@@ -115,12 +117,20 @@ def flops_costs(
     return costs, float(fixed)
 
 
-def flops_pressure(costs: Mapping[str, float], exponent: float = 0.5) -> dict[str, float]:
+def flops_pressure(costs: Mapping[str, float], exponent: float = 0.25) -> dict[str, float]:
     """Each layer's share of the drift for a FLOPs target: (FLOPs per weight)^exponent over
     the largest, so the costliest weights feel the full drift and a fully connected layer
-    (1 FLOP per weight) next to a convolution with 784 feels 1/28 of it."""
+    (1 FLOP per weight) next to a convolution with 784 feels 784^-0.25 = 0.19 of it."""
     top = max(costs.values())
     return {n: (c / top) ** exponent for n, c in costs.items()}
+
+
+def layer_floor(numel: int, target_density: float) -> int:
+    """The fewest weights a layer keeps under a FLOPs target: 1% of it, or half the density a
+    uniform budget would give it when that is less, and at least one weight. The drift fades
+    out as a layer nears it: an emptied layer cuts the network, and its weights get no task
+    gradient to come back with."""
+    return max(1, math.ceil(min(0.01, 0.5 * target_density) * numel))
 
 
 @dataclass(frozen=True)
@@ -162,6 +172,7 @@ class TargetController(nn.Module):
         costs: Mapping[str, float] | None = None,
         pressure_weights: Mapping[str, float] | None = None,
         fixed_cost: float = 0.0,
+        min_kept: Mapping[str, int] | None = None,
         gains: ControllerGains | None = None,
     ) -> None:
         super().__init__()
@@ -179,6 +190,7 @@ class TargetController(nn.Module):
             n: float((pressure_weights or {}).get(n, 1.0)) for n in self.layer_names
         }
         self.fixed_cost = float(fixed_cost)
+        self.min_kept = {n: int((min_kept or {}).get(n, 0)) for n in self.layer_names}
         self.gains = gains or ControllerGains()
         self.register_buffer("integral", torch.zeros((), dtype=torch.float64))
         self.register_buffer("last_step", torch.tensor(-1, dtype=torch.long))
@@ -274,6 +286,9 @@ class TargetController(nn.Module):
                 costs=costs,
                 fixed_cost=fixed_cost,
                 pressure_weights=pressure_weights,
+                min_kept={
+                    n: layer_floor(raw_weight(m).numel(), float(flops)) for n, m in layers.items()
+                },
             )
         controller.attach(layers)
         return controller
@@ -327,12 +342,25 @@ class TargetController(nn.Module):
         self, layers: Mapping[str, LayerWeight], kept: Mapping[str, int], sign: float
     ) -> dict[str, float]:
         """Per layer, how far one unit of rate moves its log-threshold in direction ``sign``:
-        c_l, or 0 where the layer cannot act (all pruned going up, none pruned going down)."""
+        c_l, or 0 where the layer cannot act (all pruned going up, none pruned going down).
+        Going up, a layer with a floor (``min_kept``, a FLOPs target's) feels the drift fade
+        linearly from twice its floor to nothing at the floor, so that no layer is emptied."""
         out = {}
         for name in self.layer_names:
             n = kept[name]
-            can_act = n > 0 if sign > 0 else n < raw_weight(layers[name]).numel()
-            out[name] = self.pressure_weights[name] if can_act else 0.0
+            floor = self.min_kept[name]
+            if sign > 0:
+                fade = 1.0 if floor == 0 else min(max((n - floor) / floor, 0.0), 1.0)
+                scale = fade if n > 0 else 0.0
+            else:
+                scale = 1.0 if n < raw_weight(layers[name]).numel() else 0.0
+            out[name] = self.pressure_weights[name] * scale
+        # the layers that can still act share the drift in proportion to their c_l, the
+        # largest moving at the full rate: when the costliest layers reach their floors the
+        # others take over at once instead of at their small share of the rate
+        top = max(out.values(), default=0.0)
+        if 0.0 < top < 1.0:
+            out = {name: c / top for name, c in out.items()}
         return out
 
     # -- the step -------------------------------------------------------------------------
