@@ -106,7 +106,7 @@ class _SparseBase(nn.Module):
         self.register_buffer(
             "bias", None if bias is None else bias.detach().float().contiguous().clone()
         )
-        self._offsets: OrderedDict[tuple[int, ...], tuple] = OrderedDict()
+        self._offsets: OrderedDict[tuple[int, ...], Any] = OrderedDict()
 
     @property
     def nnz(self) -> int:
@@ -188,12 +188,19 @@ class SparseLinear(_SparseBase):
         if self.in_features * m > _INT32_MAX:
             w = self.dense_weight()
             return self._apply_clamp(F.linear(x, w, self.bias))
-        offsets = self._cached((m,), lambda: (self.indices.int() * m).contiguous())
+        offsets: Tensor | None = self._offsets.get((m,))  # _cached's hit, without a closure
+        if offsets is None:
+            offsets = self._cached((m,), lambda: (self.indices.int() * m).contiguous())
         out = torch.empty(self.out_features, m)
         lo, hi = self.clamp
+        # nn.Module.__getattr__ is slow next to a one-sample product; a sparse layer has these
+        buffers: dict[str, Tensor] = self._buffers  # type: ignore[assignment]
         backend().spmm(
-            xt, out, self.values, offsets, self.row_ptr, self.bias, None, m, m, 0, lo, hi
-        )
+            xt, out, buffers["values"], offsets, buffers["row_ptr"], buffers["bias"], None, m,
+            m, 0, lo, hi,
+        )  # fmt: skip
+        if m == 1:
+            return out.view(*lead, self.out_features)
         return out.t().contiguous().view(*lead, self.out_features)
 
 
@@ -311,16 +318,10 @@ class SparseConv2d(_SparseBase):
         x = x.contiguous().float()
         c, n, h, w = x.shape
         lo, hi = self.clamp
-        if self.mode == "sparse" and self.depthwise and residual is None and backend().native:
-            dw_geometry = self._cached((h, w), lambda: self._depthwise_geometry(h, w))
-            if dw_geometry is not None:
-                taps, ho, wo, hq, wq = dw_geometry
-                out = backend().depthwise(
-                    x, self.values, taps, self.row_ptr, self.bias,
-                    (self.padding[0], self.padding[1]), self.stride, hq, wq, ho, wo, lo, hi,
-                )  # fmt: skip
-                if out is not None:
-                    return out
+        if self.mode == "sparse" and self.depthwise and residual is None:
+            out = self._depthwise_forward(x)
+            if out is not None:
+                return out
         geometry = None
         if self.mode == "sparse":
             geometry = self._cached((n, h, w), lambda: self._geometry(n, h, w))
@@ -358,6 +359,26 @@ class SparseConv2d(_SparseBase):
             out = backend().compact(y, shape, hq, wq, plane, None, -math.inf, math.inf)
             return self._apply_clamp_residual(out, residual)
         return backend().compact(y, shape, hq, wq, plane, residual, lo, hi)
+
+    def _depthwise_forward(self, x: Tensor) -> Tensor | None:
+        """The native depthwise kernel on contiguous channel-major ``x``; ``None`` where it
+        cannot run. Kept short: at batch 1 the late layers take a few microseconds each."""
+        be = backend()
+        if not be.native:
+            return None
+        _, _, h, w = x.shape
+        geometry = self._offsets.get((h, w))  # the hit path of _cached, without its closure
+        if geometry is None:
+            geometry = self._cached((h, w), lambda: self._depthwise_geometry(h, w))
+            if geometry is None:
+                return None
+        taps, ho, wo, hq, wq = geometry
+        # nn.Module.__getattr__ costs more than the smallest kernels; a sparse layer has these
+        buffers: dict[str, Tensor] = self._buffers  # type: ignore[assignment]
+        return be.depthwise(
+            x, buffers["values"], taps, buffers["row_ptr"], buffers["bias"],
+            (self.padding[0], self.padding[1]), self.stride, hq, wq, ho, wo, *self.clamp,
+        )  # fmt: skip
 
     def _spmm(self, x: Tensor, out: Tensor, offsets: Tensor, n_pix: int, ld: int) -> Tensor:
         backend().spmm(
