@@ -58,6 +58,8 @@ class Backend:
         if lib is not None:
             lib.ss_spmm.argtypes = [_ptr] * 7 + [_i64] * 4 + [_f32, _f32, _int]
             lib.ss_spmm.restype = None
+            lib.ss_spmm_mapped.argtypes = [_ptr] * 7 + [_i64] * 4 + [_f32, _f32, _int, _ptr]
+            lib.ss_spmm_mapped.restype = None
             lib.ss_pad_planes.argtypes = [_ptr, _ptr] + [_i64] * 10 + [_int]
             lib.ss_pad_planes.restype = None
             lib.ss_compact.argtypes = [_ptr] * 3 + [_i64] * 7 + [_f32, _f32, _int]
@@ -102,11 +104,34 @@ class Backend:
         ld_res: int,
         lo: float,
         hi: float,
+        out_map: Tensor | None = None,
     ) -> None:
         """``out[co*ld_out + p] = clamp(bias[co] + sum_j values[j] * inp[offsets[j] + p]
         (+ residual[co*ld_res + p]), lo, hi)`` for ``p < n_pix``; all float32 / int32,
-        contiguous, flat indexing."""
+        contiguous, flat indexing. With ``out_map`` (int64, native kernels only), pixel ``p``
+        is written where the map sends it instead (see ``ss_spmm_mapped``)."""
         c_out = row_ptr.numel() - 1
+        if out_map is not None:
+            if self._lib is None:
+                raise RuntimeError("mapped outputs need the native kernels")
+            self._lib.ss_spmm_mapped(
+                inp.data_ptr(),
+                out.data_ptr(),
+                values.data_ptr(),
+                offsets.data_ptr(),
+                row_ptr.data_ptr(),
+                _ptr_of(bias),
+                _ptr_of(residual),
+                c_out,
+                n_pix,
+                ld_out,
+                ld_res,
+                lo,
+                hi,
+                torch.get_num_threads(),
+                out_map.data_ptr(),
+            )
+            return
         if self._lib is not None:
             self._lib.ss_spmm(
                 inp.data_ptr(),

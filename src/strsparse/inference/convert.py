@@ -476,6 +476,7 @@ def _rewrite(
 
         new = graph.node_copy(node, copy_arg)
         env[(node, want)] = new
+    _link_planes(chains, new_modules)
     for name, sparse_layer in new_modules.items():
         gm.delete_submodule(name)
         gm.add_submodule(name, sparse_layer)
@@ -483,6 +484,26 @@ def _rewrite(
     result.graph.lint()
     result.delete_all_unused_submodules()
     return result, plan
+
+
+def _link_planes(chains: Mapping[fx.Node, _Chain], layers: Mapping[str, nn.Module]) -> None:
+    """Let each sparse conv whose output is read only by a sparse k x k conv (as its input)
+    write that output straight into the padded planes the k x k conv reads."""
+    by_head = {chain.head: chain for chain in chains.values()}
+    for tail, chain in chains.items():
+        producer = layers.get(str(chain.head.target))
+        user = _sole_user(tail)
+        if not isinstance(producer, SparseConv2d) or producer.mode != "sparse" or user is None:
+            continue
+        consumer_chain = by_head.get(user)
+        if consumer_chain is None or user.args[0] is not tail or consumer_chain.residual is tail:
+            continue
+        consumer = layers.get(str(user.target))
+        if isinstance(consumer, SparseConv2d) and consumer.reads_planes:
+            producer.output_planes = (
+                (int(consumer.padding[0]), int(consumer.padding[1])),
+                consumer.stride,
+            )
 
 
 class _SwappedConv(nn.Module):

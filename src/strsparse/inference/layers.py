@@ -4,8 +4,10 @@
 channel's pixels (all images of the batch) are one contiguous run, so the kernel's pixel
 dimension is ``N * H * W`` and a 1x1 conv is a plain sparse-times-dense product. A k x k conv
 reads its input through per-nonzero offsets into the zero-padded input (split into parity
-planes when strided) and computes a few junk columns that are dropped afterwards, so no
-im2col is built. A depthwise conv has a kernel of its own, which pads one (channel, image)
+planes when strided) and computes a few junk columns, which its epilogue skips when it
+writes the output, so no im2col is built. A layer whose output only feeds such a conv writes
+it straight into the zero-padded planes that conv reads (a ``PlanarActivation``), so no pass
+pads it either. A depthwise conv has a kernel of its own, which pads one (channel, image)
 plane at a time into a buffer that stays in cache and writes its output without junk
 columns. BatchNorm is folded into the weights and bias, and the residual add and the
 activation (a clamp: ReLU, ReLU6) are fused into the kernel's epilogue.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +35,49 @@ from torch import Tensor, nn
 from strsparse.errors import OptionError
 from strsparse.inference._native import backend
 
-__all__ = ["SparseConv2d", "SparseLinear", "channel_major_max_pool2d", "csr_from_dense"]
+__all__ = [
+    "PlanarActivation",
+    "SparseConv2d",
+    "SparseLinear",
+    "channel_major_max_pool2d",
+    "csr_from_dense",
+    "plane_geometry",
+]
 
 _INT32_MAX = 2**31 - 1
-_CACHE_SIZE = 4  # input shapes whose offsets a layer keeps
+_CACHE_SIZE = 8  # offsets and output maps a layer keeps (a few input shapes)
+_MAX_MAPPED_STRIDE = 4  # the native output map handles strides up to this
+
+
+def plane_geometry(
+    n: int, h: int, w: int, padding: tuple[int, int], stride: int
+) -> tuple[int, int, int, int]:
+    """``(hq, wq, plane, ch_stride)`` of a (C, N, h, w) activation zero-padded by ``padding``
+    and split into ``stride**2`` parity planes of ``n * hq * wq`` values each (one channel:
+    ``ch_stride`` values): where the k x k conv kernel reads its input."""
+    hq, wq = -(-(h + 2 * padding[0]) // stride), -(-(w + 2 * padding[1]) // stride)
+    plane = n * hq * wq
+    return hq, wq, plane, stride * stride * plane
+
+
+class PlanarActivation(NamedTuple):
+    """A channel-major activation already zero-padded and split into the parity planes a k x
+    k conv reads (``ss_pad_planes``'s layout): what a layer whose output feeds only that conv
+    returns, so that the conv needs no padding pass."""
+
+    data: Tensor  # flat: C * ch_stride values
+    shape: tuple[int, int, int, int]  # (C, N, H, W) of the activation itself
+    padding: tuple[int, int]
+    stride: int
+
+    def unpack(self) -> Tensor:
+        """The activation as a contiguous (C, N, H, W) tensor."""
+        c, n, h, w = self.shape
+        (pt, pl), s = self.padding, self.stride
+        hq, wq, plane, ch_stride = plane_geometry(n, h, w, self.padding, s)
+        planes = self.data.view(c, ch_stride)[:, : s * s * plane].view(c, s, s, n, hq, wq)
+        full = planes.permute(0, 3, 4, 1, 5, 2).reshape(c, n, hq * s, wq * s)
+        return full[:, :, pt : pt + h, pl : pl + w].contiguous()
 
 
 def csr_from_dense(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -106,7 +147,7 @@ class _SparseBase(nn.Module):
         self.register_buffer(
             "bias", None if bias is None else bias.detach().float().contiguous().clone()
         )
-        self._offsets: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        self._offsets: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
 
     @property
     def nnz(self) -> int:
@@ -124,7 +165,7 @@ class _SparseBase(nn.Module):
             return self.weight
         return _dense_from_csr(self.values, self.indices, self.row_ptr, self.weight_shape)
 
-    def _cached(self, key: tuple[int, ...], build: Callable[[], Any]) -> Any:
+    def _cached(self, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
         hit = self._offsets.get(key)
         if hit is None:
             hit = build()
@@ -237,6 +278,9 @@ class SparseConv2d(_SparseBase):
         self.dilation = tuple(dilation)
         self.groups = groups
         self.channel_major = channel_major
+        # (padding, stride) of the k x k conv that alone reads this layer's output: the output
+        # is then written into that conv's padded planes (set by to_sparse)
+        self.output_planes: tuple[tuple[int, int], int] | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -253,6 +297,18 @@ class SparseConv2d(_SparseBase):
     @property
     def depthwise(self) -> bool:
         return self.groups == self.in_channels == self.out_channels
+
+    @property
+    def reads_planes(self) -> bool:
+        """Whether the layer reads its input as padded parity planes (a sparse k x k conv
+        that the depthwise kernel does not run), so a ``PlanarActivation`` can feed it."""
+        return (
+            self.mode == "sparse"
+            and self.channel_major
+            and not self.pointwise
+            and not self.depthwise
+            and self.stride <= _MAX_MAPPED_STRIDE
+        )
 
     def _output_size(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (ph, pw), (dh, dw), s = self.kernel_size, self.padding, self.dilation, self.stride
@@ -280,10 +336,8 @@ class SparseConv2d(_SparseBase):
             if self.in_channels * count > _INT32_MAX:
                 return None
             return ((ci * count).to(torch.int32).contiguous(), ho, wo)
-        (ph, pw), (dh, dw), s = self.padding, self.dilation, self.stride
-        hq, wq = -(-(h + 2 * ph) // s), -(-(w + 2 * pw) // s)
-        plane = n * hq * wq
-        ch_stride = s * s * plane
+        (dh, dw), s = self.dilation, self.stride
+        hq, wq, plane, ch_stride = plane_geometry(n, h, w, self.padding[:2], s)
         if self.in_channels * ch_stride > _INT32_MAX or self.out_channels * plane > _INT32_MAX:
             return None
         dy, dx = r * dh, t * dw
@@ -303,62 +357,147 @@ class SparseConv2d(_SparseBase):
         taps = ((dy % s) * s + dx % s) * (hq * wq) + (dy // s) * wq + dx // s
         return (taps.to(torch.int32).contiguous(), ho, wo, hq, wq)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor | PlanarActivation, residual: Tensor | None = None
+    ) -> Tensor | PlanarActivation:
         if not self.channel_major:  # a dense layer between standard-layout ops
+            assert isinstance(x, Tensor)
             y = F.conv2d(
                 x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
             )
             if residual is not None:
                 y = y + residual
             return self._apply_clamp(y)
-        if x.dim() != 4:
-            raise OptionError(
-                f"SparseConv2d takes channel-major (C, N, H, W) input, got shape {tuple(x.shape)}"
-            )
-        x = x.contiguous().float()
-        c, n, h, w = x.shape
+        planar = x if isinstance(x, PlanarActivation) else None
+        if planar is not None and not (
+            self.reads_planes and planar.padding == self.padding and planar.stride == self.stride
+        ):
+            x, planar = planar.unpack(), None
+        if planar is not None:
+            c, n, h, w = planar.shape
+        else:
+            assert isinstance(x, Tensor)
+            if x.dim() != 4:
+                raise OptionError(
+                    "SparseConv2d takes channel-major (C, N, H, W) input, got shape "
+                    f"{tuple(x.shape)}"
+                )
+            x = x.contiguous().float()
+            c, n, h, w = x.shape
         lo, hi = self.clamp
         if self.mode == "sparse" and self.depthwise and residual is None:
+            assert isinstance(x, Tensor)
             out = self._depthwise_forward(x)
             if out is not None:
-                return out
+                return self._emit(out)
         geometry = None
         if self.mode == "sparse":
             geometry = self._cached((n, h, w), lambda: self._geometry(n, h, w))
         if geometry is None:  # dense layer, or too large for 32-bit offsets
-            return self._dense_forward(x, residual)
+            if planar is not None:
+                x = planar.unpack()
+            assert isinstance(x, Tensor)
+            return self._emit(self._dense_forward(x, residual))
         if residual is not None:
             residual = residual.contiguous().float()
+        native = backend().native
         if self.pointwise:
+            assert isinstance(x, Tensor)
             offsets, ho, wo = geometry
             if self.stride > 1:
                 x = backend().subsample(x, self.stride)
             count = n * ho * wo
-            out = torch.empty(self.out_channels, n, ho, wo)
-            if residual is not None and residual.shape != out.shape:
-                return self._apply_clamp_residual(
-                    self._spmm(x, out, offsets, count, count), residual
-                )
+            shape = (self.out_channels, n, ho, wo)
+            if residual is not None and tuple(residual.shape) != shape:
+                out = self._spmm(x, torch.empty(shape), offsets, count, count)
+                return self._emit(self._apply_clamp_residual(out, residual))
+            if self.output_planes is not None and native:
+                return self._mapped(x, offsets, count, n, ho, wo, ho, wo, residual)
+            out = torch.empty(shape)
             backend().spmm(
                 x, out, self.values, offsets, self.row_ptr, self.bias, residual, count, count,
                 count, lo, hi,
             )  # fmt: skip
-            return out
+            return self._emit(out)
         offsets, ho, wo, hq, wq, plane, ch_stride = geometry
-        pad = (self.padding[0], self.padding[1])
-        planes = backend().pad_planes(x, pad, self.stride, hq, wq, ch_stride)
+        if planar is not None:
+            planes = planar.data
+        else:
+            assert isinstance(x, Tensor)
+            pad = (self.padding[0], self.padding[1])
+            planes = backend().pad_planes(x, pad, self.stride, hq, wq, ch_stride)
         n_pix = (n - 1) * hq * wq + (ho - 1) * wq + wo
+        shape = (self.out_channels, n, ho, wo)
+        if native and (residual is None or tuple(residual.shape) == shape):
+            # the epilogue skips the junk columns and rows
+            return self._mapped(planes, offsets, n_pix, n, hq, wq, ho, wo, residual)
         y = torch.empty(self.out_channels * plane)
         fused = residual is None
         backend().spmm(
             planes, y, self.values, offsets, self.row_ptr, self.bias, None, n_pix, plane, 0,
             lo if fused else -math.inf, hi if fused else math.inf,
         )  # fmt: skip
-        shape = (self.out_channels, n, ho, wo)
         if residual is not None and tuple(residual.shape) != shape:
             out = backend().compact(y, shape, hq, wq, plane, None, -math.inf, math.inf)
-            return self._apply_clamp_residual(out, residual)
-        return backend().compact(y, shape, hq, wq, plane, residual, lo, hi)
+            return self._emit(self._apply_clamp_residual(out, residual))
+        return self._emit(backend().compact(y, shape, hq, wq, plane, residual, lo, hi))
+
+    def _output_map(
+        self, n: int, src_h: int, src_w: int, ho: int, wo: int
+    ) -> tuple[Tensor, int, tuple[int, int, int, int] | None]:
+        """The native output map (``ss_spmm_mapped``) from the kernel's pixel grid (``src_h``
+        rows of ``src_w`` pixels an image, the first ``ho`` x ``wo`` real) to this layer's
+        output, the output's channel stride, and its planes' (hq, wq, plane, ch_stride)."""
+        if self.output_planes is None:
+            count = n * ho * wo
+            fields = [src_h, src_w, ho, wo, 1, 0, 0, ho, wo, count]
+            return torch.tensor(fields, dtype=torch.int64), count, None
+        padding, s = self.output_planes
+        geometry = plane_geometry(n, ho, wo, padding, s)
+        hq, wq, plane, ch_stride = geometry
+        fields = [src_h, src_w, ho, wo, s, padding[0], padding[1], hq, wq, plane]
+        return torch.tensor(fields, dtype=torch.int64), ch_stride, geometry
+
+    def _mapped(
+        self,
+        inp: Tensor,
+        offsets: Tensor,
+        n_pix: int,
+        n: int,
+        src_h: int,
+        src_w: int,
+        ho: int,
+        wo: int,
+        residual: Tensor | None,
+    ) -> Tensor | PlanarActivation:
+        """The product written through the output map: the compact output, or the next
+        conv's planes."""
+        out_map, ld_out, planes = self._cached(
+            ("map", n, src_h, src_w, ho, wo), lambda: self._output_map(n, src_h, src_w, ho, wo)
+        )
+        shape = (self.out_channels, n, ho, wo)
+        # planes: a fresh zeroed buffer, whose padding stays zero (a buffer kept from call to
+        # call measured slower: it is no longer in cache when the next call comes)
+        out = torch.empty(shape) if planes is None else torch.zeros(shape[0] * ld_out)
+        lo, hi = self.clamp
+        backend().spmm(
+            inp, out, self.values, offsets, self.row_ptr, self.bias, residual, n_pix, ld_out,
+            n * ho * wo, lo, hi, out_map,
+        )  # fmt: skip
+        if self.output_planes is None:
+            return out
+        padding, s = self.output_planes
+        return PlanarActivation(out, shape, padding, s)
+
+    def _emit(self, out: Tensor) -> Tensor | PlanarActivation:
+        """A compact (C, N, H, W) output in this layer's output layout."""
+        if self.output_planes is None:
+            return out
+        padding, s = self.output_planes
+        c, n, h, w = out.shape
+        hq, wq, _, ch_stride = plane_geometry(n, h, w, padding, s)
+        data = backend().pad_planes(out.contiguous(), padding, s, hq, wq, ch_stride)
+        return PlanarActivation(data, (c, n, h, w), padding, s)
 
     def _depthwise_forward(self, x: Tensor) -> Tensor | None:
         """The native depthwise kernel on contiguous channel-major ``x``; ``None`` where it

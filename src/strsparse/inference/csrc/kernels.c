@@ -184,6 +184,7 @@ typedef struct {
     float lo, hi;
     int64_t tile, n_tiles, n_blocks;
     const int64_t *block_start; /* n_blocks + 1 output-channel boundaries */
+    const int64_t *map; /* NULL, or where each output pixel goes (see ss_spmm_mapped) */
 } spmm_args;
 
 static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
@@ -488,6 +489,180 @@ static void spmm_task(void *ctx, int64_t begin, int64_t end) {
     }
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Mapped outputs. The kernel's pixel p stands for (n, i, j) of a grid with rows of src_w
+ * pixels and src_h rows an image; only i < valid_h, j < valid_w are real pixels (a
+ * shifted-window output has junk columns and rows). A mapped product writes each real pixel
+ * straight to where the next layer reads it: the compact (C, N, valid_h, valid_w) output, or
+ * the zero-padded parity planes a k x k conv reads (see ss_pad_planes), so that no separate
+ * pass drops the junk or pads. A tile is computed for a few channels at a time into a small
+ * buffer that stays in L1, then its row segments are copied out.                             */
+
+enum { MAP_SRC_H, MAP_SRC_W, MAP_VALID_H, MAP_VALID_W, MAP_STRIDE, MAP_PAD_T, MAP_PAD_L,
+       MAP_HQ, MAP_WQ, MAP_PLANE, MAP_LEN };
+
+#define SS_MAP_CHANNELS 16
+#define SS_MAX_TILE 128
+
+typedef struct {
+    int64_t src, dst, res, count; /* tile offset, offset in a channel of out and residual */
+} row_segment;
+
+/* The row segments of tile [p0, p0 + np): at most np * stride of them. */
+static int64_t map_segments(const int64_t *map, int64_t p0, int64_t np, row_segment *seg) {
+    const int64_t src_w = map[MAP_SRC_W], src_h = map[MAP_SRC_H];
+    const int64_t vh = map[MAP_VALID_H], vw = map[MAP_VALID_W], s = map[MAP_STRIDE];
+    const int64_t hq = map[MAP_HQ], wq = map[MAP_WQ], plane = map[MAP_PLANE];
+    int64_t count = 0;
+    for (int64_t p = p0, end = p0 + np; p < end;) {
+        const int64_t row = p / src_w, j = p - row * src_w;
+        const int64_t row_end = (row + 1) * src_w < end ? (row + 1) * src_w : end;
+        const int64_t n = row / src_h, i = row - n * src_h;
+        int64_t j_end = j + (row_end - p);
+        if (j_end > vw) j_end = vw;
+        if (i < vh && j < j_end) {
+            const int64_t y = i + map[MAP_PAD_T];
+            const int64_t row_dst = (y % s) * s * plane + (n * hq + y / s) * wq;
+            const int64_t row_res = (n * vh + i) * vw;
+            /* stride s: every s-th column goes to the same parity plane */
+            for (int64_t jj = j; jj < j + s && jj < j_end; jj++) {
+                const int64_t x = jj + map[MAP_PAD_L];
+                seg[count].src = p - p0 + (jj - j);
+                seg[count].dst = row_dst + (x % s) * plane + x / s;
+                seg[count].res = row_res + jj;
+                seg[count].count = (j_end - jj + s - 1) / s;
+                count++;
+            }
+        }
+        p = row_end;
+    }
+    return count;
+}
+
+/* dst[j] = src[stride * j] for j < count; src holds `avail` readable floats. */
+typedef void (*strided_fn)(float *dst, const float *src, int64_t count, int64_t stride,
+                           int64_t avail);
+
+typedef void (*row_copy_fn)(float *dst, const float *src, int64_t count);
+
+static inline __attribute__((always_inline)) void row_copy_portable(float *dst, const float *src,
+                                                                     int64_t count) {
+    for (int64_t q = 0; q < count; q++) dst[q] = src[q];
+}
+
+#if SS_X86
+/* full vectors, the last one overlapping the one before it (no masked stores, which some
+ * CPUs run slowly) */
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
+row_copy_avx512(float *dst, const float *src, int64_t count) {
+    if (count < 16) {
+        const __mmask16 m = (__mmask16)((1u << count) - 1u);
+        _mm512_mask_storeu_ps(dst, m, _mm512_maskz_loadu_ps(m, src));
+        return;
+    }
+    int64_t q = 0;
+    for (; q + 16 <= count; q += 16) _mm512_storeu_ps(dst + q, _mm512_loadu_ps(src + q));
+    if (q < count) _mm512_storeu_ps(dst + count - 16, _mm512_loadu_ps(src + count - 16));
+}
+
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+row_copy_avx2(float *dst, const float *src, int64_t count) {
+    if (count < 8) {
+        for (int64_t q = 0; q < count; q++) dst[q] = src[q];
+        return;
+    }
+    int64_t q = 0;
+    for (; q + 8 <= count; q += 8) _mm256_storeu_ps(dst + q, _mm256_loadu_ps(src + q));
+    if (q < count) _mm256_storeu_ps(dst + count - 8, _mm256_loadu_ps(src + count - 8));
+}
+#endif
+
+/* The mapped product's task; inlined into each instruction set's own copy with that set's
+ * tile function and row copies. */
+static inline __attribute__((always_inline)) void
+spmm_mapped_body(const spmm_args *a, int64_t begin, int64_t end, tile_fn fn, row_copy_fn copy,
+                 strided_fn strided) {
+    const int64_t s = a->map[MAP_STRIDE];
+    /* the tile is computed without the residual, which is added in the copy-out */
+    spmm_args local = *a;
+    local.residual = NULL;
+    if (a->residual) {
+        local.lo = -INFINITY;
+        local.hi = INFINITY;
+    }
+    local.ld_out = a->tile;
+    float buf[SS_MAP_CHANNELS * SS_MAX_TILE];
+    row_segment seg[SS_MAX_TILE * 4];
+    for (int64_t item = begin; item < end; item++) {
+        const int64_t t = item / a->n_blocks, blk = item % a->n_blocks;
+        const int64_t p0 = t * a->tile;
+        const int64_t np = a->n_pix - p0 < a->tile ? a->n_pix - p0 : a->tile;
+        const int64_t n_seg = map_segments(a->map, p0, np, seg);
+        const int64_t c_end = a->block_start[blk + 1];
+        for (int64_t c0 = a->block_start[blk]; c0 < c_end; c0 += SS_MAP_CHANNELS) {
+            const int64_t c1 = c0 + SS_MAP_CHANNELS < c_end ? c0 + SS_MAP_CHANNELS : c_end;
+            /* the tile function writes out[co*ld_out + p]: aim it at buf (integer arithmetic:
+             * the pointer itself may lie outside buf) */
+            local.out = (float *)((uintptr_t)buf - (uintptr_t)((c0 * a->tile + p0) * 4));
+            fn(&local, c0, c1, p0, np);
+            for (int64_t co = c0; co < c1; co++) {
+                const float *tile = buf + (co - c0) * a->tile;
+                float *out = a->out + co * a->ld_out;
+                const float *res = a->residual ? a->residual + co * a->ld_res : NULL;
+                for (int64_t k = 0; k < n_seg; k++) {
+                    const row_segment g = seg[k];
+                    if (res) {
+                        for (int64_t q = 0; q < g.count; q++)
+                            out[g.dst + q] =
+                                clampf(tile[g.src + s * q] + res[g.res + s * q], a->lo, a->hi);
+                    } else if (s == 1) {
+                        copy(out + g.dst, tile + g.src, g.count);
+                    } else {
+                        strided(out + g.dst, tile + g.src, g.count, s, np - g.src);
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void strided_copy_portable(float *dst, const float *src, int64_t count, int64_t stride,
+                                  int64_t avail);
+#if SS_X86
+static void strided_copy_avx512(float *dst, const float *src, int64_t count, int64_t stride,
+                                int64_t avail);
+static void strided_copy_avx2(float *dst, const float *src, int64_t count, int64_t stride,
+                              int64_t avail);
+
+__attribute__((target("avx512f"))) static void spmm_mapped_task_avx512(void *ctx, int64_t begin,
+                                                                         int64_t end) {
+    spmm_mapped_body((const spmm_args *)ctx, begin, end, spmm_tile_avx512, row_copy_avx512,
+                     strided_copy_avx512);
+}
+
+__attribute__((target("avx2,fma"))) static void spmm_mapped_task_avx2(void *ctx, int64_t begin,
+                                                                       int64_t end) {
+    spmm_mapped_body((const spmm_args *)ctx, begin, end, spmm_tile_avx2, row_copy_avx2,
+                     strided_copy_avx2);
+}
+#endif
+
+static void spmm_mapped_task_portable(void *ctx, int64_t begin, int64_t end) {
+    spmm_mapped_body((const spmm_args *)ctx, begin, end, spmm_tile_portable, row_copy_portable,
+                     strided_copy_portable);
+}
+
+static task_fn spmm_mapped_task(void) {
+#if SS_X86
+    switch (ss_isa()) {
+    case ISA_AVX512: return spmm_mapped_task_avx512;
+    case ISA_AVX2: return spmm_mapped_task_avx2;
+    default: break;
+    }
+#endif
+    return spmm_mapped_task_portable;
+}
+
 static int64_t tile_size(void) {
     switch (ss_isa()) {
     case ISA_AVX512: return 128;
@@ -496,16 +671,14 @@ static int64_t tile_size(void) {
     }
 }
 
-/* out[co*ld_out + p] = clamp(bias[co] + sum_j values[j]*in[offsets[j] + p]
- *                            (+ residual[co*ld_res + p]), lo, hi), p in [0, n_pix). */
-SS_EXPORT void ss_spmm(const float *in, float *out, const float *values, const int32_t *offsets,
-                       const int32_t *row_ptr, const float *bias, const float *residual,
-                       int64_t c_out, int64_t n_pix, int64_t ld_out, int64_t ld_res, float lo,
-                       float hi, int threads) {
+static void spmm_run(const float *in, float *out, const float *values, const int32_t *offsets,
+                     const int32_t *row_ptr, const float *bias, const float *residual,
+                     int64_t c_out, int64_t n_pix, int64_t ld_out, int64_t ld_res, float lo,
+                     float hi, int threads, const int64_t *map) {
     if (c_out <= 0 || n_pix <= 0) return;
     if ((int64_t)(row_ptr[c_out] - row_ptr[0]) * n_pix < SS_SERIAL_MACS) threads = 1;
     spmm_args a = {in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out,
-                   ld_res, lo, hi, 0, 0, 0, NULL};
+                   ld_res, lo, hi, 0, 0, 0, NULL, map};
     a.tile = tile_size();
     a.n_tiles = (n_pix + a.tile - 1) / a.tile;
     /* enough (tile, channel block) items for every thread to get a few */
@@ -531,7 +704,31 @@ SS_EXPORT void ss_spmm(const float *in, float *out, const float *values, const i
     block_start[blocks] = c_out;
     a.n_blocks = blocks;
     a.block_start = block_start;
-    parallel_for(threads, a.n_tiles * blocks, spmm_task, &a);
+    parallel_for(threads, a.n_tiles * blocks, map ? spmm_mapped_task() : spmm_task, &a);
+}
+
+/* out[co*ld_out + p] = clamp(bias[co] + sum_j values[j]*in[offsets[j] + p]
+ *                            (+ residual[co*ld_res + p]), lo, hi), p in [0, n_pix). */
+SS_EXPORT void ss_spmm(const float *in, float *out, const float *values, const int32_t *offsets,
+                       const int32_t *row_ptr, const float *bias, const float *residual,
+                       int64_t c_out, int64_t n_pix, int64_t ld_out, int64_t ld_res, float lo,
+                       float hi, int threads) {
+    spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
+             lo, hi, threads, NULL);
+}
+
+/* The product of ss_spmm with its pixels mapped (map: MAP_LEN int64 values, see the MAP_
+ * enum): pixel p = (n*src_h + i)*src_w + j with i < valid_h and j < valid_w goes to
+ * out[co*ld_out + (y%stride*stride + x%stride)*plane + (n*hq + y/stride)*wq + x/stride],
+ * y = i + pad_t, x = j + pad_l, the other pixels nowhere; the residual is read at
+ * residual[co*ld_res + (n*valid_h + i)*valid_w + j]. */
+SS_EXPORT void ss_spmm_mapped(const float *in, float *out, const float *values,
+                              const int32_t *offsets, const int32_t *row_ptr, const float *bias,
+                              const float *residual, int64_t c_out, int64_t n_pix, int64_t ld_out,
+                              int64_t ld_res, float lo, float hi, int threads,
+                              const int64_t *map) {
+    spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
+             lo, hi, threads, map);
 }
 
 /* ------------------------------------------------------------------------------------------ */
