@@ -11,7 +11,12 @@ from torch import nn
 
 import strsparse
 from strsparse.inference import _native, backend, load_sparse, save_sparse, set_isa, to_sparse
-from strsparse.inference.layers import SparseConv2d, SparseLinear
+from strsparse.inference.layers import (
+    PlanarActivation,
+    SparseConv2d,
+    SparseLinear,
+    plane_geometry,
+)
 
 TOL = 1e-4
 
@@ -236,6 +241,143 @@ def test_native_depthwise_matches_dense(name: str, isa: str, monkeypatch) -> Non
             _check_close(model, sparse, torch.randn(*shape))
     finally:
         set_isa("auto")
+
+
+PLANAR = {
+    "3x3": dict(kernel_size=3, padding=1),
+    "3x3-stride2": dict(kernel_size=3, stride=2, padding=1),
+    "3x3-stride2-nopad": dict(kernel_size=3, stride=2),
+    "5x5-pad2": dict(kernel_size=5, padding=2),
+    "3x3-dilated": dict(kernel_size=3, padding=2, dilation=2),
+    "7x7-stride2-pad3": dict(kernel_size=7, stride=2, padding=3),
+    "3x5-stride3": dict(kernel_size=(3, 5), stride=3, padding=(0, 2)),
+}
+
+
+def _planar_chain(opts: dict, first: int) -> nn.Module:
+    """A conv (``first`` x ``first``) -> BN -> ReLU feeding a k x k conv (``opts``) -> BN ->
+    ReLU -> 1x1 conv: the first conv writes the k x k conv's padded planes."""
+    pad = first // 2
+    return nn.Sequential(
+        nn.Conv2d(6, 10, first, padding=pad, bias=False),
+        nn.BatchNorm2d(10),
+        nn.ReLU(),
+        nn.Conv2d(10, 14, bias=False, **opts),
+        nn.BatchNorm2d(14),
+        nn.ReLU(),
+        nn.Conv2d(14, 5, 1),
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("first", [1, 3])
+@pytest.mark.parametrize("name", list(PLANAR))
+def test_outputs_written_into_the_next_convs_planes_match_dense(
+    name: str, first: int, isa: str
+) -> None:
+    """A conv whose output only feeds a k x k conv writes it into that conv's padded parity
+    planes, and a k x k conv's epilogue drops its junk columns; both on every instruction
+    set, for strides, paddings, dilations, odd sizes and batches."""
+    try:
+        set_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        model = _prune(_planar_chain(PLANAR[name], first), 0.6)
+        sparse = to_sparse(model, max_density=1.0)
+        producer, consumer = sparse.net.get_submodule("0"), sparse.net.get_submodule("3")
+        assert producer.output_planes == (consumer.padding, consumer.stride)
+        assert consumer.output_planes is None  # read by a 1x1 conv: compact
+        for shape in [(1, 6, 9, 9), (3, 6, 13, 11), (2, 6, 37, 29)]:
+            _check_close(model, sparse, torch.randn(*shape))
+    finally:
+        set_isa("auto")
+
+
+@needs_native
+def test_planar_fallbacks_match_dense(monkeypatch) -> None:
+    """Without the native output map (the numba path) the producer pads its output itself,
+    and a consumer that cannot read planes unpacks them."""
+    model = _prune(_planar_chain(PLANAR["3x3-stride2"], 1), 0.6)
+    sparse = to_sparse(model, max_density=1.0)
+    x = torch.randn(2, 6, 11, 10)
+    monkeypatch.setattr(_native.Backend, "native", property(lambda self: False))
+    _check_close(model, sparse, x)
+    monkeypatch.undo()
+    consumer = sparse.net.get_submodule("3")
+    consumer.stride = 1  # no longer what the planes were made for: they are unpacked
+    consumer._offsets.clear()
+    dense = nn.Conv2d(10, 14, 3, padding=1, bias=True)
+    dense.weight.data.copy_(consumer.dense_weight())
+    dense.bias.data.copy_(consumer.bias)
+    producer = sparse.net.get_submodule("0")
+    with torch.inference_mode():
+        planar = producer(x.transpose(0, 1).contiguous())
+        assert isinstance(planar, PlanarActivation)
+        got = consumer(planar)
+        expected = dense(planar.unpack().transpose(0, 1)).clamp(min=0).transpose(0, 1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_planar_activation_unpacks_to_the_activation() -> None:
+    x = torch.randn(3, 2, 7, 6)
+    for stride, pad in [(1, (1, 1)), (2, (1, 1)), (2, (3, 0)), (3, (2, 1))]:
+        hq, wq, _, ch_stride = plane_geometry(2, 7, 6, pad, stride)
+        data = _native.Backend("numba").pad_planes(x, pad, stride, hq, wq, ch_stride)
+        torch.testing.assert_close(PlanarActivation(data, (3, 2, 7, 6), pad, stride).unpack(), x)
+
+
+class _Bottleneck(nn.Module):
+    """ResNet-50's block: 1x1, 3x3 (strided), 1x1, with a downsample branch."""
+
+    def __init__(self, c_in: int, width: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return torch.relu(y + shortcut)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bottleneck_resnet_with_downsample_matches_dense(batch: int) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+        _Bottleneck(16, 8, 32, 1),
+        _Bottleneck(32, 16, 64, 2),
+        _Bottleneck(64, 16, 64, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+    model = _prune(model, 0.8)
+    sparse = to_sparse(model, max_density=1.0)
+    planar = [
+        name
+        for name, m in sparse.net.named_modules()
+        if isinstance(m, SparseConv2d) and m.output_planes is not None
+    ]
+    assert planar == ["4.conv1", "5.conv1", "6.conv1"]
+    assert sparse.net.get_submodule("5.conv1").output_planes == ((1, 1), 2)
+    _check_close(model, sparse, torch.randn(batch, 3, 45, 38))
 
 
 def test_per_layer_rule_keeps_dense_layers_dense() -> None:

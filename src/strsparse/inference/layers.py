@@ -337,7 +337,7 @@ class SparseConv2d(_SparseBase):
                 return None
             return ((ci * count).to(torch.int32).contiguous(), ho, wo)
         (dh, dw), s = self.dilation, self.stride
-        hq, wq, plane, ch_stride = plane_geometry(n, h, w, self.padding[:2], s)
+        hq, wq, plane, ch_stride = plane_geometry(n, h, w, (self.padding[0], self.padding[1]), s)
         if self.in_channels * ch_stride > _INT32_MAX or self.out_channels * plane > _INT32_MAX:
             return None
         dy, dx = r * dh, t * dw

@@ -921,13 +921,21 @@ typedef struct {
 
 static void maxpool_task(void *ctx, int64_t begin, int64_t end) {
     const pool_args *a = (const pool_args *)ctx;
-    float *row = (float *)malloc(sizeof(float) * (size_t)a->w);
+    const strided_fn copy = strided_copy_fn();
+    /* row: the max over the window's rows at padded column pad + x (-inf in the padding);
+     * cols: the max over the window's columns starting at each padded column */
+    const int64_t n_cols = (a->wo - 1) * a->stride + 1;
+    int64_t len = a->w + 2 * a->pad;
+    if (len < n_cols + a->kw) len = n_cols + a->kw;
+    float *row = (float *)malloc(sizeof(float) * (size_t)(2 * len));
     if (!row) return;
+    float *cols = row + len;
+    for (int64_t x = 0; x < len; x++) row[x] = -INFINITY;
+    float *mid = row + a->pad;
     for (int64_t plane = begin; plane < end; plane++) {
         const float *src = a->in + plane * a->h * a->w;
         float *dst = a->out + plane * a->ho * a->wo;
         for (int64_t i = 0; i < a->ho; i++) {
-            /* the max over the window's rows, for every column (vectorizes), ... */
             const int64_t y0 = i * a->stride - a->pad;
             int first = 1;
             for (int64_t dy = 0; dy < a->kh; dy++) {
@@ -935,22 +943,21 @@ static void maxpool_task(void *ctx, int64_t begin, int64_t end) {
                 if (y < 0 || y >= a->h) continue;
                 const float *r = src + y * a->w;
                 if (first) {
-                    memcpy(row, r, sizeof(float) * (size_t)a->w);
+                    memcpy(mid, r, sizeof(float) * (size_t)a->w);
                     first = 0;
                 } else {
-                    for (int64_t x = 0; x < a->w; x++) row[x] = r[x] > row[x] ? r[x] : row[x];
+                    for (int64_t x = 0; x < a->w; x++) mid[x] = r[x] > mid[x] ? r[x] : mid[x];
                 }
             }
-            /* ... then over the window's columns */
-            for (int64_t j = 0; j < a->wo; j++) {
-                float m = -INFINITY;
-                const int64_t x0 = j * a->stride - a->pad;
-                for (int64_t dx = 0; dx < a->kw; dx++) {
-                    const int64_t x = x0 + dx;
-                    if (x >= 0 && x < a->w && !first && row[x] > m) m = row[x];
-                }
-                dst[i * a->wo + j] = m;
+            if (first)
+                for (int64_t x = 0; x < a->w; x++) mid[x] = -INFINITY;
+            /* both loops vectorize: no branches, contiguous loads */
+            memcpy(cols, row, sizeof(float) * (size_t)n_cols);
+            for (int64_t dx = 1; dx < a->kw; dx++) {
+                const float *r = row + dx;
+                for (int64_t x = 0; x < n_cols; x++) cols[x] = r[x] > cols[x] ? r[x] : cols[x];
             }
+            copy(dst + i * a->wo, cols, a->wo, a->stride, n_cols);
         }
     }
     free(row);
