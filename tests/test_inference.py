@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 import strsparse
-from strsparse.inference import _native, backend, load_sparse, save_sparse, set_isa, to_sparse
+from strsparse.inference import (
+    DEFAULT_MAX_DENSITY,
+    _native,
+    backend,
+    load_sparse,
+    save_sparse,
+    set_isa,
+    to_sparse,
+)
 from strsparse.inference.layers import (
     PlanarActivation,
     SparseConv2d,
@@ -308,6 +316,7 @@ def test_planar_fallbacks_match_dense(monkeypatch) -> None:
     consumer = sparse.net.get_submodule("3")
     consumer.stride = 1  # no longer what the planes were made for: they are unpacked
     consumer._offsets.clear()
+    consumer._steps.clear()
     dense = nn.Conv2d(10, 14, 3, padding=1, bias=True)
     dense.weight.data.copy_(consumer.dense_weight())
     dense.bias.data.copy_(consumer.bias)
@@ -395,6 +404,21 @@ def test_per_layer_rule_keeps_dense_layers_dense() -> None:
     all_dense = to_sparse(model, max_density=0.0)
     assert set(all_dense.sparse_plan.values()) == {"dense"}
     _check_close(model, all_dense, torch.randn(2, 4, 8, 8))
+
+
+@needs_native
+def test_stem_convs_have_their_own_density_limit() -> None:
+    """A large kernel on an image's few channels runs sparse up to the "stem" limit, which
+    is looser than other k x k convs'."""
+    torch.manual_seed(0)
+    stem = nn.Conv2d(3, 8, 7, stride=2, padding=3)
+    rgb_3x3 = nn.Conv2d(8, 8, 3, padding=1)
+    model = _prune(nn.Sequential(stem, nn.ReLU(), rgb_3x3), 0.7)  # density 0.3 each
+    assert DEFAULT_MAX_DENSITY["conv"] < 0.3 < DEFAULT_MAX_DENSITY["stem"]
+    sparse = to_sparse(model)
+    assert sparse.sparse_plan == {"0": "sparse", "2": "dense"}
+    _check_close(model, sparse, torch.randn(2, 3, 21, 17))
+    assert to_sparse(model, max_density={"stem": 0.2}).sparse_plan["0"] == "dense"
 
 
 def test_bad_max_density_is_an_error() -> None:

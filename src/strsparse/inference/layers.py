@@ -148,6 +148,7 @@ class _SparseBase(nn.Module):
             "bias", None if bias is None else bias.detach().float().contiguous().clone()
         )
         self._offsets: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._steps: dict[tuple[Any, ...], Callable] = {}  # direct kernel calls, by input
 
     @property
     def nnz(self) -> int:
@@ -187,6 +188,7 @@ class _SparseBase(nn.Module):
         if prefix + "bias" in state_dict:
             self._buffers["bias"] = state_dict[prefix + "bias"].clone()
         self._offsets.clear()
+        self._steps.clear()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply_clamp(self, y: Tensor) -> Tensor:
@@ -368,6 +370,18 @@ class SparseConv2d(_SparseBase):
             if residual is not None:
                 y = y + residual
             return self._apply_clamp(y)
+        step = self._steps.get((type(x), x.shape, residual is None))
+        if step is not None:
+            out = step(x, residual)
+            if out is not None:
+                return out
+        elif self.channel_major and len(self._steps) < _CACHE_SIZE:
+            step = self._step(x)
+            if step is not None:
+                self._steps[(type(x), x.shape, residual is None)] = step
+                out = step(x, residual)
+                if out is not None:
+                    return out
         planar = x if isinstance(x, PlanarActivation) else None
         if planar is not None and not (
             self.reads_planes and planar.padding == self.padding and planar.stride == self.stride
@@ -488,6 +502,85 @@ class SparseConv2d(_SparseBase):
             return out
         padding, s = self.output_planes
         return PlanarActivation(out, shape, padding, s)
+
+    def _step(self, x: Tensor | PlanarActivation) -> Callable | None:
+        """For the commonest calls (a 1x1 conv on a tensor, a k x k conv on planes), a function
+        that calls the kernel directly, with every argument but the activations prepared: a
+        layer of a network at batch 1 runs in tens of microseconds, so Python counts.
+        ``None`` for every other call, which takes the general path."""
+        be = backend()
+        lib = be._lib
+        if lib is None or self.mode != "sparse" or self.depthwise:
+            return None
+        planar = isinstance(x, PlanarActivation)
+        if planar:
+            assert isinstance(x, PlanarActivation)
+            if not (self.reads_planes and x.padding == self.padding and x.stride == self.stride):
+                return None
+        elif not (self.pointwise and self.stride == 1 and isinstance(x, Tensor) and x.dim() == 4):
+            return None
+        _, n, h, w = x.shape
+        geometry = self._cached((n, h, w), lambda: self._geometry(n, h, w))
+        if geometry is None:
+            return None
+        offsets, ho, wo = geometry[:3]
+        count = n * ho * wo
+        if planar:
+            _, _, _, hq, wq, _, _ = geometry
+            n_pix, src_h, src_w = (n - 1) * hq * wq + (ho - 1) * wq + wo, hq, wq
+        else:
+            n_pix, src_h, src_w = count, ho, wo
+        mapped = planar or self.output_planes is not None
+        out_shape = (self.out_channels, n, ho, wo)
+        ld_out, size = count, 0
+        out_map = None
+        if mapped:
+            out_map, ld_out, planes = self._cached(
+                ("map", n, src_h, src_w, ho, wo),
+                lambda: self._output_map(n, src_h, src_w, ho, wo),
+            )
+            if planes is not None:
+                size = self.out_channels * ld_out
+        values: Tensor = self._buffers["values"]  # type: ignore[assignment]
+        bias = self._buffers["bias"]
+        keep = (values, offsets, self._buffers["row_ptr"], bias, out_map)  # alive while used
+        head = [t.data_ptr() if t is not None else None for t in keep[:4]]
+        tail = [self.out_channels, n_pix, ld_out, count, *self.clamp]
+        buffers = self._buffers
+        planes_out = self.output_planes
+        get_threads = torch.get_num_threads
+        empty, zeros = torch.empty, torch.zeros
+        if mapped:
+            assert out_map is not None
+            fn, map_ptr = lib.ss_spmm_mapped, out_map.data_ptr()
+        else:
+            fn, map_ptr = lib.ss_spmm, None
+
+        def step(x: Any, residual: Tensor | None) -> Tensor | PlanarActivation | None:
+            if buffers["values"] is not keep[0]:  # the module's tensors were replaced
+                return None
+            if planar:
+                data = x.data
+            else:
+                if not x.is_contiguous() or x.dtype != torch.float32:
+                    return None
+                data = x
+            res = None
+            if residual is not None:
+                if residual.shape != out_shape or not residual.is_contiguous():
+                    return None
+                res = residual.data_ptr()
+            out = zeros(size) if size else empty(out_shape)
+            args = [data.data_ptr(), out.data_ptr(), *head, res, *tail, get_threads()]
+            if map_ptr is not None:
+                args.append(map_ptr)
+            fn(*args)
+            if size:
+                assert planes_out is not None
+                return PlanarActivation(out, out_shape, *planes_out)
+            return out
+
+        return step
 
     def _emit(self, out: Tensor) -> Tensor | PlanarActivation:
         """A compact (C, N, H, W) output in this layer's output layout."""
