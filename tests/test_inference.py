@@ -389,6 +389,28 @@ def test_bottleneck_resnet_with_downsample_matches_dense(batch: int) -> None:
     _check_close(model, sparse, torch.randn(batch, 3, 45, 38))
 
 
+@needs_native
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_on_several_threads(stride: int) -> None:
+    """Planes split over threads (each with its own padded buffer) give the one-thread output."""
+    conv = nn.Conv2d(48, 48, 3, stride=stride, padding=1, groups=48)
+    model = _prune(nn.Sequential(conv, nn.BatchNorm2d(48), nn.ReLU()), 0.5)
+    sparse = to_sparse(model, max_density=1.0)
+    x = torch.randn(2, 48, 61, 64)  # enough values for the kernel to use the threads
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            one = sparse(x)
+        torch.set_num_threads(3)
+        with torch.inference_mode():
+            three = sparse(x)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, three, rtol=0, atol=0)
+    _check_close(model, sparse, x)
+
+
 def test_per_layer_rule_keeps_dense_layers_dense() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5))
