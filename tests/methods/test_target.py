@@ -85,6 +85,27 @@ def test_target_is_reached_and_the_budget_stays_learned(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_drift_does_not_push_a_threshold_onto_the_flat_of_the_sigmoid(seed: int) -> None:
+    # the drift fades with g'(s) as the task gradient does, so a small layer that the loss
+    # needs (the classifier) is balanced by its task gradient, as with plain STR, instead of
+    # being pushed to t -> k where nothing can pull it back (it then ended sparser than the
+    # wide hidden layer, with sigmoid(s) up to 0.99)
+    torch.manual_seed(seed)
+    model = _mlp()
+    handle = strsparse.sparsify(model, "str", sparsity=0.95)
+    _train(model, handle, 300, seed=seed)
+    report = strsparse.sparsity_report(model)
+    assert report.sparsity == pytest.approx(0.95, abs=0.005)
+    hidden, classifier = report.layers[1], report.layers[2]
+    assert classifier.sparsity < hidden.sparsity
+    for layer in (model[0], model[2], model[4]):
+        p = get_parametrization(layer)
+        assert p is not None
+        assert float(torch.sigmoid(p.s.detach()).max()) < 0.6
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sparsity", "flops"])
 def test_a_resumed_run_with_a_target_equals_the_uninterrupted_one(kind: str) -> None:
     steps, cut = 200, 90

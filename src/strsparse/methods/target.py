@@ -6,8 +6,8 @@ optimizer step it measures the (cost-weighted) density D of the sparsified weigh
 it with a cubic schedule D*_t that goes from dense to the target between ``start`` and
 ``end`` and then holds, and moves every threshold by one shared, signed amount rho,
 
-    log t_e <- log t_e + rho * c_l * w_e,   w_e = max(-log(t_e / k), 1)
-    (s_e <- s_e + rho * c_l * w_e / (d log g / ds)(s_e)),
+    s_e <- s_e + rho * c_l * w_e * (d log g / ds)(s_e),   w_e = max(-log(t_e / k), 1)
+    (log t_e moves by rho * c_l * w_e * (d log g / ds)(s_e)^2),
 
 on top of the optimizer's own update of ``s`` from the task gradient. rho comes from a PI
 controller on the log-density error e = ln D - ln D*_t (the same relative miss means the
@@ -22,6 +22,12 @@ faster, as with the decay, but it never falls below 1, so the drift has no fixed
 decay cannot lift a sigmoid threshold past 0.5). Because it is a common drift, not a
 threshold, each layer still settles where its own task gradient balances it: layers whose
 weights matter push their threshold back, the others drift up, and the budget is learned.
+The drift is the gradient step of a penalty on log t, so it reaches ``s`` through the same
+factor d log g / ds as the task gradient: where a sigmoid threshold nears k and the task
+gradient fades, the drift fades with it, and the balance between the two, which is what sets
+each layer's budget, does not depend on where on the sigmoid a layer sits (a drift fixed in
+log-t units pushed small layers onto the flat of the sigmoid, t -> k, where their task
+gradient could no longer pull them back).
 c_l is 1 for a sparsity target and (FLOPs per weight / the largest)^(1/4) for a FLOPs target.
 A layer whose weights are all zero is not pushed further up (it gets no task gradient to
 come back with), and one that zeroes nothing is not pulled further down; under a FLOPs
@@ -409,19 +415,23 @@ class TargetController(nn.Module):
         paper's decay profile (decay moves s by lambda * |s|, and |s| ~ -log(t / k) for the
         small thresholds of a sigmoid or exp), so layers whose weights, and thresholds, are
         small drift faster; it never falls below 1, so the drift has no fixed point. Divided
-        by its largest value, so that no threshold moves by more than ``max_rate`` a step."""
-        profiles = {}
+        by its largest value, so that no threshold moves by more than ``max_rate`` a step,
+        and times (d log g / ds)^2: the drift acts on ``s`` as a gradient on log t would, so
+        it fades where g saturates exactly as the task gradient does (1 for exp)."""
+        profiles, slopes = {}, {}
         for name in self.layer_names:
             p = _threshold_method(layers[name])
             t = p.threshold_tensor().detach() / p.k
             profiles[name] = (-torch.log(t.clamp_min(1e-30))).clamp_min(1.0)
+            slopes[name] = log_threshold_gradient(p.g_name, p.s.detach()).square()
         top = torch.stack([w.max() for w in profiles.values()]).max()
-        self._profiles = {name: w / top for name, w in profiles.items()}
+        self._profiles = {name: w / top * slopes[name] for name, w in profiles.items()}
 
     def _push(
         self, layers: Mapping[str, LayerWeight], rate: float, direction: Mapping[str, float]
     ) -> None:
-        """s_e += rate * direction_l / (d log g/ds)(s_e): log-thresholds move by rate * c_l."""
+        """s_e += rate * direction_l * profile_e / (d log g/ds)(s_e): log-thresholds move by
+        rate * c_l * profile_e."""
         if rate == 0.0:
             return
         shift: dict[int, tuple[Tensor, int]] = {}
@@ -429,7 +439,7 @@ class TargetController(nn.Module):
         for name in self.layer_names:
             p = _threshold_method(layers[name])
             s = p.s
-            slope = log_threshold_gradient(p.g_name, s).clamp_min(0.1)
+            slope = log_threshold_gradient(p.g_name, s).clamp_min(1e-12)
             term = (rate * direction[name]) * self._profiles[name] / slope
             # a shared s (granularity 'global') moves once, by the mean over its layers
             total, count = shift.get(id(s), (torch.zeros_like(s), 0))
