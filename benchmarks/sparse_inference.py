@@ -218,6 +218,8 @@ LAYER_INPUT = {
 def bench_layers(args: argparse.Namespace) -> list[dict]:
     results = []
     for name, make in LAYERS.items():
+        if args.layers and not any(part in name for part in args.layers):
+            continue
         for sparsity in args.sparsities:
             torch.manual_seed(0)
             dense = make().eval()
@@ -228,7 +230,9 @@ def bench_layers(args: argparse.Namespace) -> list[dict]:
             layer = to_sparse(nn.Sequential(dense), max_density=1.0).net.get_submodule("0")
             for batch in args.batch:
                 x = torch.randn(batch, *LAYER_INPUT[name])
-                x_in = x if x.dim() == 2 else x.transpose(0, 1).contiguous()  # channel-major
+                # channel-major, as inside a network (a layer kept dense takes the standard layout)
+                standard = x.dim() == 2 or not getattr(layer, "channel_major", True)
+                x_in = x if standard else x.transpose(0, 1).contiguous()
                 for threads in args.threads:
                     torch.set_num_threads(threads)
                     fns = {
@@ -322,6 +326,9 @@ def main() -> None:
         help="lenet5, resnet50, mobilenet_v1, resnet50-dense",
     )
     parser.add_argument("--lenet-run", help="an STR run directory of lenet5 (strsparse train)")
+    parser.add_argument(
+        "--layers", nargs="+", help="only the single layers whose names contain one of these"
+    )
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=7)
