@@ -329,6 +329,18 @@ def test_planar_fallbacks_match_dense(monkeypatch) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@needs_native
+def test_an_output_map_the_kernel_cannot_handle_is_refused() -> None:
+    x, out = torch.randn(4), torch.zeros(64)
+    values, offsets = torch.ones(1), torch.zeros(1, dtype=torch.int32)
+    row_ptr = torch.tensor([0, 1], dtype=torch.int32)
+    # src 1 x 4, valid 1 x 4, stride 5 (at most 4 is mapped), no padding, planes of 1 x 4
+    bad = torch.tensor([1, 4, 1, 4, 5, 0, 0, 1, 4, 4], dtype=torch.int64)
+    with pytest.raises(ValueError, match="output map"):
+        backend().spmm(x, out, values, offsets, row_ptr, None, None, 4, 16, 4, 0.0, 1.0, bad)
+    assert not out.any()
+
+
 def test_planar_activation_unpacks_to_the_activation() -> None:
     x = torch.randn(3, 2, 7, 6)
     for stride, pad in [(1, (1, 1)), (2, (1, 1)), (2, (3, 0)), (3, (2, 1))]:

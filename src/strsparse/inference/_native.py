@@ -59,7 +59,7 @@ class Backend:
             lib.ss_spmm.argtypes = [_ptr] * 7 + [_i64] * 4 + [_f32, _f32, _int]
             lib.ss_spmm.restype = None
             lib.ss_spmm_mapped.argtypes = [_ptr] * 7 + [_i64] * 4 + [_f32, _f32, _int, _ptr]
-            lib.ss_spmm_mapped.restype = None
+            lib.ss_spmm_mapped.restype = _int
             lib.ss_pad_planes.argtypes = [_ptr, _ptr] + [_i64] * 10 + [_int]
             lib.ss_pad_planes.restype = None
             lib.ss_compact.argtypes = [_ptr] * 3 + [_i64] * 7 + [_f32, _f32, _int]
@@ -114,7 +114,7 @@ class Backend:
         if out_map is not None:
             if self._lib is None:
                 raise RuntimeError("mapped outputs need the native kernels")
-            self._lib.ss_spmm_mapped(
+            status = self._lib.ss_spmm_mapped(
                 inp.data_ptr(),
                 out.data_ptr(),
                 values.data_ptr(),
@@ -131,6 +131,8 @@ class Backend:
                 torch.get_num_threads(),
                 out_map.data_ptr(),
             )
+            if status != 0:
+                raise ValueError(f"the native output map cannot handle {out_map.tolist()}")
             return
         if self._lib is not None:
             self._lib.ss_spmm(

@@ -574,7 +574,8 @@ class SparseConv2d(_SparseBase):
             args = [data.data_ptr(), out.data_ptr(), *head, res, *tail, get_threads()]
             if map_ptr is not None:
                 args.append(map_ptr)
-            fn(*args)
+            if fn(*args):  # a map the kernel refuses: the general path says why
+                return None
             if size:
                 assert planes_out is not None
                 return PlanarActivation(out, out_shape, *planes_out)

@@ -502,7 +502,8 @@ enum { MAP_SRC_H, MAP_SRC_W, MAP_VALID_H, MAP_VALID_W, MAP_STRIDE, MAP_PAD_T, MA
        MAP_HQ, MAP_WQ, MAP_PLANE, MAP_LEN };
 
 #define SS_MAP_CHANNELS 16
-#define SS_MAX_TILE 128
+#define SS_MAX_TILE 128 /* a mapped product's tiles are at most this wide */
+#define SS_MAX_MAP_STRIDE 4
 
 typedef struct {
     int64_t src, dst, res, count; /* tile offset, offset in a channel of out and residual */
@@ -592,7 +593,7 @@ spmm_mapped_body(const spmm_args *a, int64_t begin, int64_t end, tile_fn fn, row
     }
     local.ld_out = a->tile;
     float buf[SS_MAP_CHANNELS * SS_MAX_TILE];
-    row_segment seg[SS_MAX_TILE * 4];
+    row_segment seg[SS_MAX_TILE * SS_MAX_MAP_STRIDE];
     for (int64_t item = begin; item < end; item++) {
         const int64_t t = item / a->n_blocks, blk = item % a->n_blocks;
         const int64_t p0 = t * a->tile;
@@ -680,6 +681,7 @@ static void spmm_run(const float *in, float *out, const float *values, const int
     spmm_args a = {in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out,
                    ld_res, lo, hi, 0, 0, 0, NULL, map};
     a.tile = tile_size();
+    if (map && a.tile > SS_MAX_TILE) a.tile = SS_MAX_TILE;
     a.n_tiles = (n_pix + a.tile - 1) / a.tile;
     /* enough (tile, channel block) items for every thread to get a few */
     int64_t blocks = 1;
@@ -722,13 +724,18 @@ SS_EXPORT void ss_spmm(const float *in, float *out, const float *values, const i
  * out[co*ld_out + (y%stride*stride + x%stride)*plane + (n*hq + y/stride)*wq + x/stride],
  * y = i + pad_t, x = j + pad_l, the other pixels nowhere; the residual is read at
  * residual[co*ld_res + (n*valid_h + i)*valid_w + j]. */
-SS_EXPORT void ss_spmm_mapped(const float *in, float *out, const float *values,
-                              const int32_t *offsets, const int32_t *row_ptr, const float *bias,
-                              const float *residual, int64_t c_out, int64_t n_pix, int64_t ld_out,
-                              int64_t ld_res, float lo, float hi, int threads,
-                              const int64_t *map) {
+SS_EXPORT int ss_spmm_mapped(const float *in, float *out, const float *values,
+                             const int32_t *offsets, const int32_t *row_ptr, const float *bias,
+                             const float *residual, int64_t c_out, int64_t n_pix, int64_t ld_out,
+                             int64_t ld_res, float lo, float hi, int threads,
+                             const int64_t *map) {
+    /* returns -1, computing nothing, for a stride or a grid it cannot map */
+    if (map[MAP_STRIDE] < 1 || map[MAP_STRIDE] > SS_MAX_MAP_STRIDE || map[MAP_SRC_W] < 1 ||
+        map[MAP_SRC_H] < 1)
+        return -1;
     spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
              lo, hi, threads, map);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
