@@ -181,6 +181,8 @@ def test_target_option_errors() -> None:
         strsparse.sparsify(_mlp(), "str", sparsity=90)
     with pytest.raises(ValueError, match="flops=2"):
         strsparse.sparsify(_mlp(), "str", flops=2)
+    with pytest.raises(ValueError, match="granularity='global'"):
+        strsparse.sparsify(_mlp(), "str", flops=0.1, granularity="global", input_shape=(32,))
     with pytest.raises(ValueError, match="before start"):
         strsparse.sparsify(_mlp(), "str", sparsity=0.9, start=0.5, end=0.2)
 
@@ -249,7 +251,13 @@ def _train_cnn(
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("fraction", "granularity"),
-    [(0.3, "layer"), (0.1, "layer"), (0.03, "layer"), (0.1, "channel"), (0.05, "weight")],
+    [
+        (0.3, "layer"),
+        (0.1, "layer"),
+        (0.03, "layer"),
+        (0.1, "channel"),
+        (0.05, "weight"),
+    ],
 )
 def test_flops_target_is_reached_without_emptying_a_layer(
     fraction: float, granularity: str
@@ -274,6 +282,21 @@ def test_flops_target_is_reached_without_emptying_a_layer(
     assert all(row.nonzero > 0 for row in report.layers)
     layer_sparsity = [row.sparsity for row in report.layers]
     assert max(layer_sparsity) - min(layer_sparsity) > 0.01
+
+
+def test_a_flops_target_gives_an_emptied_layer_its_floor_back() -> None:
+    torch.manual_seed(0)
+    model = _cnn()
+    handle = strsparse.sparsify(model, "str", flops=0.1, input_shape=(1, 8, 8))
+    conv = get_parametrization(handle.layers["2"])
+    assert conv.g_name == "exp"  # a FLOPs target's default: thresholds not capped at k
+    with torch.no_grad():
+        conv.s.fill_(5.0)  # threshold e^5: every weight of the layer is zeroed
+    handle.step(0, 100)
+    kept = int((model[2].weight != 0).sum())
+    floor = handle.controller.min_kept["2"]
+    assert floor == layer_floor(576, 0.1) == 6
+    assert floor <= kept < 2 * floor  # the largest weights come back, no more
 
 
 def test_layer_floor() -> None:

@@ -76,7 +76,9 @@ class SoftThresholdOptions:
     structure: 'weight' (unstructured, the default), 'filter' (one importance value per
         output filter of every conv and Linear) or 'rank' (one per rank-one component of every
         ``LowRankLinear``); see ``strsparse.methods.structured``. ``g`` defaults to 'exp' for
-        'rank' (the paper's choice for low-rank RNNs) and to 'sigmoid' otherwise.
+        'rank' (the paper's choice for low-rank RNNs) and for a ``flops`` target (a sigmoid
+        threshold never exceeds k, and the weights of a convolution followed by BatchNorm grow
+        past it), and to 'sigmoid' otherwise.
     sparsity: a target: training ends at this fraction of zeros over the sparsified weights,
         each layer still learning its own threshold (``strsparse.methods.target``).
     flops: a target as a fraction of the dense forward FLOPs (``strsparse.flops``) instead;
@@ -102,7 +104,7 @@ class SoftThresholdOptions:
         """``g`` once resolved (the default follows ``structure``)."""
         if self.g is not None:
             return self.g
-        return "exp" if self.structure == "rank" else "sigmoid"
+        return "exp" if self.structure == "rank" or self.flops is not None else "sigmoid"
 
     def __post_init__(self) -> None:
         if self.structure not in STRUCTURES:
@@ -111,7 +113,7 @@ class SoftThresholdOptions:
                 f"valid: {', '.join(STRUCTURES)}"
             )
         if self.g is None:
-            object.__setattr__(self, "g", "exp" if self.structure == "rank" else "sigmoid")
+            object.__setattr__(self, "g", self.g_name)
         if self.structure != "weight" and self.granularity == "weight":
             raise OptionError(
                 f"granularity='weight' has no meaning for structure={self.structure!r} (one "
@@ -169,6 +171,12 @@ def _check_target(options: SoftThresholdOptions) -> None:
     ):
         raise OptionError(
             f"flops={flops!r} must be a fraction of the dense FLOPs in (0, 1], e.g. 0.05"
+        )
+    if flops is not None and getattr(options, "granularity", "layer") == "global":
+        raise OptionError(
+            f"flops={flops!r} needs a threshold per layer: with granularity='global' one "
+            "threshold cannot keep a cheap layer from emptying while it prunes the costly "
+            "ones; use granularity='layer', 'channel' or 'weight' (or sparsity= with 'global')"
         )
     check_schedule_options(getattr(options, "start", 0.0), getattr(options, "end", 1.0))
 

@@ -31,7 +31,8 @@ gradient could no longer pull them back).
 c_l is 1 for a sparsity target and (FLOPs per weight / the largest)^(1/4) for a FLOPs target.
 A layer whose weights are all zero is not pushed further up (it gets no task gradient to
 come back with), and one that zeroes nothing is not pulled further down; under a FLOPs
-target the push fades out as a layer nears a floor (``layer_floor``), so none is emptied.
+target the push fades out as a layer nears a floor (``layer_floor``), and a layer left below
+it has its thresholds lowered until it is back at the floor, so none is emptied.
 
 The controller's state (its integral, the last step, the scheduled and achieved density)
 lives in buffers of a module shared by every layer's parametrization: it is in the model's
@@ -364,7 +365,15 @@ class TargetController(nn.Module):
         # the layers that can still act share the drift in proportion to their c_l, the
         # largest moving at the full rate: when the costliest layers reach their floors the
         # others take over at once instead of at their small share of the rate
-        top = max(out.values(), default=0.0)
+        if self.kind == "flops":
+            # ... and that includes the profile: the layers whose thresholds are smallest
+            # (the fully connected ones) set w_e's scale, and once they rest at their floors
+            # the costly layer left would otherwise move at a fraction of the rate
+            top = max(
+                (c * float(self._profiles[name].max()) for name, c in out.items()), default=0.0
+            )
+        else:
+            top = max(out.values(), default=0.0)
         if 0.0 < top < 1.0:
             out = {name: c / top for name, c in out.items()}
         return out
@@ -408,6 +417,34 @@ class TargetController(nn.Module):
             rate,
             direction if math.copysign(1.0, rate) == sign else self._direction(layers, kept, -sign),
         )
+        if any(self.min_kept.values()):
+            self._hold_floors(layers)
+
+    @torch.no_grad()
+    def _hold_floors(self, layers: Mapping[str, LayerWeight]) -> None:
+        """Lower the thresholds of every layer left with fewer weights than its floor (by
+        the last push, or by the optimizer's own step on ``s``) by one common factor, the
+        smallest that gives it its floor back: its ``min_kept`` largest ratios |w| / t
+        survive. One step of the drift on weights piled up at the threshold can otherwise
+        empty a layer, and an empty layer gets no task gradient to recover with."""
+        kept = self.kept_weights(layers)
+        for name in self.layer_names:
+            floor = self.min_kept[name]
+            if kept[name] >= floor:
+                continue
+            p = _threshold_method(layers[name])
+            weight = raw_weight(layers[name]).detach()
+            t = p.threshold_tensor().detach()
+            ratio = (weight.abs() / t.clamp_min(1e-30)).flatten()
+            factor = float(torch.topk(ratio, floor).values[-1]) * (1.0 - 1e-3)
+            if factor <= 0.0:
+                continue  # fewer nonzero raw weights than the floor: nothing to bring back
+            if p.g_name == "exp":
+                p.s.add_(math.log(factor))
+            else:
+                # exactly: s = logit(factor * t / k), t / k < 1 after lowering
+                u = (t * factor / p.k).clamp(1e-12, 1.0 - 1e-6)
+                p.s.copy_(torch.log(u) - torch.log1p(-u))
 
     @torch.no_grad()
     def _set_profiles(self, layers: Mapping[str, LayerWeight]) -> None:
