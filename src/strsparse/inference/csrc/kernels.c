@@ -276,6 +276,13 @@ spmm_pixel_avx512(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0) {
         const int32_t j1 = a->row_ptr[co + 1];
         int32_t j = a->row_ptr[co];
         __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+        float t[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        if (j1 - j < 64) {
+            /* a short row: scalar loads into eight sums beat the gathers' start-up */
+            for (; j + 8 <= j1; j += 8)
+                for (int u = 0; u < 8; u++) t[u] += a->values[j + u] * in[a->offsets[j + u]];
+            for (; j < j1; j++) t[0] += a->values[j] * in[a->offsets[j]];
+        }
         for (; j + 32 <= j1; j += 32) {
             const __m512i i0 = _mm512_loadu_si512((const void *)(a->offsets + j));
             const __m512i i1 = _mm512_loadu_si512((const void *)(a->offsets + j + 16));
@@ -291,7 +298,8 @@ spmm_pixel_avx512(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0) {
             const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, in, 4);
             s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a->values + j), x, s0);
         }
-        float v = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        float v = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) +
+                  (((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])));
         if (a->bias) v += a->bias[co];
         if (a->residual) v += a->residual[co * a->ld_res + p0];
         a->out[co * a->ld_out + p0] = clampf(v, a->lo, a->hi);
