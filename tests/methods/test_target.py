@@ -299,6 +299,34 @@ def test_a_flops_target_gives_an_emptied_layer_its_floor_back() -> None:
     assert floor <= kept < 2 * floor  # the largest weights come back, no more
 
 
+@pytest.mark.parametrize("g", ["exp", "sigmoid"])
+def test_a_flops_target_keeps_a_thrown_threshold_within_reach(g: str) -> None:
+    """One optimizer step can throw a threshold hundreds of units of s down (a conv before
+    BatchNorm left with a few weights gets huge gradients there); below every weight it is
+    dense anyway, so the controller lifts it back to REACH times the largest weight, where
+    the drift can bring the layer back within a few steps."""
+    from strsparse.methods.target import REACH
+
+    torch.manual_seed(0)
+    model = _cnn()
+    handle = strsparse.sparsify(model, "str", flops=0.1, g=g, input_shape=(1, 8, 8))
+    conv = get_parametrization(handle.layers["2"])
+    other = get_parametrization(handle.layers["5"])
+    before = other.s.detach().clone()
+    with torch.no_grad():
+        conv.s.fill_(-400.0)
+    handle.step(0, 100)
+    top = float(model[2].parametrizations.weight.original.abs().max())
+    t = float(conv.threshold_tensor().max())
+    assert t == pytest.approx(REACH * top, rel=1e-4)
+    assert int((model[2].weight != 0).sum()) == model[2].weight.numel()  # still dense
+    # a threshold within reach is moved by the drift alone, as without the guard
+    assert float(other.threshold_tensor().min()) > REACH * float(
+        model[5].parametrizations.weight.original.abs().max()
+    )
+    assert not torch.equal(other.s, before)
+
+
 def test_layer_floor() -> None:
     assert layer_floor(400, 0.02) == 4  # 1% of the layer
     assert layer_floor(400, 0.01) == 2  # half a uniform budget's density when that is less

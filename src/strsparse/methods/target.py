@@ -140,6 +140,11 @@ def layer_floor(numel: int, target_density: float) -> int:
     return max(1, math.ceil(min(0.01, 0.5 * target_density) * numel))
 
 
+# with a FLOPs target no threshold stays below this fraction of its layer's largest weight
+# (see TargetController._hold_reach)
+REACH = 1e-3
+
+
 @dataclass(frozen=True)
 class ControllerGains:
     """Gains of the per-step controller, in log-threshold units per step:
@@ -419,6 +424,7 @@ class TargetController(nn.Module):
         )
         if any(self.min_kept.values()):
             self._hold_floors(layers)
+            self._hold_reach(layers)
 
     @torch.no_grad()
     def _hold_floors(self, layers: Mapping[str, LayerWeight]) -> None:
@@ -445,6 +451,25 @@ class TargetController(nn.Module):
                 # exactly: s = logit(factor * t / k), t / k < 1 after lowering
                 u = (t * factor / p.k).clamp(1e-12, 1.0 - 1e-6)
                 p.s.copy_(torch.log(u) - torch.log1p(-u))
+
+    @torch.no_grad()
+    def _hold_reach(self, layers: Mapping[str, LayerWeight]) -> None:
+        """Raise every threshold that fell below ``REACH`` times its layer's largest weight
+        back to that value. Below it a layer is dense whatever the threshold, so nothing the
+        network computes changes; but one optimizer step can throw ``s`` hundreds of units
+        down (a conv before BatchNorm left with a few weights gets huge gradients on its
+        threshold), and the drift, at most ``max_rate`` a step, would then need the rest of
+        training to bring the layer back: the FLOPs target would be lost for good."""
+        for name in self.layer_names:
+            p = _threshold_method(layers[name])
+            weight = raw_weight(layers[name]).detach()
+            top = float(weight.abs().max())
+            if top <= 0.0:
+                continue
+            # g is increasing in s: the lowest s allowed gives t = REACH * top exactly
+            u = min(top * REACH / p.k, 1.0 - 1e-6)
+            s_low = math.log(u) if p.g_name == "exp" else math.log(u / (1.0 - u))
+            p.s.clamp_(min=s_low)
 
     @torch.no_grad()
     def _set_profiles(self, layers: Mapping[str, LayerWeight]) -> None:
