@@ -132,21 +132,26 @@ def test_resnet_downsample_and_residual_are_fused() -> None:
     _check_close(model, sparse, torch.randn(1, 3, 48, 48))
 
 
+def _on_one_and_three_threads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``model(x)`` on one thread, then on three (torch's setting restored after)."""
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                outputs.append(model(x))
+    finally:
+        torch.set_num_threads(threads)
+    return tuple(outputs)
+
+
 @needs_native
 def test_threads_give_the_same_outputs() -> None:
     model = _prune(strsparse.create_model("resnet20", shortcut="B"), 0.9)
     sparse = to_sparse(model)
     x = torch.randn(4, 3, 32, 32)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        with torch.inference_mode():
-            one = sparse(x)
-        torch.set_num_threads(3)
-        with torch.inference_mode():
-            three = sparse(x)
-    finally:
-        torch.set_num_threads(threads)
+    one, three = _on_one_and_three_threads(sparse, x)
     torch.testing.assert_close(one, three, rtol=0, atol=1e-6)
 
 
@@ -409,16 +414,7 @@ def test_depthwise_on_several_threads(stride: int) -> None:
     model = _prune(nn.Sequential(conv, nn.BatchNorm2d(48), nn.ReLU()), 0.5)
     sparse = to_sparse(model, max_density=1.0)
     x = torch.randn(2, 48, 61, 64)  # enough values for the kernel to use the threads
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        with torch.inference_mode():
-            one = sparse(x)
-        torch.set_num_threads(3)
-        with torch.inference_mode():
-            three = sparse(x)
-    finally:
-        torch.set_num_threads(threads)
+    one, three = _on_one_and_three_threads(sparse, x)
     torch.testing.assert_close(one, three, rtol=0, atol=0)
     _check_close(model, sparse, x)
 

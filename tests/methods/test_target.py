@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -39,12 +40,39 @@ def _train(
     w1 = torch.randn(32, 64, generator=teacher)
     w2 = torch.randn(64, 10, generator=teacher)
     data = torch.Generator().manual_seed(seed)
+    return _loop(
+        model,
+        handle,
+        steps,
+        lambda: torch.randn(64, 32, generator=data),
+        lambda x: (torch.relu(x @ w1) @ w2).argmax(1),
+        lr=lr,
+        first=first,
+        last=last,
+        opt=opt,
+    )
+
+
+def _loop(
+    model: nn.Module,
+    handle: strsparse.SparsityHandle,
+    steps: int,
+    draw: Callable[[], torch.Tensor],
+    label: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    lr: float,
+    first: int,
+    last: int | None,
+    opt: torch.optim.Optimizer | None,
+) -> torch.optim.Optimizer:
+    """The loop both data sets share: a batch drawn every step (skipped ones too, so a run
+    resumed at ``first`` sees the same data), cosine LR, ``handle.step`` before the forward."""
     opt = opt or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     for step in range(steps if last is None else last):
-        x = torch.randn(64, 32, generator=data)
+        x = draw()
         if step < first:
             continue
-        y = (torch.relu(x @ w1) @ w2).argmax(1)
+        y = label(x)
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         handle.step(step, steps)
@@ -232,20 +260,17 @@ def _train_cnn(
     teacher = torch.Generator().manual_seed(5)
     w = torch.randn(64, 10, generator=teacher)
     data = torch.Generator().manual_seed(0)
-    opt = opt or torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    for step in range(steps if last is None else last):
-        x = torch.randn(32, 1, 8, 8, generator=data)
-        if step < first:
-            continue
-        y = (x.flatten(1) @ w).argmax(1)
-        for group in opt.param_groups:
-            group["lr"] = 0.05 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        handle.step(step, steps)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return opt
+    return _loop(
+        model,
+        handle,
+        steps,
+        lambda: torch.randn(32, 1, 8, 8, generator=data),
+        lambda x: (x.flatten(1) @ w).argmax(1),
+        lr=0.05,
+        first=first,
+        last=last,
+        opt=opt,
+    )
 
 
 @pytest.mark.slow

@@ -111,10 +111,8 @@ class Backend:
         contiguous, flat indexing. With ``out_map`` (int64, native kernels only), pixel ``p``
         is written where the map sends it instead (see ``ss_spmm_mapped``)."""
         c_out = row_ptr.numel() - 1
-        if out_map is not None:
-            if self._lib is None:
-                raise RuntimeError("mapped outputs need the native kernels")
-            status = self._lib.ss_spmm_mapped(
+        if self._lib is not None:
+            args = (
                 inp.data_ptr(),
                 out.data_ptr(),
                 values.data_ptr(),
@@ -129,29 +127,14 @@ class Backend:
                 lo,
                 hi,
                 torch.get_num_threads(),
-                out_map.data_ptr(),
             )
-            if status != 0:
+            if out_map is None:
+                self._lib.ss_spmm(*args)
+            elif self._lib.ss_spmm_mapped(*args, out_map.data_ptr()) != 0:
                 raise ValueError(f"the native output map cannot handle {out_map.tolist()}")
             return
-        if self._lib is not None:
-            self._lib.ss_spmm(
-                inp.data_ptr(),
-                out.data_ptr(),
-                values.data_ptr(),
-                offsets.data_ptr(),
-                row_ptr.data_ptr(),
-                _ptr_of(bias),
-                _ptr_of(residual),
-                c_out,
-                n_pix,
-                ld_out,
-                ld_res,
-                lo,
-                hi,
-                torch.get_num_threads(),
-            )
-            return
+        if out_map is not None:
+            raise RuntimeError("mapped outputs need the native kernels")
         from strsparse.inference import _numba_kernels
 
         _numba_kernels.spmm(
