@@ -615,3 +615,45 @@ def test_a_layer_called_twice_is_left_alone() -> None:
     sparse = to_sparse(model, max_density=1.0)
     assert sparse.sparse_plan == {}
     _check_close(model, sparse, torch.randn(2, 4, 8, 8))
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("mode", ["on", "off", "auto"])
+def test_window_copy_matches_dense(isa: str, mode: str) -> None:
+    """k x k convs whose product copies each distinct input window once per tile into an
+    aligned buffer (forced on for every conv; the stem-like 7x7 stride-2 convs on RGB take
+    it by default): stride 1 and 2, odd sizes, batches, tails, inputs in planes or not."""
+    try:
+        set_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        assert _native.set_window_copy(mode) == mode
+        for stride in (1, 2):
+            model = _prune(
+                nn.Sequential(
+                    nn.Conv2d(3, 40, 7, stride=stride, padding=3, bias=False),
+                    nn.BatchNorm2d(40),
+                    nn.ReLU(),
+                    nn.Conv2d(40, 12, 3, padding=1),
+                ),
+                0.6,
+            )
+            sparse = to_sparse(model, max_density=1.0)
+            stem = sparse.net.get_submodule("0")
+            # the windows are known: 3 channels x 49 offsets, each read by about 16 nonzeros
+            windows = stem._geometry(2, 37, 29)[7]
+            assert windows is not None and windows[0].numel() <= 147
+            offsets = stem._geometry(2, 37, 29)[0]
+            assert torch.equal(windows[0][windows[1].long()], offsets)
+            for shape in [(1, 3, 9, 9), (3, 3, 37, 29), (2, 3, 64, 50)]:
+                _check_close(model, sparse, torch.randn(*shape))
+    finally:
+        _native.set_window_copy("auto")
+        set_isa("auto")
+
+
+def test_bad_window_copy_mode_is_an_error() -> None:
+    with pytest.raises(ValueError, match="'sometimes'"):
+        _native.set_window_copy("sometimes")

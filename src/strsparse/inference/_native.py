@@ -31,7 +31,7 @@ from torch import Tensor
 
 from strsparse.errors import OptionError
 
-__all__ = ["ISA_NAMES", "Backend", "backend", "set_isa"]
+__all__ = ["ISA_NAMES", "Backend", "backend", "set_isa", "set_window_copy"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,10 @@ class Backend:
             lib.ss_spmm.restype = None
             lib.ss_spmm_mapped.argtypes = [_ptr] * 7 + [_i64] * 4 + [_f32, _f32, _int, _ptr]
             lib.ss_spmm_mapped.restype = _int
+            lib.ss_spmm_windows.argtypes = lib.ss_spmm_mapped.argtypes + [_ptr, _ptr, _i64]
+            lib.ss_spmm_windows.restype = _int
+            lib.ss_set_window_copy.argtypes = [_int]
+            lib.ss_set_window_copy.restype = _int
             lib.ss_pad_planes.argtypes = [_ptr, _ptr] + [_i64] * 10 + [_int]
             lib.ss_pad_planes.restype = None
             lib.ss_compact.argtypes = [_ptr] * 3 + [_i64] * 7 + [_f32, _f32, _int]
@@ -105,11 +109,14 @@ class Backend:
         lo: float,
         hi: float,
         out_map: Tensor | None = None,
+        windows: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         """``out[co*ld_out + p] = clamp(bias[co] + sum_j values[j] * inp[offsets[j] + p]
         (+ residual[co*ld_res + p]), lo, hi)`` for ``p < n_pix``; all float32 / int32,
         contiguous, flat indexing. With ``out_map`` (int64, native kernels only), pixel ``p``
-        is written where the map sends it instead (see ``ss_spmm_mapped``)."""
+        is written where the map sends it instead (see ``ss_spmm_mapped``); ``windows``, the
+        distinct offsets and each nonzero's index among them (int32, see
+        ``ss_spmm_windows``), lets a mapped product copy each window once per tile."""
         c_out = row_ptr.numel() - 1
         if self._lib is not None:
             args = (
@@ -130,7 +137,16 @@ class Backend:
             )
             if out_map is None:
                 self._lib.ss_spmm(*args)
-            elif self._lib.ss_spmm_mapped(*args, out_map.data_ptr()) != 0:
+                return
+            if windows is None:
+                failed = self._lib.ss_spmm_mapped(*args, out_map.data_ptr())
+            else:
+                distinct, slots = windows
+                failed = self._lib.ss_spmm_windows(
+                    *args, out_map.data_ptr(), distinct.data_ptr(), slots.data_ptr(),
+                    distinct.numel(),
+                )  # fmt: skip
+            if failed:
                 raise ValueError(f"the native output map cannot handle {out_map.tolist()}")
             return
         if out_map is not None:
@@ -320,6 +336,21 @@ def set_isa(name: str, lib: ctypes.CDLL | None = None) -> str:
         raise OptionError(f"unknown instruction set {name!r}; choose one of auto, {ISA_NAMES}")
     if lib.ss_set_isa(ISA_NAMES.index(key)) < 0:
         raise OptionError(f"this CPU does not support {name!r}; choose one of auto, portable")
+    return key
+
+
+def set_window_copy(mode: str) -> str:
+    """Whether a k x k conv's product copies each distinct input window once per tile into an
+    aligned buffer: ``auto`` (where it pays: windows reused by many nonzeros that fit in the
+    L1 cache), ``on`` (wherever the windows are known) or ``off``. Returns the mode."""
+    lib = backend()._lib
+    if lib is None:
+        raise RuntimeError(f"the native kernels are not loaded ({backend().name})")
+    modes = {"auto": -1, "off": 0, "on": 1}
+    key = mode.strip().lower()
+    if key not in modes:
+        raise OptionError(f"unknown window copy mode {mode!r}; choose one of {tuple(modes)}")
+    lib.ss_set_window_copy(modes[key])
     return key
 
 

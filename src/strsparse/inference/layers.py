@@ -47,6 +47,7 @@ __all__ = [
 _INT32_MAX = 2**31 - 1
 _CACHE_SIZE = 8  # offsets and output maps a layer keeps (a few input shapes)
 _MAX_MAPPED_STRIDE = 4  # the native output map handles strides up to this
+_MAX_WINDOWS = 1024  # more distinct input windows than this are never copied (see _windows)
 
 
 def plane_geometry(
@@ -58,6 +59,16 @@ def plane_geometry(
     hq, wq = -(-(h + 2 * padding[0]) // stride), -(-(w + 2 * padding[1]) // stride)
     plane = n * hq * wq
     return hq, wq, plane, stride * stride * plane
+
+
+def _windows(offsets: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The distinct values of a k x k conv's input offsets (its windows) and, per nonzero, the
+    index of its own (int32): the kernel may copy each window once per tile into an aligned
+    buffer where many nonzeros read it (``ss_spmm_windows``). ``None`` for too many windows."""
+    distinct, slots = torch.unique(offsets, return_inverse=True)
+    if distinct.numel() > _MAX_WINDOWS:
+        return None
+    return distinct.to(torch.int32).contiguous(), slots.to(torch.int32).contiguous()
 
 
 class PlanarActivation(NamedTuple):
@@ -344,7 +355,8 @@ class SparseConv2d(_SparseBase):
             return None
         dy, dx = r * dh, t * dw
         offsets = ci * ch_stride + ((dy % s) * s + dx % s) * plane + (dy // s) * wq + dx // s
-        return (offsets.to(torch.int32).contiguous(), ho, wo, hq, wq, plane, ch_stride)
+        offsets = offsets.to(torch.int32).contiguous()
+        return (offsets, ho, wo, hq, wq, plane, ch_stride, _windows(offsets))
 
     def _depthwise_geometry(self, h: int, w: int) -> tuple[Any, ...] | None:
         """The nonzeros' offsets in one (channel, image) plane padded and split into parity
@@ -433,7 +445,7 @@ class SparseConv2d(_SparseBase):
                 count, lo, hi,
             )  # fmt: skip
             return self._emit(out)
-        offsets, ho, wo, hq, wq, plane, ch_stride = geometry
+        offsets, ho, wo, hq, wq, plane, ch_stride, windows = geometry
         if planar is not None:
             planes = planar.data
         else:
@@ -444,7 +456,7 @@ class SparseConv2d(_SparseBase):
         shape = (self.out_channels, n, ho, wo)
         if native and (residual is None or tuple(residual.shape) == shape):
             # the epilogue skips the junk columns and rows
-            return self._mapped(planes, offsets, n_pix, n, hq, wq, ho, wo, residual)
+            return self._mapped(planes, offsets, n_pix, n, hq, wq, ho, wo, residual, windows)
         y = torch.empty(self.out_channels * plane)
         fused = residual is None
         backend().spmm(
@@ -483,6 +495,7 @@ class SparseConv2d(_SparseBase):
         ho: int,
         wo: int,
         residual: Tensor | None,
+        windows: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor | PlanarActivation:
         """The product written through the output map: the compact output, or the next
         conv's planes."""
@@ -496,7 +509,7 @@ class SparseConv2d(_SparseBase):
         lo, hi = self.clamp
         backend().spmm(
             inp, out, self.values, offsets, self.row_ptr, self.bias, residual, n_pix, ld_out,
-            n * ho * wo, lo, hi, out_map,
+            n * ho * wo, lo, hi, out_map, windows,
         )  # fmt: skip
         if self.output_planes is None:
             return out
@@ -525,8 +538,10 @@ class SparseConv2d(_SparseBase):
             return None
         offsets, ho, wo = geometry[:3]
         count = n * ho * wo
+        windows = None
         if planar:
-            _, _, _, hq, wq, _, _ = geometry
+            hq, wq = geometry[3:5]
+            windows = geometry[7]
             n_pix, src_h, src_w = (n - 1) * hq * wq + (ho - 1) * wq + wo, hq, wq
         else:
             n_pix, src_h, src_w = count, ho, wo
@@ -543,18 +558,24 @@ class SparseConv2d(_SparseBase):
                 size = self.out_channels * ld_out
         values: Tensor = self._buffers["values"]  # type: ignore[assignment]
         bias = self._buffers["bias"]
-        keep = (values, offsets, self._buffers["row_ptr"], bias, out_map)  # alive while used
+        # alive while used
+        keep = (values, offsets, self._buffers["row_ptr"], bias, out_map, windows)
         head = [t.data_ptr() if t is not None else None for t in keep[:4]]
         tail = [self.out_channels, n_pix, ld_out, count, *self.clamp]
         buffers = self._buffers
         planes_out = self.output_planes
         get_threads = torch.get_num_threads
         empty, zeros = torch.empty, torch.zeros
+        extra: list[int] = []
         if mapped:
             assert out_map is not None
-            fn, map_ptr = lib.ss_spmm_mapped, out_map.data_ptr()
+            fn = lib.ss_spmm_mapped
+            extra = [out_map.data_ptr()]
+            if windows is not None:
+                fn = lib.ss_spmm_windows
+                extra += [windows[0].data_ptr(), windows[1].data_ptr(), windows[0].numel()]
         else:
-            fn, map_ptr = lib.ss_spmm, None
+            fn = lib.ss_spmm
 
         def step(x: Any, residual: Tensor | None) -> Tensor | PlanarActivation | None:
             if buffers["values"] is not keep[0]:  # the module's tensors were replaced
@@ -571,9 +592,7 @@ class SparseConv2d(_SparseBase):
                     return None
                 res = residual.data_ptr()
             out = zeros(size) if size else empty(out_shape)
-            args = [data.data_ptr(), out.data_ptr(), *head, res, *tail, get_threads()]
-            if map_ptr is not None:
-                args.append(map_ptr)
+            args = [data.data_ptr(), out.data_ptr(), *head, res, *tail, get_threads(), *extra]
             if fn(*args):  # a map the kernel refuses: the general path says why
                 return None
             if size:
