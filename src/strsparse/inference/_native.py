@@ -75,6 +75,10 @@ class Backend:
             lib.ss_depthwise.argtypes = [_ptr] * 6 + [_i64] * 11 + [_f32, _f32, _int]
             lib.ss_depthwise.restype = None
             lib.ss_isa.restype = _int
+            lib.ss_zero.argtypes = [_ptr, _i64, _int]
+            lib.ss_zero.restype = None
+            lib.ss_set_thread_limit.argtypes = [_int]
+            lib.ss_set_thread_limit.restype = _int
             lib.ss_set_isa.argtypes = [_int]
             lib.ss_set_isa.restype = _int
             isa = os.environ.get("STRSPARSE_ISA")
@@ -93,6 +97,20 @@ class Backend:
     def isa(self) -> str:
         """The instruction set the native kernels use (``numba`` / ``none`` otherwise)."""
         return ISA_NAMES[self._lib.ss_isa()] if self._lib is not None else self.name
+
+    def limit_threads(self, threads: int) -> int:
+        """Let the native calls made from the calling thread use at most ``threads`` threads
+        (0: as many as they are given); returns the previous limit. Threads that run beside
+        each other on their own work keep to one each this way."""
+        return self._lib.ss_set_thread_limit(threads) if self._lib is not None else 0
+
+    def zeros(self, count: int) -> Tensor:
+        """A flat float32 tensor of ``count`` zeros, written by the kernels' own threads."""
+        if self._lib is None:
+            return torch.zeros(count)
+        out = torch.empty(count)
+        self._lib.ss_zero(out.data_ptr(), count, torch.get_num_threads())
+        return out
 
     def spmm(
         self,

@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 from strsparse.errors import OptionError
 from strsparse.inference._native import backend
 from strsparse.inference.layers import SparseConv2d, SparseLinear, channel_major_max_pool2d
+from strsparse.inference.slices import map_slices
 
 __all__ = ["DEFAULT_MAX_DENSITY", "SparseModel", "SparsePlan", "to_sparse"]
 
@@ -634,7 +635,11 @@ class SparseModel(nn.Module):
         size = max(1, _SLICE_VALUES // per_sample)
         if x.shape[0] <= size:
             return self.net(x)
-        return torch.cat([self.net(part) for part in x.split(size)])
+        parts = x.split(size)
+        threads = torch.get_num_threads()
+        if threads > 1 and backend().native:  # slices side by side, one thread each
+            return torch.cat(map_slices(self.net, parts, threads))
+        return torch.cat([self.net(part) for part in parts])
 
 
 @torch.no_grad()

@@ -505,7 +505,7 @@ class SparseConv2d(_SparseBase):
         shape = (self.out_channels, n, ho, wo)
         # planes: a fresh zeroed buffer, whose padding stays zero (a buffer kept from call to
         # call measured slower: it is no longer in cache when the next call comes)
-        out = torch.empty(shape) if planes is None else torch.zeros(shape[0] * ld_out)
+        out = torch.empty(shape) if planes is None else backend().zeros(shape[0] * ld_out)
         lo, hi = self.clamp
         backend().spmm(
             inp, out, self.values, offsets, self.row_ptr, self.bias, residual, n_pix, ld_out,
@@ -565,7 +565,8 @@ class SparseConv2d(_SparseBase):
         buffers = self._buffers
         planes_out = self.output_planes
         get_threads = torch.get_num_threads
-        empty, zeros = torch.empty, torch.zeros
+        empty = torch.empty
+        zero = lib.ss_zero
         extra: list[int] = []
         if mapped:
             assert out_map is not None
@@ -591,8 +592,13 @@ class SparseConv2d(_SparseBase):
                 if residual.shape != out_shape or not residual.is_contiguous():
                     return None
                 res = residual.data_ptr()
-            out = zeros(size) if size else empty(out_shape)
-            args = [data.data_ptr(), out.data_ptr(), *head, res, *tail, get_threads(), *extra]
+            threads = get_threads()
+            if size:  # the next conv's planes, whose padding stays zero
+                out = empty(size)
+                zero(out.data_ptr(), size, threads)
+            else:
+                out = empty(out_shape)
+            args = [data.data_ptr(), out.data_ptr(), *head, res, *tail, threads, *extra]
             if fn(*args):  # a map the kernel refuses: the general path says why
                 return None
             if size:

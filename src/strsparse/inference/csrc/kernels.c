@@ -73,6 +73,22 @@ static task_fn job_fn;
 static void *job_ctx;
 static int64_t job_items, job_chunk;
 static int job_threads;
+/* the most threads a call from this thread may use (0: no limit): a caller running beside
+ * others of its own (slices of a batch on threads of their own) keeps to itself */
+static _Thread_local int thread_limit = 0;
+
+/* Limit the calls made from the calling thread to `threads` threads (0: no limit); returns
+ * the previous limit. */
+SS_EXPORT int ss_set_thread_limit(int threads) {
+    const int old = thread_limit;
+    thread_limit = threads > 0 ? threads : 0;
+    return old;
+}
+
+static inline int allowed_threads(int threads) {
+    if (threads > SS_MAX_THREADS) threads = SS_MAX_THREADS;
+    return thread_limit > 0 && threads > thread_limit ? thread_limit : threads;
+}
 
 static inline void cpu_relax(void) {
 #if SS_X86
@@ -134,7 +150,7 @@ static void wait_until(atomic_llong *value, int64_t target) {
 }
 
 static void parallel_for(int threads, int64_t items, task_fn fn, void *ctx) {
-    if (threads > SS_MAX_THREADS) threads = SS_MAX_THREADS;
+    threads = allowed_threads(threads);
     if (threads > items) threads = (int)items;
     if (threads <= 1) {
         if (items > 0) fn(ctx, 0, items);
@@ -731,6 +747,7 @@ static void spmm_run(const float *in, float *out, const float *values, const int
                      float hi, int threads, const int64_t *map, const int32_t *windows,
                      const int32_t *slots, int64_t n_windows) {
     if (c_out <= 0 || n_pix <= 0) return;
+    threads = allowed_threads(threads);
     if ((int64_t)(row_ptr[c_out] - row_ptr[0]) * n_pix < SS_SERIAL_MACS) threads = 1;
     spmm_args a = {in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out,
                    ld_res, lo, hi, 0, 0, 0, NULL, map, NULL, NULL, 0};
@@ -827,6 +844,24 @@ SS_EXPORT int ss_spmm_windows(const float *in, float *out, const float *values,
 
 /* ------------------------------------------------------------------------------------------ */
 /* Layout preparation.                                                                         */
+
+/* Zeroing a buffer (the next conv's planes, whose padding must read as zeros) on this pool,
+ * so that it keeps to the caller's thread limit and wakes no second pool. */
+#define SS_ZERO_CHUNK 16384
+
+static void zero_task(void *ctx, int64_t begin, int64_t end) {
+    float *dst = (float *)ctx;
+    const int64_t stop = end * SS_ZERO_CHUNK;
+    memset(dst + begin * SS_ZERO_CHUNK, 0, (size_t)(stop - begin * SS_ZERO_CHUNK) * sizeof(float));
+}
+
+SS_EXPORT void ss_zero(float *dst, int64_t count, int threads) {
+    if (count <= 0) return;
+    const int64_t chunks = count / SS_ZERO_CHUNK;
+    if (count < 4 * SS_SERIAL_VALUES) threads = 1;
+    parallel_for(threads, chunks, zero_task, dst);
+    memset(dst + chunks * SS_ZERO_CHUNK, 0, (size_t)(count - chunks * SS_ZERO_CHUNK) * sizeof(float));
+}
 
 /* dst[j] = src[stride * j] for j < count; src holds `avail` readable floats. */
 typedef void (*strided_fn)(float *dst, const float *src, int64_t count, int64_t stride,

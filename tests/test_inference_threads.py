@@ -1,0 +1,220 @@
+"""Sparse inference on several threads: batches in slices side by side, kernels called from
+two threads at once, and a forked child; every output equal to the one-thread output."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import select
+import signal
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import strsparse
+from strsparse.inference import backend, to_sparse
+from strsparse.inference.layers import SparseLinear
+from strsparse.inference.slices import map_slices
+
+needs_native = pytest.mark.skipif(
+    not backend().native, reason="the native kernels could not be built on this machine"
+)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    model = strsparse.create_model("resnet20", shortcut="B")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    strsparse.sparsify(model, "magnitude", sparsity=0.9)
+    return strsparse.finalize(model).eval()
+
+
+def _prune_linear(layer: nn.Module, sparsity: float) -> nn.Module:
+    strsparse.sparsify(layer, "magnitude", sparsity=sparsity)
+    return strsparse.finalize(layer).eval()
+
+
+def _on_threads(model: nn.Module, x: torch.Tensor, threads: int) -> torch.Tensor:
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            return model(x)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_native
+def test_slices_side_by_side_give_the_one_thread_outputs() -> None:
+    sparse = to_sparse(_model())
+    assert sparse.per_sample
+    x = torch.randn(5, 3, 160, 160)  # 76,800 values a sample: slices of one sample
+    threads_seen: set[str] = set()
+
+    def note_thread(module: nn.Module, args: tuple) -> None:
+        threads_seen.add(threading.current_thread().name)
+        threading.Event().wait(0.01)  # long enough slices for a helper to take some
+
+    one = _on_threads(sparse, x, 1)
+    handle = sparse.net.register_forward_pre_hook(note_thread)
+    try:
+        two = _on_threads(sparse, x, 2)
+        assert len(threads_seen) > 1  # the slices ran on more than one thread
+        three = _on_threads(sparse, x, 3)
+    finally:
+        handle.remove()
+    assert torch.equal(one, two) and torch.equal(one, three)
+    with torch.inference_mode():
+        torch.testing.assert_close(one, sparse.net(x), rtol=0, atol=1e-6)
+
+
+@needs_native
+def test_slices_keep_the_callers_grad_mode_and_raise_its_errors() -> None:
+    sparse = to_sparse(_model())
+    x = torch.randn(3, 3, 160, 160)
+    with torch.no_grad():
+        saved = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            out = sparse(x)
+            assert not out.requires_grad and not out.is_inference()
+
+            def fail(module: nn.Module, args: tuple) -> None:
+                raise ValueError("a bad slice")
+
+            handle = sparse.net.register_forward_pre_hook(fail)
+            with pytest.raises(ValueError, match="a bad slice"):
+                sparse(x)
+            handle.remove()
+            torch.testing.assert_close(sparse(x), out, rtol=0, atol=0)  # still works
+        finally:
+            torch.set_num_threads(saved)
+
+
+@needs_native
+def test_two_python_threads_call_the_kernels_at_once() -> None:
+    """Both callers share the kernels' thread pool (one job at a time): no deadlock, no mixed
+    outputs."""
+    sparse = to_sparse(_model())
+    inputs = [torch.randn(n, 3, 64, 64) for n in (1, 2)]
+    expected = [_on_threads(sparse, x, 1) for x in inputs]
+    failures: list[str] = []
+
+    def call(i: int) -> None:
+        with torch.inference_mode():
+            for _ in range(20):
+                if not torch.equal(sparse(inputs[i]), expected[i]):
+                    failures.append(f"caller {i}: outputs differ")
+                    return
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        callers = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in callers), "the callers deadlocked"
+    finally:
+        torch.set_num_threads(saved)
+    assert not failures
+
+
+def test_a_thread_limit_is_per_thread_and_restored() -> None:
+    be = backend()
+    if not be.native:
+        assert be.limit_threads(1) == 0
+        return
+    previous = be.limit_threads(1)
+    try:
+        seen: list[int] = []
+        other = threading.Thread(target=lambda: seen.append(be.limit_threads(0)))
+        other.start()
+        other.join()
+        assert seen == [0]  # another thread has no limit
+        assert be.limit_threads(2) == 1
+    finally:
+        be.limit_threads(previous)
+
+
+def _product_on_threads(layer: SparseLinear, x: torch.Tensor, threads: int) -> torch.Tensor:
+    """The layer's product straight through the kernels, on ``threads`` threads (no torch op
+    that runs on torch's own threads, which a forked child must not use)."""
+    m = x.shape[1]
+    out = torch.empty(layer.out_features, m)
+    offsets = (layer.indices.int() * m).contiguous()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        backend().spmm(
+            x, out, layer.values, offsets, layer.row_ptr, layer.bias, None, m, m, 0,
+            -math.inf, math.inf,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(saved)
+    return out
+
+
+@needs_native
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_starts_its_own_threads() -> None:
+    """The parent has used the kernels' thread pool and the slice threads; a forked child,
+    which has neither, starts its own. (torch sets a forked child to one thread: its own
+    thread pool cannot be used there again, so the child keeps torch's ops on one thread.)"""
+    sparse = to_sparse(_model())
+    x = torch.randn(3, 3, 160, 160)
+    expected = _on_threads(sparse, x, 2)  # both pools started
+    torch.manual_seed(1)
+    linear = to_sparse(_prune_linear(nn.Sequential(nn.Linear(256, 256)), 0.9)).net.get_submodule(
+        "0"
+    )
+    assert isinstance(linear, SparseLinear)
+    columns = torch.randn(256, 4096)  # (in_features, pixels): channel-major
+    product = _product_on_threads(linear, columns, 2)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: compute, send, leave without running the parent's cleanup
+        code = 1
+        try:
+            os.close(read_end)
+            with torch.inference_mode():
+                results = (
+                    sparse(x),  # torch's one thread
+                    _product_on_threads(linear, columns, 2),  # the kernels' pool
+                    torch.stack(map_slices(lambda t: t * 2, list(x.unbind()), 2)),
+                )
+            buffer = io.BytesIO()
+            torch.save(results, buffer)
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(buffer.getvalue())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    chunks = []
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            while True:
+                ready, _, _ = select.select([pipe], [], [], 120)
+                assert ready, "the forked child hung"
+                chunk = pipe.read1(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    outputs, child_product, doubled = torch.load(io.BytesIO(b"".join(chunks)), weights_only=True)
+    assert torch.equal(outputs, expected)
+    assert torch.equal(child_product, product)
+    assert torch.equal(doubled, x * 2)
