@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import strsparse
@@ -23,6 +24,7 @@ from strsparse.inference.layers import (
     PlanarActivation,
     SparseConv2d,
     SparseLinear,
+    global_avg_pool2d,
     plane_geometry,
 )
 
@@ -540,6 +542,32 @@ def test_torch_layout_helpers_match_native() -> None:
             plain.compact(y, (4, 2, 7, 6), 9, 8, 2 * 9 * 8, r, 0.0, 6.0),
             backend().compact(y, (4, 2, 7, 6), 9, 8, 2 * 9 * 8, r, 0.0, 6.0),
         )
+
+
+@pytest.mark.parametrize("form", ["module", "function"])
+def test_global_average_pooling_runs_natively_in_either_layout(form: str) -> None:
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(6, 40, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d((1, 1))
+            self.fc = nn.Linear(40, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.conv(x))
+            x = self.pool(x) if form == "module" else F.adaptive_avg_pool2d(x, output_size=1)
+            return self.fc(torch.flatten(x, 1))
+
+    for sparsity in (0.9, 0.0):  # channel-major after a sparse conv, standard after a dense one
+        model = _prune(Head(), sparsity)
+        sparse = to_sparse(model)
+        targets = [n.target for n in sparse.net.graph.nodes if n.op == "call_function"]
+        assert global_avg_pool2d in targets
+        for size in (2, 7, 12):  # 4, 49 and 144 values a plane: eight running sums and a tail
+            _check_close(model, sparse, torch.randn(3, 6, size, size))
+    x = torch.randn(3, 5, 2, 7)  # an odd layout: the PyTorch fallback
+    torch.testing.assert_close(global_avg_pool2d(x[:, ::2]), F.adaptive_avg_pool2d(x[:, ::2], 1))
+    torch.testing.assert_close(global_avg_pool2d(x), F.adaptive_avg_pool2d(x, 1))
 
 
 def test_without_native_kernels_everything_stays_dense(monkeypatch) -> None:

@@ -75,6 +75,8 @@ class Backend:
             lib.ss_depthwise.argtypes = [_ptr] * 6 + [_i64] * 11 + [_f32, _f32, _int]
             lib.ss_depthwise.restype = None
             lib.ss_isa.restype = _int
+            lib.ss_plane_mean.argtypes = [_ptr, _ptr, _i64, _i64, _int]
+            lib.ss_plane_mean.restype = None
             lib.ss_zero.argtypes = [_ptr, _i64, _int]
             lib.ss_zero.restype = None
             lib.ss_set_thread_limit.argtypes = [_int]
@@ -314,6 +316,16 @@ class Backend:
             hi,
             torch.get_num_threads(),
         )
+        return out
+
+    def plane_mean(self, x: Tensor) -> Tensor | None:
+        """The mean of every (H, W) plane of a contiguous 4-D ``x``, shaped ``(A, B, 1, 1)``;
+        ``None`` without native code."""
+        if self._lib is None:
+            return None
+        a, b, h, w = x.shape
+        out = torch.empty(a, b, 1, 1)
+        self._lib.ss_plane_mean(x.data_ptr(), out.data_ptr(), a * b, h * w, torch.get_num_threads())
         return out
 
     def maxpool(self, x: Tensor, kernel: int, stride: int, padding: int) -> Tensor | None:

@@ -36,7 +36,12 @@ from torch.nn.utils import parametrize
 
 from strsparse.errors import OptionError
 from strsparse.inference._native import backend
-from strsparse.inference.layers import SparseConv2d, SparseLinear, channel_major_max_pool2d
+from strsparse.inference.layers import (
+    SparseConv2d,
+    SparseLinear,
+    channel_major_max_pool2d,
+    global_avg_pool2d,
+)
 from strsparse.inference.slices import map_slices
 
 __all__ = ["DEFAULT_MAX_DENSITY", "SparseModel", "SparsePlan", "to_sparse"]
@@ -434,6 +439,20 @@ def _native_max_pool(
     return kernel, stride, padding
 
 
+def _is_global_avg_pool(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether ``node`` averages each (H, W) plane to one value (``adaptive_avg_pool2d`` to 1x1)."""
+    if node.op == "call_module":
+        m = modules[str(node.target)]
+        size = getattr(m, "output_size", None)
+        ok = type(m) is nn.AdaptiveAvgPool2d
+    elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        ok = set(node.kwargs) <= {"output_size"}
+    else:
+        return False
+    return ok and len(node.args) >= 1 and size in (1, (1, 1), [1, 1])
+
+
 def _rewrite(
     gm: fx.GraphModule,
     max_density: Mapping[str, float],
@@ -480,6 +499,11 @@ def _rewrite(
         if pool is not None:  # either layout: both keep each (H, W) plane contiguous
             env[(node, want)] = graph.call_function(
                 channel_major_max_pool2d, (value(node.args[0], want), *pool)
+            )
+            continue
+        if _is_global_avg_pool(node, modules):  # either layout: a mean of each plane
+            env[(node, want)] = graph.call_function(
+                global_avg_pool2d, (value(cast(fx.Node, node.args[0]), want),)
             )
             continue
         if node.op == "output":
@@ -561,6 +585,7 @@ def _swap_layers(
 _PER_SAMPLE_FUNCTIONS = {
     _swap01,
     channel_major_max_pool2d,
+    global_avg_pool2d,
     F.relu,
     torch.relu,
     F.relu6,

@@ -1101,6 +1101,37 @@ SS_EXPORT void ss_maxpool(const float *in, float *out, int64_t planes, int64_t h
     parallel_for(threads, planes, maxpool_task, &a);
 }
 
+/* Global average pooling: out[q] = the mean of plane q's `size` values. Eight running sums a
+ * plane, so that the compiler keeps them in one vector register. */
+typedef struct {
+    const float *in;
+    float *out;
+    int64_t size;
+} mean_args;
+
+static void plane_mean_task(void *ctx, int64_t begin, int64_t end) {
+    const mean_args *a = (const mean_args *)ctx;
+    const float scale = 1.0f / (float)a->size;
+    for (int64_t q = begin; q < end; q++) {
+        const float *x = a->in + q * a->size;
+        float acc[8] = {0};
+        int64_t i = 0;
+        for (; i + 8 <= a->size; i += 8)
+            for (int k = 0; k < 8; k++) acc[k] += x[i + k];
+        for (int k = 0; i < a->size; i++, k++) acc[k] += x[i];
+        const float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        a->out[q] = sum * scale;
+    }
+}
+
+SS_EXPORT void ss_plane_mean(const float *in, float *out, int64_t planes, int64_t size,
+                             int threads) {
+    if (planes <= 0 || size <= 0) return;
+    mean_args a = {in, out, size};
+    if (planes * size < SS_SERIAL_VALUES) threads = 1;
+    parallel_for(threads, planes, plane_mean_task, &a);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Depthwise convolution. Each (channel, image) plane is copied into a zero-padded buffer of
  * its own (split into parity planes when strided) that stays in cache, and its output is a
