@@ -218,3 +218,44 @@ def test_a_forked_child_starts_its_own_threads() -> None:
     assert torch.equal(outputs, expected)
     assert torch.equal(child_product, product)
     assert torch.equal(doubled, x * 2)
+
+
+@needs_native
+def test_products_return_early_only_where_sparse_convs_read_the_output(monkeypatch) -> None:
+    """A conv whose output only sparse convs read lets its product finish while Python moves
+    on; the last conv (read by the pooling) and the stem do not. Outputs equal the one-thread
+    ones, through the prepared calls and through the general path (which waits first)."""
+    sparse = to_sparse(_model())
+    early = {name for name, m in sparse.net.named_modules() if getattr(m, "returns_early", False)}
+    assert "layer1.0.conv1" in early and "layer1.0.conv2" in early  # input and residual
+    assert "conv1" in early  # read by layer1.0.conv1 and, as residual, by layer1.0.conv2
+    assert "layer3.2.conv2" not in early  # read by the pooling
+    x = torch.randn(2, 3, 64, 64)  # one slice: the layers split over the threads
+    one = _on_threads(sparse, x, 1)
+    assert torch.equal(_on_threads(sparse, x, 3), one)
+    fresh = to_sparse(_model())
+    # the general path right after products that returned early
+    for name in ("layer2.0.conv2", "layer2.1.conv1"):
+        monkeypatch.setattr(fresh.net.get_submodule(name), "_step", lambda x: None)
+    assert torch.equal(_on_threads(fresh, x, 3), one)
+
+
+@needs_native
+def test_an_error_after_an_early_return_leaves_the_kernels_usable() -> None:
+    sparse = to_sparse(_model())
+    x = torch.randn(2, 3, 64, 64)
+    expected = _on_threads(sparse, x, 1)
+
+    def fail(module: nn.Module, args: tuple) -> None:
+        raise ValueError("stop after an early return")
+
+    handle = sparse.net.get_submodule("layer2.0.conv1").register_forward_pre_hook(fail)
+    with pytest.raises(ValueError, match="stop after"):
+        _on_threads(sparse, x, 2)
+    handle.remove()
+    results: list[torch.Tensor] = []
+    other = threading.Thread(target=lambda: results.append(_on_threads(sparse, x, 2)))
+    other.start()
+    other.join(timeout=120)
+    assert not other.is_alive(), "another thread's call waited forever"
+    assert torch.equal(results[0], expected) and torch.equal(_on_threads(sparse, x, 2), expected)

@@ -79,6 +79,8 @@ class Backend:
             lib.ss_plane_mean.restype = None
             lib.ss_zero.argtypes = [_ptr, _i64, _int]
             lib.ss_zero.restype = None
+            lib.ss_sync.argtypes = []
+            lib.ss_sync.restype = None
             lib.ss_set_thread_limit.argtypes = [_int]
             lib.ss_set_thread_limit.restype = _int
             lib.ss_set_isa.argtypes = [_int]
@@ -105,6 +107,12 @@ class Backend:
         (0: as many as they are given); returns the previous limit. Threads that run beside
         each other on their own work keep to one each this way."""
         return self._lib.ss_set_thread_limit(threads) if self._lib is not None else 0
+
+    def sync(self) -> None:
+        """Finish the product this thread let return early (see ``SparseConv2d.returns_early``)
+        before anything but the kernels reads its output."""
+        if self._lib is not None:
+            self._lib.ss_sync()
 
     def zeros(self, count: int) -> Tensor:
         """A flat float32 tensor of ``count`` zeros, written by the kernels' own threads."""

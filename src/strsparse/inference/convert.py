@@ -516,6 +516,7 @@ def _rewrite(
         new = graph.node_copy(node, copy_arg)
         env[(node, want)] = new
     _link_planes(chains, new_modules)
+    _let_return_early(chains, new_modules)
     for name, sparse_layer in new_modules.items():
         gm.delete_submodule(name)
         gm.add_submodule(name, sparse_layer)
@@ -543,6 +544,23 @@ def _link_planes(chains: Mapping[fx.Node, _Chain], layers: Mapping[str, nn.Modul
                 (int(consumer.padding[0]), int(consumer.padding[1])),
                 consumer.stride,
             )
+
+
+def _let_return_early(chains: Mapping[fx.Node, _Chain], layers: Mapping[str, nn.Module]) -> None:
+    """Let a sparse conv's product on several threads return before it is done where only
+    sparse convs read its output (as their input or their fused residual): each finishes it
+    in the kernels before reading (the general path of ``SparseConv2d.forward`` first waits
+    for it), so nothing reads the output unfinished."""
+    chain_of = {node: chain for chain in chains.values() for node in chain.nodes}
+
+    def sparse_conv(chain: _Chain | None) -> bool:
+        layer = layers.get(str(chain.head.target)) if chain is not None else None
+        return isinstance(layer, SparseConv2d) and layer.mode == "sparse" and layer.channel_major
+
+    for tail, chain in chains.items():
+        if sparse_conv(chain) and tail.users:
+            layer = cast(SparseConv2d, layers[str(chain.head.target)])
+            layer.returns_early = all(sparse_conv(chain_of.get(user)) for user in tail.users)
 
 
 class _SwappedConv(nn.Module):

@@ -24,6 +24,7 @@ A layer whose sparsity would not pay (see ``to_sparse``'s per-layer rule) holds 
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -69,6 +70,11 @@ def _windows(offsets: Tensor) -> tuple[Tensor, Tensor] | None:
     if distinct.numel() > _MAX_WINDOWS:
         return None
     return distinct.to(torch.int32).contiguous(), slots.to(torch.int32).contiguous()
+
+
+# per thread, the tensors of the last product that may have returned early (see
+# SparseConv2d.returns_early): the next native call from the thread finishes that product
+_in_flight = threading.local()
 
 
 class PlanarActivation(NamedTuple):
@@ -294,6 +300,10 @@ class SparseConv2d(_SparseBase):
         # (padding, stride) of the k x k conv that alone reads this layer's output: the output
         # is then written into that conv's padded planes (set by to_sparse)
         self.output_planes: tuple[tuple[int, int], int] | None = None
+        # whether a product on several threads may return before it is done, its workers
+        # finishing it while Python prepares the next call: only for a layer whose output only
+        # sparse convs read, each of which finishes it first (set by to_sparse)
+        self.returns_early = False
 
     def extra_repr(self) -> str:
         return (
@@ -394,6 +404,7 @@ class SparseConv2d(_SparseBase):
                 out = step(x, residual)
                 if out is not None:
                     return out
+        backend().sync()  # the general path reads its inputs with PyTorch too
         planar = x if isinstance(x, PlanarActivation) else None
         if planar is not None and not (
             self.reads_planes and planar.padding == self.padding and planar.stride == self.stride
@@ -565,6 +576,8 @@ class SparseConv2d(_SparseBase):
         buffers = self._buffers
         planes_out = self.output_planes
         get_threads = torch.get_num_threads
+        early = self.returns_early
+        in_flight = _in_flight
         empty = torch.empty
         zero = lib.ss_zero
         extra: list[int] = []
@@ -598,9 +611,13 @@ class SparseConv2d(_SparseBase):
                 zero(out.data_ptr(), size, threads)
             else:
                 out = empty(out_shape)
-            args = [data.data_ptr(), out.data_ptr(), *head, res, *tail, threads, *extra]
+            # negative: the product may return early
+            n_threads = -threads if early and threads > 1 else threads
+            args = [data.data_ptr(), out.data_ptr(), *head, res, *tail, n_threads, *extra]
             if fn(*args):  # a map the kernel refuses: the general path says why
                 return None
+            if early:  # the tensors a product that returned early uses live until it is done
+                in_flight.tensors = (data, residual, out)
             if size:
                 assert planes_out is not None
                 return PlanarActivation(out, out_shape, *planes_out)

@@ -92,6 +92,15 @@ static inline int allowed_threads(int threads) {
     return thread_limit > 0 && threads > thread_limit ? thread_limit : threads;
 }
 
+/* A job may return before its work is done (a layer whose output only the next native call
+ * reads, so that the caller's Python between the two overlaps the workers' computing): it
+ * stays open, with its context copied here, until the next call (from any thread) finishes
+ * it; a caller that launched one finishes it before anything else it does. */
+#define SS_EARLY_CTX 4096
+static _Alignas(64) unsigned char early_ctx[SS_EARLY_CTX];
+static int job_pending = 0;                   /* under submit_mu */
+static _Thread_local int launched_early = 0;
+
 static inline void cpu_relax(void) {
 #if SS_X86
     _mm_pause();
@@ -139,6 +148,8 @@ static void after_fork_child(void) {
     pthread_cond_init(&wait_cv, NULL);
     atomic_store(&job_open, 0);
     atomic_store(&job_active, 0);
+    job_pending = 0;
+    launched_early = 0;
 }
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
@@ -151,20 +162,52 @@ static void wait_until(atomic_llong *value, int64_t target) {
     }
 }
 
-static void parallel_for(int threads, int64_t items, task_fn fn, void *ctx) {
+/* With submit_mu held: help finish the job that returned early, if any, and close it. */
+static void finish_pending(void) {
+    if (!job_pending) return;
+    take_chunks();
+    wait_until(&job_done, job_items);
+    atomic_store(&job_open, 0);
+    while (atomic_load(&job_active) > 0) cpu_relax(); /* workers still looking at the job */
+    job_pending = 0;
+}
+
+/* Finish the job this thread launched to return early, if it is still open. */
+SS_EXPORT void ss_sync(void) {
+    if (!launched_early) return;
+    pthread_mutex_lock(&submit_mu);
+    finish_pending();
+    launched_early = 0;
+    pthread_mutex_unlock(&submit_mu);
+}
+
+/* fn(ctx, begin, end) over [0, items) on up to `threads` threads. early_size > 0: return as
+ * soon as the workers have the job, with ctx (early_size bytes) copied for them and `fixup`
+ * applied to the copy; the work is finished by the next call (see early_ctx). */
+static void parallel_run(int threads, int64_t items, task_fn fn, void *ctx, size_t early_size,
+                         void (*fixup)(void *copy)) {
     threads = allowed_threads(threads);
     if (threads > items) threads = (int)items;
     if (threads <= 1) {
+        ss_sync();
         if (items > 0) fn(ctx, 0, items);
         return;
     }
     pthread_once(&atfork_once, install_atfork);
     pthread_mutex_lock(&submit_mu);
+    finish_pending();
+    launched_early = 0;
     while (n_workers < threads - 1) {
         pthread_t t;
         if (pthread_create(&t, NULL, worker_main, (void *)(intptr_t)(n_workers + 1)) != 0) break;
         pthread_detach(t);
         n_workers++;
+    }
+    const int early = early_size > 0 && early_size <= SS_EARLY_CTX && n_workers > 0;
+    if (early) {
+        memcpy(early_ctx, ctx, early_size);
+        if (fixup) fixup(early_ctx);
+        ctx = early_ctx;
     }
     job_fn = fn;
     job_ctx = ctx;
@@ -180,11 +223,17 @@ static void parallel_for(int threads, int64_t items, task_fn fn, void *ctx) {
     atomic_store(&job_gen, gen);
     pthread_cond_broadcast(&wait_cv);
     pthread_mutex_unlock(&wait_mu);
-    take_chunks();
-    wait_until(&job_done, items);  /* chunks other threads are computing */
-    atomic_store(&job_open, 0);
-    while (atomic_load(&job_active) > 0) cpu_relax();  /* workers still looking at the job */
+    job_pending = 1;
+    if (early) {
+        launched_early = 1;
+    } else {
+        finish_pending(); /* the caller computes too */
+    }
     pthread_mutex_unlock(&submit_mu);
+}
+
+static void parallel_for(int threads, int64_t items, task_fn fn, void *ctx) {
+    parallel_run(threads, items, fn, ctx, 0, NULL);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -743,12 +792,28 @@ SS_EXPORT int ss_set_window_copy(int mode) {
     return window_mode;
 }
 
+/* A product's context as a job that returns early keeps it (spmm_args first: the task reads
+ * the copy as its spmm_args). */
+typedef struct {
+    spmm_args a;
+    int64_t block_start[257];
+} spmm_early;
+_Static_assert(sizeof(spmm_early) <= SS_EARLY_CTX, "early_ctx is too small");
+
+static void spmm_early_fixup(void *copy) {
+    spmm_early *job = (spmm_early *)copy;
+    job->a.block_start = job->block_start;
+}
+
 static void spmm_run(const float *in, float *out, const float *values, const int32_t *offsets,
                      const int32_t *row_ptr, const float *bias, const float *residual,
                      int64_t c_out, int64_t n_pix, int64_t ld_out, int64_t ld_res, float lo,
                      float hi, int threads, const int64_t *map, const int32_t *windows,
                      const int32_t *slots, int64_t n_windows) {
     if (c_out <= 0 || n_pix <= 0) return;
+    /* negative threads: may return before the work is done (see early_ctx) */
+    const int early = threads < 0;
+    if (early) threads = -threads;
     threads = allowed_threads(threads);
     if ((int64_t)(row_ptr[c_out] - row_ptr[0]) * n_pix < SS_SERIAL_MACS) threads = 1;
     spmm_args a = {in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out,
@@ -794,7 +859,14 @@ static void spmm_run(const float *in, float *out, const float *values, const int
     block_start[blocks] = c_out;
     a.n_blocks = blocks;
     a.block_start = block_start;
-    parallel_for(threads, a.n_tiles * blocks, map ? spmm_mapped_task() : spmm_task, &a);
+    const task_fn task = map ? spmm_mapped_task() : spmm_task;
+    if (early && !window_offsets) {
+        spmm_early job = {a, {0}};
+        memcpy(job.block_start, block_start, sizeof(int64_t) * (size_t)(blocks + 1));
+        parallel_run(threads, a.n_tiles * blocks, task, &job, sizeof job, spmm_early_fixup);
+        return;
+    }
+    parallel_for(threads, a.n_tiles * blocks, task, &a);
     free(window_offsets);
 }
 
