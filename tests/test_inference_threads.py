@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import strsparse
-from strsparse.inference import backend, to_sparse
+from strsparse.inference import backend, slices, to_sparse
 from strsparse.inference.layers import SparseLinear
 from strsparse.inference.slices import map_slices
 
@@ -55,10 +55,14 @@ def test_slices_side_by_side_give_the_one_thread_outputs() -> None:
     sparse = to_sparse(_model())
     assert sparse.per_sample
     x = torch.randn(5, 3, 160, 160)  # 76,800 values a sample: slices of one sample
+    saved_threads = torch.get_num_threads()
     threads_seen: set[str] = set()
+
+    torch_threads_seen: set[int] = set()
 
     def note_thread(module: nn.Module, args: tuple) -> None:
         threads_seen.add(threading.current_thread().name)
+        torch_threads_seen.add(torch.get_num_threads())
         threading.Event().wait(0.01)  # long enough slices for a helper to take some
 
     one = _on_threads(sparse, x, 1)
@@ -66,10 +70,19 @@ def test_slices_side_by_side_give_the_one_thread_outputs() -> None:
     try:
         two = _on_threads(sparse, x, 2)
         assert len(threads_seen) > 1  # the slices ran on more than one thread
+        if slices._set_openmp_threads is not None:  # PyTorch's ops, one thread a slice too
+            assert torch_threads_seen == {1}
         three = _on_threads(sparse, x, 3)
     finally:
         handle.remove()
     assert torch.equal(one, two) and torch.equal(one, three)
+    try:
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            sparse(x)
+        assert torch.get_num_threads() == 2  # the caller's own setting is back
+    finally:
+        torch.set_num_threads(saved_threads)
     with torch.inference_mode():
         torch.testing.assert_close(one, sparse.net(x), rtol=0, atol=1e-6)
 

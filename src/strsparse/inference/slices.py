@@ -2,13 +2,15 @@
 
 A sparse network at batch 1 runs layers of tens of microseconds, too short to split well
 over threads, with Python in between that only one thread runs at a time. A batch in
-slices splits better: each thread computes whole slices, with one-thread kernels, and the
+slices splits better: each thread computes whole slices, with one-thread kernels (and
+one-thread PyTorch ops where PyTorch's OpenMP runtime takes a per-thread setting), and the
 native kernels release the GIL while they run, so the threads overlap all but the Python
 between layers.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -21,6 +23,33 @@ from torch import Tensor
 from strsparse.inference._native import backend
 
 __all__ = ["map_slices"]
+
+
+def _openmp_setter() -> Callable[[int], None] | None:
+    """``omp_set_num_threads`` of the OpenMP runtime PyTorch loaded, if any: PyTorch's own
+    ``set_num_threads`` sets every thread's count, but OpenMP keeps one per thread, which is
+    what a slice's thread needs for the PyTorch ops between its kernels (a dense layer)."""
+    try:
+        setter = ctypes.CDLL(None).omp_set_num_threads
+    except (AttributeError, OSError, TypeError):
+        return None
+    setter.argtypes = [ctypes.c_int]
+    setter.restype = None
+    return cast(Callable[[int], None], setter)
+
+
+_set_openmp_threads = _openmp_setter()
+
+
+def _torch_threads_here(threads: int) -> int | None:
+    """Set the calling thread's number of PyTorch (OpenMP) threads; the previous number, or
+    ``None`` where it cannot be set for one thread."""
+    if _set_openmp_threads is None:
+        return None
+    previous = torch.get_num_threads()  # also lets PyTorch set this thread up first
+    _set_openmp_threads(threads)
+    return previous
+
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -84,6 +113,7 @@ class _Job:
         """Compute slices until none is left, with the caller's grad and inference modes
         and one-thread kernels."""
         limit = backend().limit_threads(1)
+        torch_threads = _torch_threads_here(1)
         try:
             with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad):
                 while (i := self._claim()) is not None:
@@ -95,6 +125,8 @@ class _Job:
                     self._finish(1)
         finally:
             backend().limit_threads(limit)
+            if torch_threads is not None:
+                _torch_threads_here(torch_threads)
 
 
 def map_slices(
