@@ -60,10 +60,14 @@ def test_slices_side_by_side_give_the_one_thread_outputs() -> None:
 
     torch_threads_seen: set[int] = set()
 
+    both_seen = threading.Event()
+
     def note_thread(module: nn.Module, args: tuple) -> None:
         threads_seen.add(threading.current_thread().name)
         torch_threads_seen.add(torch.get_num_threads())
-        threading.Event().wait(0.01)  # long enough slices for a helper to take some
+        if len(threads_seen) > 1:
+            both_seen.set()
+        both_seen.wait(5)  # a slice lasts until a second thread has taken one
 
     one = _on_threads(sparse, x, 1)
     handle = sparse.net.register_forward_pre_hook(note_thread)
