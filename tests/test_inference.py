@@ -649,9 +649,10 @@ def test_a_layer_called_twice_is_left_alone() -> None:
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
 @pytest.mark.parametrize("mode", ["on", "off", "auto"])
 def test_window_copy_matches_dense(isa: str, mode: str) -> None:
-    """k x k convs whose product copies each distinct input window once per tile into an
-    aligned buffer (forced on for every conv; the stem-like 7x7 stride-2 convs on RGB take
-    it by default): stride 1 and 2, odd sizes, batches, tails, inputs in planes or not."""
+    """Convs whose product copies each distinct input window once per tile into an aligned
+    buffer (forced on for every conv; by default the stem-like 7x7 convs on RGB take it):
+    stride 1 and 2, odd sizes, batches, tails, inputs in planes or not, k x k and 1x1 convs,
+    outputs mapped or not."""
     try:
         set_isa(isa)
     except ValueError:
@@ -665,6 +666,8 @@ def test_window_copy_matches_dense(isa: str, mode: str) -> None:
                     nn.BatchNorm2d(40),
                     nn.ReLU(),
                     nn.Conv2d(40, 12, 3, padding=1),
+                    nn.ReLU(),
+                    nn.Conv2d(12, 20, 1),
                 ),
                 0.6,
             )
@@ -675,6 +678,8 @@ def test_window_copy_matches_dense(isa: str, mode: str) -> None:
             assert windows is not None and windows[0].numel() <= 147
             offsets = stem._geometry(2, 37, 29)[0]
             assert torch.equal(windows[0][windows[1].long()], offsets)
+            pointwise = sparse.net.get_submodule("5")._geometry(1, 7, 7)[-1]
+            assert pointwise is not None and pointwise[0].numel() <= 12
             for shape in [(1, 3, 9, 9), (3, 3, 37, 29), (2, 3, 64, 50)]:
                 _check_close(model, sparse, torch.randn(*shape))
     finally:

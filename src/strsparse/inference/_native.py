@@ -144,7 +144,7 @@ class Backend:
         contiguous, flat indexing. With ``out_map`` (int64, native kernels only), pixel ``p``
         is written where the map sends it instead (see ``ss_spmm_mapped``); ``windows``, the
         distinct offsets and each nonzero's index among them (int32, see
-        ``ss_spmm_windows``), lets a mapped product copy each window once per tile."""
+        ``ss_spmm_windows``), lets the product copy each window once per tile."""
         c_out = row_ptr.numel() - 1
         if self._lib is not None:
             args = (
@@ -163,18 +163,19 @@ class Backend:
                 hi,
                 torch.get_num_threads(),
             )
-            if out_map is None:
-                self._lib.ss_spmm(*args)
-                return
-            if windows is None:
-                failed = self._lib.ss_spmm_mapped(*args, out_map.data_ptr())
-            else:
+            if windows is not None:
                 distinct, slots = windows
                 failed = self._lib.ss_spmm_windows(
-                    *args, out_map.data_ptr(), distinct.data_ptr(), slots.data_ptr(),
+                    *args, _ptr_of(out_map), distinct.data_ptr(), slots.data_ptr(),
                     distinct.numel(),
                 )  # fmt: skip
+            elif out_map is None:
+                self._lib.ss_spmm(*args)
+                return
+            else:
+                failed = self._lib.ss_spmm_mapped(*args, out_map.data_ptr())
             if failed:
+                assert out_map is not None
                 raise ValueError(f"the native output map cannot handle {out_map.tolist()}")
             return
         if out_map is not None:

@@ -48,7 +48,7 @@ __all__ = [
 _INT32_MAX = 2**31 - 1
 _CACHE_SIZE = 8  # offsets and output maps a layer keeps (a few input shapes)
 _MAX_MAPPED_STRIDE = 4  # the native output map handles strides up to this
-_MAX_WINDOWS = 1024  # more distinct input windows than this are never copied (see _windows)
+_MAX_WINDOWS = 4096  # more distinct input windows than this are never copied (see _windows)
 
 
 def plane_geometry(
@@ -63,9 +63,10 @@ def plane_geometry(
 
 
 def _windows(offsets: Tensor) -> tuple[Tensor, Tensor] | None:
-    """The distinct values of a k x k conv's input offsets (its windows) and, per nonzero, the
-    index of its own (int32): the kernel may copy each window once per tile into an aligned
-    buffer where many nonzeros read it (``ss_spmm_windows``). ``None`` for too many windows."""
+    """The distinct values of a conv's input offsets (its windows: one per input channel and
+    kernel position) and, per nonzero, the index of its own (int32): the kernel may copy each
+    window once per tile into an aligned buffer where many nonzeros read it
+    (``ss_spmm_windows``). ``None`` for too many windows."""
     distinct, slots = torch.unique(offsets, return_inverse=True)
     if distinct.numel() > _MAX_WINDOWS:
         return None
@@ -358,7 +359,8 @@ class SparseConv2d(_SparseBase):
             count = n * ho * wo
             if self.in_channels * count > _INT32_MAX:
                 return None
-            return ((ci * count).to(torch.int32).contiguous(), ho, wo)
+            offsets = (ci * count).to(torch.int32).contiguous()
+            return (offsets, ho, wo, _windows(offsets))
         (dh, dw), s = self.dilation, self.stride
         hq, wq, plane, ch_stride = plane_geometry(n, h, w, (self.padding[0], self.padding[1]), s)
         if self.in_channels * ch_stride > _INT32_MAX or self.out_channels * plane > _INT32_MAX:
@@ -440,7 +442,7 @@ class SparseConv2d(_SparseBase):
         native = backend().native
         if self.pointwise:
             assert isinstance(x, Tensor)
-            offsets, ho, wo = geometry
+            offsets, ho, wo, windows = geometry
             if self.stride > 1:
                 x = backend().subsample(x, self.stride)
             count = n * ho * wo
@@ -449,11 +451,11 @@ class SparseConv2d(_SparseBase):
                 out = self._spmm(x, torch.empty(shape), offsets, count, count)
                 return self._emit(self._apply_clamp_residual(out, residual))
             if self.output_planes is not None and native:
-                return self._mapped(x, offsets, count, n, ho, wo, ho, wo, residual)
+                return self._mapped(x, offsets, count, n, ho, wo, ho, wo, residual, windows)
             out = torch.empty(shape)
             backend().spmm(
                 x, out, self.values, offsets, self.row_ptr, self.bias, residual, count, count,
-                count, lo, hi,
+                count, lo, hi, windows=windows if native else None,
             )  # fmt: skip
             return self._emit(out)
         offsets, ho, wo, hq, wq, plane, ch_stride, windows = geometry
@@ -549,10 +551,9 @@ class SparseConv2d(_SparseBase):
             return None
         offsets, ho, wo = geometry[:3]
         count = n * ho * wo
-        windows = None
+        windows = geometry[-1]
         if planar:
             hq, wq = geometry[3:5]
-            windows = geometry[7]
             n_pix, src_h, src_w = (n - 1) * hq * wq + (ho - 1) * wq + wo, hq, wq
         else:
             n_pix, src_h, src_w = count, ho, wo
@@ -580,16 +581,17 @@ class SparseConv2d(_SparseBase):
         in_flight = _in_flight
         empty = torch.empty
         zero = lib.ss_zero
-        extra: list[int] = []
+        extra: list[int | None] = []
         if mapped:
             assert out_map is not None
             fn = lib.ss_spmm_mapped
             extra = [out_map.data_ptr()]
-            if windows is not None:
-                fn = lib.ss_spmm_windows
-                extra += [windows[0].data_ptr(), windows[1].data_ptr(), windows[0].numel()]
         else:
             fn = lib.ss_spmm
+        if windows is not None:
+            fn = lib.ss_spmm_windows
+            extra = [extra[0] if extra else None]
+            extra += [windows[0].data_ptr(), windows[1].data_ptr(), windows[0].numel()]
 
         def step(x: Any, residual: Tensor | None) -> Tensor | PlanarActivation | None:
             if buffers["values"] is not keep[0]:  # the module's tensors were replaced

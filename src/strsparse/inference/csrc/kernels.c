@@ -553,21 +553,29 @@ SS_EXPORT int ss_set_isa(int isa) {
     return isa_selected;
 }
 
-static void spmm_task(void *ctx, int64_t begin, int64_t end) {
-    const spmm_args *a = (const spmm_args *)ctx;
-    tile_fn fn = spmm_tile_portable;
-#if SS_X86
-    int isa = ss_isa();
-    if (isa == ISA_AVX512) fn = spmm_tile_avx512;
-    else if (isa == ISA_AVX2) fn = spmm_tile_avx2;
-#endif
-    for (int64_t item = begin; item < end; item++) {
-        const int64_t t = item / a->n_blocks, blk = item % a->n_blocks;
-        const int64_t p0 = t * a->tile;
-        const int64_t np = a->n_pix - p0 < a->tile ? a->n_pix - p0 : a->tile;
-        fn(a, a->block_start[blk], a->block_start[blk + 1], p0, np);
-    }
+typedef void (*row_copy_fn)(float *dst, const float *src, int64_t count);
+
+/* The window buffer of a task (NULL without windows, or if it cannot be had: the tiles are
+ * then computed from the input as usual), local's offsets aimed at it. */
+static float *windows_alloc(const spmm_args *a, spmm_args *local) {
+    if (!a->windows) return NULL;
+    const size_t bytes = (size_t)(a->n_windows * a->tile) * sizeof(float);
+    float *buf = (float *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (buf) local->offsets = a->window_offsets;
+    return buf;
 }
+
+/* Each distinct window of tile [p0, p0 + np) copied once into buf, aligned (the product's
+ * loads then touch one cache line each instead of two), local's input aimed at it. */
+static inline __attribute__((always_inline)) void
+windows_fill(const spmm_args *a, spmm_args *local, float *buf, int64_t p0, int64_t np,
+             row_copy_fn copy) {
+    for (int64_t d = 0; d < a->n_windows; d++)
+        copy(buf + d * a->tile, a->in + a->windows[d] + p0, np);
+    local->in = (const float *)((uintptr_t)buf - (uintptr_t)(p0 * 4));
+}
+
+static void spmm_task(void *ctx, int64_t begin, int64_t end);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Mapped outputs. The kernel's pixel p stands for (n, i, j) of a grid with rows of src_w
@@ -624,8 +632,6 @@ static int64_t map_segments(const int64_t *map, int64_t p0, int64_t np, row_segm
 typedef void (*strided_fn)(float *dst, const float *src, int64_t count, int64_t stride,
                            int64_t avail);
 
-typedef void (*row_copy_fn)(float *dst, const float *src, int64_t count);
-
 static inline __attribute__((always_inline)) void row_copy_portable(float *dst, const float *src,
                                                                      int64_t count) {
     for (int64_t q = 0; q < count; q++) dst[q] = src[q];
@@ -674,25 +680,13 @@ spmm_mapped_body(const spmm_args *a, int64_t begin, int64_t end, tile_fn fn, row
     local.ld_out = a->tile;
     float buf[SS_MAP_CHANNELS * SS_MAX_TILE];
     row_segment seg[SS_MAX_TILE * SS_MAX_MAP_STRIDE];
-    float *windows = NULL;
-    if (a->windows) {
-        /* (without the buffer, the tiles are computed from the input as usual) */
-        const size_t bytes = (size_t)(a->n_windows * a->tile) * sizeof(float);
-        windows = (float *)aligned_alloc(64, (bytes + 63) / 64 * 64);
-        if (windows) local.offsets = a->window_offsets;
-    }
+    float *windows = windows_alloc(a, &local);
     for (int64_t item = begin; item < end; item++) {
         const int64_t t = item / a->n_blocks, blk = item % a->n_blocks;
         const int64_t p0 = t * a->tile;
         const int64_t np = a->n_pix - p0 < a->tile ? a->n_pix - p0 : a->tile;
         const int64_t n_seg = map_segments(a->map, p0, np, seg);
-        if (windows) {
-            /* each distinct window once, aligned: the product's loads then touch one cache
-             * line each instead of two */
-            for (int64_t d = 0; d < a->n_windows; d++)
-                copy(windows + d * a->tile, a->in + a->windows[d] + p0, np);
-            local.in = (const float *)((uintptr_t)windows - (uintptr_t)(p0 * 4));
-        }
+        if (windows) windows_fill(a, &local, windows, p0, np, copy);
         const int64_t c_end = a->block_start[blk + 1];
         for (int64_t c0 = a->block_start[blk]; c0 < c_end; c0 += SS_MAP_CHANNELS) {
             const int64_t c1 = c0 + SS_MAP_CHANNELS < c_end ? c0 + SS_MAP_CHANNELS : c_end;
@@ -751,6 +745,32 @@ static void spmm_mapped_task_portable(void *ctx, int64_t begin, int64_t end) {
                      strided_copy_portable);
 }
 
+static void spmm_task(void *ctx, int64_t begin, int64_t end) {
+    const spmm_args *a = (const spmm_args *)ctx;
+    tile_fn fn = spmm_tile_portable;
+    row_copy_fn copy = row_copy_portable;
+#if SS_X86
+    int isa = ss_isa();
+    if (isa == ISA_AVX512) {
+        fn = spmm_tile_avx512;
+        copy = row_copy_avx512;
+    } else if (isa == ISA_AVX2) {
+        fn = spmm_tile_avx2;
+        copy = row_copy_avx2;
+    }
+#endif
+    spmm_args local = *a;
+    float *windows = windows_alloc(a, &local);
+    for (int64_t item = begin; item < end; item++) {
+        const int64_t t = item / a->n_blocks, blk = item % a->n_blocks;
+        const int64_t p0 = t * a->tile;
+        const int64_t np = a->n_pix - p0 < a->tile ? a->n_pix - p0 : a->tile;
+        if (windows) windows_fill(a, &local, windows, p0, np, copy);
+        fn(&local, a->block_start[blk], a->block_start[blk + 1], p0, np);
+    }
+    free(windows);
+}
+
 static task_fn spmm_mapped_task(void) {
 #if SS_X86
     switch (ss_isa()) {
@@ -771,19 +791,41 @@ static int64_t tile_size(void) {
 }
 
 /* Copying each distinct window into an aligned buffer (ss_spmm_windows): -1 where it pays,
- * 0 never, 1 always. On the 7x7 stride-2 stem of ResNet-50 (3 input channels: 147 windows,
- * each read by about 21 nonzeros) it made the product 1.12x (AVX-512) and 1.08x (AVX2)
- * faster; the portable code gained nothing. */
+ * 0 never, 1 always. It paid where windows that are not all aligned are each read by many
+ * nonzeros (1 thread, interleaved in one process): on ResNet-50's 7x7 stride-2 stem (147
+ * windows, each read by about 21 nonzeros; the buffer within the L1 cache) the product ran
+ * 1.12x faster with AVX-512 and 1.08x with AVX2, and on the 1x1 convs of its 7x7 stage (49
+ * pixels a channel, each read by 30 to 212 nonzeros; the buffer within L2) 1.15-1.26x. Where
+ * fewer nonzeros read each window, the copy cost more than it saved (0.68-0.85x on 3x3 convs
+ * whose windows overflow L1), and the portable code gained nothing. */
 static int window_mode = -1;
 
-#define SS_WINDOW_TILE 64           /* pixels a window buffer holds: */
-#define SS_WINDOW_BYTES (40 * 1024) /* all of them within the L1 cache */
-#define SS_WINDOW_REUSE 8           /* nonzeros per window, at least */
+#define SS_WINDOW_L1 (40 * 1024)
+#define SS_WINDOW_L1_REUSE 8 /* nonzeros per window, at least, with the buffer in L1 */
+#define SS_WINDOW_L2 (512 * 1024)
+#define SS_WINDOW_L2_REUSE 16 /* nonzeros per window, at least, with the buffer in L2 */
 
-static int use_windows(int64_t nnz, int64_t n_windows, int64_t wt) {
-    if (window_mode >= 0) return window_mode;
-    return ss_isa() != ISA_PORTABLE && nnz >= SS_WINDOW_REUSE * n_windows &&
-           n_windows * wt * (int64_t)sizeof(float) <= SS_WINDOW_BYTES;
+/* Tiles of at most `widest` pixels of about the same width, a multiple of 16 (so that every
+ * window in the buffer stays aligned). */
+static int64_t window_tile(int64_t n_pix, int64_t widest) {
+    const int64_t n_tiles = (n_pix + widest - 1) / widest;
+    return ((n_pix + n_tiles - 1) / n_tiles + 15) / 16 * 16;
+}
+
+/* The window buffer's tile width, or 0 where the copy does not pay. */
+static int64_t window_width(const float *in, const int32_t *windows, int64_t n_windows,
+                            int64_t nnz, int64_t n_pix, int64_t tile) {
+    const int64_t narrow = window_tile(n_pix, tile < 64 ? tile : 64);
+    if (window_mode >= 0) return window_mode ? narrow : 0;
+    if (ss_isa() == ISA_PORTABLE) return 0;
+    int aligned = 1; /* a copy of aligned windows gains nothing */
+    for (int64_t d = 0; d < n_windows && aligned; d++)
+        aligned = (uintptr_t)(in + windows[d]) % 64 == 0;
+    if (aligned) return 0;
+    const int64_t wide = window_tile(n_pix, tile), bytes = n_windows * (int64_t)sizeof(float);
+    if (nnz >= SS_WINDOW_L1_REUSE * n_windows && narrow * bytes <= SS_WINDOW_L1) return narrow;
+    if (nnz >= SS_WINDOW_L2_REUSE * n_windows && wide * bytes <= SS_WINDOW_L2) return wide;
+    return 0;
 }
 
 /* Set the window copy's mode (-1 where it pays, 0 never, 1 always); returns the mode. */
@@ -821,9 +863,11 @@ static void spmm_run(const float *in, float *out, const float *values, const int
     a.tile = tile_size();
     if (map && a.tile > SS_MAX_TILE) a.tile = SS_MAX_TILE;
     int32_t *window_offsets = NULL;
-    const int64_t wt = a.tile < SS_WINDOW_TILE ? a.tile : SS_WINDOW_TILE;
-    if (map && windows && n_windows > 0 &&
-        use_windows(row_ptr[c_out] - row_ptr[0], n_windows, wt)) {
+    const int64_t wt = windows && n_windows > 0 ? window_width(in, windows, n_windows,
+                                                              row_ptr[c_out] - row_ptr[0],
+                                                              n_pix, a.tile)
+                                                : 0;
+    if (wt > 0) {
         /* where nonzero j reads in the window buffer */
         window_offsets = (int32_t *)malloc(sizeof(int32_t) * (size_t)(row_ptr[c_out] + 1));
         if (window_offsets) {
@@ -899,17 +943,18 @@ SS_EXPORT int ss_spmm_mapped(const float *in, float *out, const float *values,
     return 0;
 }
 
-/* ss_spmm_mapped, given the distinct values of `offsets` (windows[n_windows]) and, per
- * nonzero, which of them it is (offsets[j] == windows[slots[j]]): where a window is reused by
- * many nonzeros, each is copied once per tile into an aligned buffer that the product reads. */
+/* ss_spmm (map NULL) or ss_spmm_mapped, given the distinct values of `offsets`
+ * (windows[n_windows]) and, per nonzero, which of them it is (offsets[j] ==
+ * windows[slots[j]]): where a window is reused by many nonzeros, each is copied once per tile
+ * into an aligned buffer that the product reads (see window_width). */
 SS_EXPORT int ss_spmm_windows(const float *in, float *out, const float *values,
                               const int32_t *offsets, const int32_t *row_ptr, const float *bias,
                               const float *residual, int64_t c_out, int64_t n_pix,
                               int64_t ld_out, int64_t ld_res, float lo, float hi, int threads,
                               const int64_t *map, const int32_t *windows, const int32_t *slots,
                               int64_t n_windows) {
-    if (map[MAP_STRIDE] < 1 || map[MAP_STRIDE] > SS_MAX_MAP_STRIDE || map[MAP_SRC_W] < 1 ||
-        map[MAP_SRC_H] < 1)
+    if (map && (map[MAP_STRIDE] < 1 || map[MAP_STRIDE] > SS_MAX_MAP_STRIDE ||
+                map[MAP_SRC_W] < 1 || map[MAP_SRC_H] < 1))
         return -1;
     spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
              lo, hi, threads, map, windows, slots, n_windows);
