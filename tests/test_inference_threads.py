@@ -75,7 +75,9 @@ def test_slices_side_by_side_give_the_one_thread_outputs() -> None:
         two = _on_threads(sparse, x, 2)
         assert len(threads_seen) > 1  # the slices ran on more than one thread
         if slices._set_openmp_threads is not None:  # PyTorch's ops, one thread a slice too
-            assert torch_threads_seen == {1}
+            assert 1 in torch_threads_seen
+            # the fifth slice, left over, runs alone on both threads
+            assert 2 in torch_threads_seen
         three = _on_threads(sparse, x, 3)
     finally:
         handle.remove()

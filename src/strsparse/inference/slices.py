@@ -133,7 +133,12 @@ def map_slices(
     fn: Callable[[Tensor], Tensor], parts: Sequence[Tensor], threads: int
 ) -> list[Tensor]:
     """``[fn(part) for part in parts]``, computed on up to ``threads`` threads (the caller's
-    and helpers), each slice on one thread with one-thread native kernels."""
+    and helpers), each slice on one thread with one-thread native kernels; the slices left
+    over when they do not divide evenly among the threads (one of 3 on 2 threads) run after,
+    one at a time on all the threads, instead of on one while the others wait."""
+    if threads < len(parts) and len(parts) % threads:
+        whole = len(parts) - len(parts) % threads
+        return map_slices(fn, parts[:whole], threads) + [fn(part) for part in parts[whole:]]
     job = _Job(fn, parts)
     helpers = min(threads, len(parts)) - 1
     if helpers > 0:
