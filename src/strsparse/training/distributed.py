@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -125,7 +126,16 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
+    use_count = t._use_count  # type: ignore[attr-defined]  # not in torch's stubs
+    held = use_count()
     dist.all_reduce(t)
+    # The collective's work object still holds ``t`` when the call returns and lets go of it
+    # a moment later on the backend's own thread, taking the GIL to do so: if that moment
+    # fell in the interpreter's shutdown, the process would abort ("terminate called without
+    # an active exception"). Wait (the GIL released) until it has let go.
+    deadline = time.monotonic() + 5.0
+    while use_count() > held and time.monotonic() < deadline:
+        time.sleep(1e-5)
     return t.tolist()
 
 
