@@ -617,6 +617,51 @@ def test_large_batches_run_in_slices_only_when_samples_are_independent() -> None
         torch.testing.assert_close(mixed(x), mixed.net(x))
 
 
+def test_a_sliced_batch_runs_its_linear_tail_once_on_the_whole_batch() -> None:
+    class Net(nn.Module):
+        def __init__(self, skip: bool) -> None:
+            super().__init__()
+            self.skip = skip
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, stride=2)
+            )
+            self.fc1 = nn.Linear(8 * 15 * 15, 32)
+            self.drop = nn.Dropout(0.5)
+            self.fc2 = nn.Linear(32, 10)
+            self.fc3 = nn.Linear(8 * 15 * 15, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            flat = torch.flatten(self.features(x), 1)
+            out = self.fc2(self.drop(F.relu(self.fc1(flat))))
+            return out + self.fc3(flat) if self.skip else out  # two branches: no single tail
+
+    x = torch.randn(100, 3, 32, 32)  # 3072 values a sample: three slices
+    for skip in (False, True):
+        model = _prune(Net(skip), 0.9)
+        sparse = to_sparse(model)
+        assert sparse.per_sample
+        rows: list[int] = []
+        sparse.net.get_submodule("fc2").register_forward_pre_hook(
+            lambda m, args, rows=rows: rows.append(args[0].shape[0])
+        )
+        _check_close(model, sparse, x)
+        if skip:
+            assert sparse._split is None
+            assert sum(rows) == 100 and len(rows) == 3  # the fc runs once a slice
+        else:
+            assert sparse._split is not None
+            head, tail = sparse._split
+            assert [n.target for n in tail.graph.nodes if n.op == "call_module"] == [
+                "fc1",
+                "drop",
+                "fc2",
+            ]
+            assert rows == [100]  # once, on the whole batch
+            assert not any(n.target == "fc1" for n in head.graph.nodes)
+            # the split keeps the state as it was: no layer is stored twice
+            assert set(sparse.state_dict()) == set(to_sparse(model).state_dict())
+
+
 def test_a_dense_model_stays_in_the_standard_layout() -> None:
     """At 0% sparsity every layer is dense and no activation is transposed; BatchNorm is still
     folded and the residual adds and ReLUs fused."""

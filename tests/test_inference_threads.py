@@ -35,6 +35,12 @@ def _model() -> nn.Module:
     return strsparse.finalize(model).eval()
 
 
+def _slices_module(sparse: nn.Module) -> nn.Module:
+    """What runs each slice of a batch: the network, or its head where the Linear tail runs
+    once on the whole batch."""
+    return sparse.net if sparse._split is None else sparse._split[0]
+
+
 def _prune_linear(layer: nn.Module, sparsity: float) -> nn.Module:
     strsparse.sparsify(layer, "magnitude", sparsity=sparsity)
     return strsparse.finalize(layer).eval()
@@ -70,7 +76,7 @@ def test_slices_side_by_side_give_the_one_thread_outputs() -> None:
         both_seen.wait(5)  # a slice lasts until a second thread has taken one
 
     one = _on_threads(sparse, x, 1)
-    handle = sparse.net.register_forward_pre_hook(note_thread)
+    handle = _slices_module(sparse).register_forward_pre_hook(note_thread)
     try:
         two = _on_threads(sparse, x, 2)
         assert len(threads_seen) > 1  # the slices ran on more than one thread
@@ -107,7 +113,7 @@ def test_slices_keep_the_callers_grad_mode_and_raise_its_errors() -> None:
             def fail(module: nn.Module, args: tuple) -> None:
                 raise ValueError("a bad slice")
 
-            handle = sparse.net.register_forward_pre_hook(fail)
+            handle = _slices_module(sparse).register_forward_pre_hook(fail)
             with pytest.raises(ValueError, match="a bad slice"):
                 sparse(x)
             handle.remove()

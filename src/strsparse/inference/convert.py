@@ -649,6 +649,79 @@ def _per_sample(net: fx.GraphModule) -> bool:
     return placeholders == 1
 
 
+# what a flat tail (see _split_tail) may hold besides its Linear layers: ops on each element
+_ELEMENTWISE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.SiLU,
+    nn.GELU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Identity,
+    nn.Dropout,
+)
+_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, F.dropout}
+
+
+def _split_tail(net: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule] | None:
+    """``(head, tail)`` with ``net(x) == tail(head(x))``, where ``tail`` is the chain of
+    Linear layers (and elementwise ops) that ends the network, fed by one batch-first tensor:
+    a batch run in slices runs its tail once on the whole batch, so the Linear layers read
+    their weights once instead of once a slice. ``None`` where the network does not end so."""
+    modules = dict(net.named_modules())
+
+    def step(node: fx.Node) -> str | None:
+        """'linear', 'elementwise' or None: what ``node`` is as a link of the tail."""
+        others = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, fx.Node)]
+        if not node.args or not isinstance(node.args[0], fx.Node) or others:
+            return None
+        if len(node.users) != 1:
+            return None
+        if node.op == "call_module":
+            m = modules[str(node.target)]
+            if isinstance(m, SparseLinear):
+                return "linear"
+            return "elementwise" if type(m) in _ELEMENTWISE_MODULES else None
+        if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
+            return "elementwise"
+        if node.op == "call_method" and node.target in ("relu", "relu_"):
+            return "elementwise"
+        return None
+
+    output = next(n for n in net.graph.nodes if n.op == "output")
+    node = output.args[0]
+    chain: list[fx.Node] = []
+    start = None
+    while isinstance(node, fx.Node) and (kind := step(node)) is not None:
+        chain.append(node)
+        if kind == "linear":
+            start = len(chain)
+        node = node.args[0]
+    if start is None:
+        return None
+    chain = chain[:start][::-1]  # from the first Linear layer of the tail to the output
+    split = chain[0].args[0]
+    assert isinstance(split, fx.Node)
+    in_tail = set(chain)
+    head = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in net.graph.nodes:
+        if n.op != "output" and n not in in_tail:
+            env[n] = head.node_copy(n, lambda a: env[a])
+    head.output(env[split])
+    tail = fx.Graph()
+    env = {split: tail.placeholder("x")}
+    for n in chain:
+        env[n] = tail.node_copy(n, lambda a: env[a])
+    tail.output(env[chain[-1]])
+    return fx.GraphModule(net, head), fx.GraphModule(net, tail)
+
+
 # A batch runs in slices of about this many input values per slice (one 224x224 image is
 # 150K): the intermediate activations of a slice then stay in cache instead of memory.
 _SLICE_VALUES = 2**17
@@ -666,6 +739,10 @@ class SparseModel(nn.Module):
         self.net = net
         self.sparse_plan = dict(plan)
         self.per_sample = per_sample
+        # (head, tail) of a sliced batch: the tail runs once on the whole batch. They share
+        # net's layers, and are kept out of the module tree so that no state is stored twice.
+        split = _split_tail(net) if per_sample and isinstance(net, fx.GraphModule) else None
+        self._split: tuple[fx.GraphModule, fx.GraphModule] | None = split
         self.eval()
 
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
@@ -679,10 +756,13 @@ class SparseModel(nn.Module):
         if x.shape[0] <= size:
             return self.net(x)
         parts = x.split(size)
+        head, tail = self._split if self._split is not None else (self.net, None)
         threads = torch.get_num_threads()
         if threads > 1 and backend().native:  # slices side by side, one thread each
-            return torch.cat(map_slices(self.net, parts, threads))
-        return torch.cat([self.net(part) for part in parts])
+            out = torch.cat(map_slices(head, parts, threads))
+        else:
+            out = torch.cat([head(part) for part in parts])
+        return out if tail is None else tail(out)
 
 
 @torch.no_grad()
