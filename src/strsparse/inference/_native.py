@@ -84,6 +84,16 @@ class Backend:
             lib.ss_set_thread_limit.argtypes = [_int]
             lib.ss_set_thread_limit.restype = _int
             lib.ss_set_isa.argtypes = [_int]
+            lib.ss_swap01.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _int]
+            lib.ss_swap01.restype = None
+            lib.ss_record_begin.argtypes = []
+            lib.ss_record_begin.restype = None
+            lib.ss_record_end.argtypes = []
+            lib.ss_record_end.restype = _i64
+            lib.ss_record_take.argtypes = [_ptr]
+            lib.ss_record_take.restype = None
+            lib.ss_run_plan.argtypes = [_ptr, _i64, _ptr, _ptr]
+            lib.ss_run_plan.restype = _int
             lib.ss_set_isa.restype = _int
             isa = os.environ.get("STRSPARSE_ISA")
             if isa:
@@ -197,6 +207,19 @@ class Backend:
             lo,
             hi,
         )
+
+    def swap01(self, x: Tensor) -> Tensor:
+        """``x.transpose(0, 1).contiguous()`` of a contiguous float32 ``x`` of 2 or more
+        dimensions (the standard <-> channel-major layouts, a Linear layer's (M, K) <-> (K,
+        M)); natively where possible."""
+        a, b = x.shape[0], x.shape[1]
+        if self._lib is None or a == 1 or b == 1:
+            return x.transpose(0, 1).contiguous()
+        out = torch.empty((b, a, *x.shape[2:]))
+        self._lib.ss_swap01(
+            x.data_ptr(), out.data_ptr(), a, b, x[0, 0].numel(), torch.get_num_threads()
+        )
+        return out
 
     def pad_planes(
         self, x: Tensor, pad: tuple[int, int], stride: int, hq: int, wq: int, ch_stride: int

@@ -25,7 +25,7 @@ import logging
 import math
 import operator
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -42,6 +42,7 @@ from strsparse.inference.layers import (
     channel_major_max_pool2d,
     global_avg_pool2d,
 )
+from strsparse.inference.replay import Replayer
 from strsparse.inference.slices import map_slices
 
 __all__ = ["DEFAULT_MAX_DENSITY", "SparseModel", "SparsePlan", "to_sparse"]
@@ -122,6 +123,8 @@ def _swap01(x: Tensor) -> Tensor:
     """Standard (N, C, H, W) <-> channel-major (C, N, H, W)."""
     if x.dim() != 4:
         raise OptionError(f"expected a 4-D activation, got shape {tuple(x.shape)}")
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous():
+        return backend().swap01(x)
     return x.transpose(0, 1).contiguous()
 
 
@@ -743,20 +746,43 @@ class SparseModel(nn.Module):
         # net's layers, and are kept out of the module tree so that no state is stored twice.
         split = _split_tail(net) if per_sample and isinstance(net, fx.GraphModule) else None
         self._split: tuple[fx.GraphModule, fx.GraphModule] | None = split
+        # the forward pass of net (and of the head of a sliced batch), replayed in one native
+        # call where it is nothing but native calls (see replay.py)
+        self._replay_net = Replayer(net, net) if isinstance(net, fx.GraphModule) else None
+        self._replay_head = Replayer(net, split[0]) if split is not None else None
         self.eval()
 
+    @property
+    def replay(self) -> bool:
+        """Whether forward passes made only of native calls are recorded and replayed in one
+        call (the default); ``False`` runs every layer from Python."""
+        return self._replay_net is not None and self._replay_net.enabled
+
+    @replay.setter
+    def replay(self, value: bool) -> None:
+        for replayer in (self._replay_net, self._replay_head):
+            if replayer is not None:
+                replayer.enabled = bool(value)
+
+    def _whole(self, x: Tensor) -> Tensor:
+        return self._replay_net(x) if self._replay_net is not None else self.net(x)
+
     def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
-        if not self.per_sample or kwargs or len(args) != 1:
+        if kwargs or len(args) != 1 or not isinstance(args[0], Tensor):
             return self.net(*args, **kwargs)
         (x,) = args
-        if not isinstance(x, Tensor) or x.dim() < 2:
-            return self.net(x)
+        if not self.per_sample or x.dim() < 2:
+            return self._whole(x)
         per_sample = max(1, x[0].numel())
         size = max(1, _SLICE_VALUES // per_sample)
         if x.shape[0] <= size:
-            return self.net(x)
+            return self._whole(x)
         parts = x.split(size)
-        head, tail = self._split if self._split is not None else (self.net, None)
+        tail = None
+        head: Callable[[Tensor], Tensor] = self._whole
+        if self._split is not None:
+            assert self._replay_head is not None
+            head, tail = self._replay_head, self._split[1]
         threads = torch.get_num_threads()
         if threads > 1 and backend().native:  # slices side by side, one thread each
             out = torch.cat(map_slices(head, parts, threads))

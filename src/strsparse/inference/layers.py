@@ -73,6 +73,21 @@ def _windows(offsets: Tensor) -> tuple[Tensor, Tensor] | None:
     return distinct.to(torch.int32).contiguous(), slots.to(torch.int32).contiguous()
 
 
+# bumped whenever a sparse layer's tensors may have changed (a state loaded, a move or cast):
+# what a recorded forward pass (see replay.py) checks before it replays
+_state_generation = 0
+
+
+def state_generation() -> int:
+    """A count that changes whenever any sparse layer's tensors may have changed."""
+    return _state_generation
+
+
+def _state_changed() -> None:
+    global _state_generation
+    _state_generation += 1
+
+
 # per thread, the tensors of the last product that may have returned early (see
 # SparseConv2d.returns_early): the next native call from the thread finishes that product
 _in_flight = threading.local()
@@ -207,7 +222,12 @@ class _SparseBase(nn.Module):
             self._buffers["bias"] = state_dict[prefix + "bias"].clone()
         self._offsets.clear()
         self._steps.clear()
+        _state_changed()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
+        _state_changed()
+        return super()._apply(fn, recurse)
 
     def _apply_clamp(self, y: Tensor) -> Tensor:
         lo, hi = self.clamp
@@ -245,7 +265,9 @@ class SparseLinear(_SparseBase):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         m = x2.shape[0]
-        xt = x2.t().contiguous().float()  # (in_features, M): channel-major
+        x2 = x2.float()
+        # (in_features, M): channel-major
+        xt = backend().swap01(x2) if x2.is_contiguous() else x2.t().contiguous()
         if self.in_features * m > _INT32_MAX:
             w = self.dense_weight()
             return self._apply_clamp(F.linear(x, w, self.bias))
@@ -262,7 +284,7 @@ class SparseLinear(_SparseBase):
         )  # fmt: skip
         if m == 1:
             return out.view(*lead, self.out_features)
-        return out.t().contiguous().view(*lead, self.out_features)
+        return backend().swap01(out).view(*lead, self.out_features)
 
 
 class SparseConv2d(_SparseBase):

@@ -237,6 +237,94 @@ static void parallel_for(int threads, int64_t items, task_fn fn, void *ctx) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* Recording. A thread may record the calls it makes to the functions below (an opcode and
+ * the arguments, pointers as addresses, floats as their bits); Python moves the pointers
+ * into an arena of its own, and ss_run_plan then replays a network's whole forward pass in
+ * one call, with no Python between the layers. */
+
+enum {
+    OP_SPMM = 1,
+    OP_SPMM_MAPPED,
+    OP_SPMM_WINDOWS,
+    OP_ZERO,
+    OP_PAD_PLANES,
+    OP_SUBSAMPLE,
+    OP_COMPACT,
+    OP_MAXPOOL,
+    OP_PLANE_MEAN,
+    OP_DEPTHWISE,
+    OP_SWAP01,
+};
+#define SS_MAX_ARGS 24
+
+static _Thread_local int64_t *rec_words;
+static _Thread_local int64_t rec_len, rec_cap;
+static _Thread_local int rec_on, rec_failed;
+
+#define RP(p) ((int64_t)(intptr_t)(p))
+
+static inline int64_t float_bits(float f) {
+    int32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return bits;
+}
+
+static inline float bits_float(int64_t v) {
+    const int32_t bits = (int32_t)v;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Append [op, n, args...] to this thread's recording. */
+static void rec_push(int op, int n, const int64_t *args) {
+    if (rec_len + 2 + n > rec_cap) {
+        const int64_t cap = 2 * rec_cap + 2 + n + 1024;
+        int64_t *grown = (int64_t *)realloc(rec_words, sizeof(int64_t) * (size_t)cap);
+        if (!grown) {
+            rec_failed = 1;
+            return;
+        }
+        rec_words = grown;
+        rec_cap = cap;
+    }
+    rec_words[rec_len++] = op;
+    rec_words[rec_len++] = n;
+    memcpy(rec_words + rec_len, args, sizeof(int64_t) * (size_t)n);
+    rec_len += n;
+}
+
+#define RECORD(op, ...)                                                                    \
+    do {                                                                                   \
+        if (rec_on) {                                                                      \
+            const int64_t rec_args_[] = {__VA_ARGS__};                                     \
+            rec_push(op, (int)(sizeof rec_args_ / sizeof rec_args_[0]), rec_args_);        \
+        }                                                                                  \
+    } while (0)
+
+/* Start recording this thread's calls (they still run), dropping any earlier recording. */
+SS_EXPORT void ss_record_begin(void) {
+    rec_len = 0;
+    rec_failed = 0;
+    rec_on = 1;
+}
+
+/* Stop recording; returns the number of words recorded (-1 if memory ran out), which
+ * ss_record_take copies out. */
+SS_EXPORT int64_t ss_record_end(void) {
+    rec_on = 0;
+    return rec_failed ? -1 : rec_len;
+}
+
+/* Copy the recording (ss_record_end's count of words) to dst and free it. */
+SS_EXPORT void ss_record_take(int64_t *dst) {
+    if (dst && rec_words) memcpy(dst, rec_words, sizeof(int64_t) * (size_t)rec_len);
+    free(rec_words);
+    rec_words = NULL;
+    rec_len = rec_cap = 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* The sparse kernel.                                                                          */
 
 typedef struct {
@@ -920,6 +1008,8 @@ SS_EXPORT void ss_spmm(const float *in, float *out, const float *values, const i
                        const int32_t *row_ptr, const float *bias, const float *residual,
                        int64_t c_out, int64_t n_pix, int64_t ld_out, int64_t ld_res, float lo,
                        float hi, int threads) {
+    RECORD(OP_SPMM, RP(in), RP(out), RP(values), RP(offsets), RP(row_ptr), RP(bias),
+           RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads);
     spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
              lo, hi, threads, NULL, NULL, NULL, 0);
 }
@@ -938,6 +1028,9 @@ SS_EXPORT int ss_spmm_mapped(const float *in, float *out, const float *values,
     if (map[MAP_STRIDE] < 1 || map[MAP_STRIDE] > SS_MAX_MAP_STRIDE || map[MAP_SRC_W] < 1 ||
         map[MAP_SRC_H] < 1)
         return -1;
+    RECORD(OP_SPMM_MAPPED, RP(in), RP(out), RP(values), RP(offsets), RP(row_ptr), RP(bias),
+           RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads,
+           RP(map));
     spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
              lo, hi, threads, map, NULL, NULL, 0);
     return 0;
@@ -956,6 +1049,9 @@ SS_EXPORT int ss_spmm_windows(const float *in, float *out, const float *values,
     if (map && (map[MAP_STRIDE] < 1 || map[MAP_STRIDE] > SS_MAX_MAP_STRIDE ||
                 map[MAP_SRC_W] < 1 || map[MAP_SRC_H] < 1))
         return -1;
+    RECORD(OP_SPMM_WINDOWS, RP(in), RP(out), RP(values), RP(offsets), RP(row_ptr), RP(bias),
+           RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads,
+           RP(map), RP(windows), RP(slots), n_windows);
     spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
              lo, hi, threads, map, windows, slots, n_windows);
     return 0;
@@ -975,6 +1071,7 @@ static void zero_task(void *ctx, int64_t begin, int64_t end) {
 }
 
 SS_EXPORT void ss_zero(float *dst, int64_t count, int threads) {
+    RECORD(OP_ZERO, RP(dst), count, threads);
     if (count <= 0) return;
     const int64_t chunks = count / SS_ZERO_CHUNK;
     if (count < 4 * SS_SERIAL_VALUES) threads = 1;
@@ -1093,6 +1190,8 @@ static void planes_task(void *ctx, int64_t begin, int64_t end) {
 SS_EXPORT void ss_pad_planes(const float *in, float *out, int64_t c, int64_t n, int64_t h,
                              int64_t w, int64_t pad_t, int64_t pad_l, int64_t stride, int64_t hq,
                              int64_t wq, int64_t ch_stride, int threads) {
+    RECORD(OP_PAD_PLANES, RP(in), RP(out), c, n, h, w, pad_t, pad_l, stride, hq, wq, ch_stride,
+           threads);
     planes_args a = {in, out, n, h, w, pad_t, pad_l, stride, hq, wq, ch_stride};
     if (c * ch_stride < SS_SERIAL_VALUES) threads = 1;
     parallel_for(threads, c, planes_task, &a);
@@ -1118,6 +1217,7 @@ static void subsample_task(void *ctx, int64_t begin, int64_t end) {
 /* out (C, N, ho, wo) = in[:, :, ::stride, ::stride] of a channel-major (C, N, h, w) input. */
 SS_EXPORT void ss_subsample(const float *in, float *out, int64_t c, int64_t n, int64_t h,
                             int64_t w, int64_t stride, int64_t ho, int64_t wo, int threads) {
+    RECORD(OP_SUBSAMPLE, RP(in), RP(out), c, n, h, w, stride, ho, wo, threads);
     subsample_args a = {in, out, n, h, w, stride, ho, wo};
     if (c * n * ho * wo < SS_SERIAL_VALUES) threads = 1;
     parallel_for(threads, c, subsample_task, &a);
@@ -1156,6 +1256,8 @@ static void compact_task(void *ctx, int64_t begin, int64_t end) {
 SS_EXPORT void ss_compact(const float *in, float *out, const float *residual, int64_t c,
                           int64_t n, int64_t hq, int64_t wq, int64_t ho, int64_t wo,
                           int64_t ld_in, float lo, float hi, int threads) {
+    RECORD(OP_COMPACT, RP(in), RP(out), RP(residual), c, n, hq, wq, ho, wo, ld_in, float_bits(lo),
+           float_bits(hi), threads);
     compact_args a = {in, out, residual, n, hq, wq, ho, wo, ld_in, lo, hi};
     if (c * n * ho * wo < SS_SERIAL_VALUES) threads = 1;
     parallel_for(threads, c, compact_task, &a);
@@ -1215,6 +1317,7 @@ static void maxpool_task(void *ctx, int64_t begin, int64_t end) {
 SS_EXPORT void ss_maxpool(const float *in, float *out, int64_t planes, int64_t h, int64_t w,
                           int64_t kh, int64_t kw, int64_t stride, int64_t pad, int64_t ho,
                           int64_t wo, int threads) {
+    RECORD(OP_MAXPOOL, RP(in), RP(out), planes, h, w, kh, kw, stride, pad, ho, wo, threads);
     pool_args a = {in, out, 0, h, w, kh, kw, stride, pad, ho, wo};
     if (planes * h * w < SS_SERIAL_VALUES) threads = 1;
     parallel_for(threads, planes, maxpool_task, &a);
@@ -1245,6 +1348,7 @@ static void plane_mean_task(void *ctx, int64_t begin, int64_t end) {
 
 SS_EXPORT void ss_plane_mean(const float *in, float *out, int64_t planes, int64_t size,
                              int threads) {
+    RECORD(OP_PLANE_MEAN, RP(in), RP(out), planes, size, threads);
     if (planes <= 0 || size <= 0) return;
     mean_args a = {in, out, size};
     if (planes * size < SS_SERIAL_VALUES) threads = 1;
@@ -1624,6 +1728,8 @@ SS_EXPORT void ss_depthwise(const float *in, float *out, const float *values,
                             int64_t c, int64_t n, int64_t h, int64_t w, int64_t pad_t,
                             int64_t pad_l, int64_t stride, int64_t hq, int64_t wq, int64_t ho,
                             int64_t wo, float lo, float hi, int threads) {
+    RECORD(OP_DEPTHWISE, RP(in), RP(out), RP(values), RP(taps), RP(row_ptr), RP(bias), c, n, h, w,
+           pad_t, pad_l, stride, hq, wq, ho, wo, float_bits(lo), float_bits(hi), threads);
     if (c <= 0 || n <= 0 || ho <= 0 || wo <= 0) return;
     depthwise_args a = {in, out, values, taps, row_ptr, bias, n, h, w, pad_t, pad_l, stride,
                         hq, wq, ho, wo, lo, hi};
@@ -1634,6 +1740,128 @@ SS_EXPORT void ss_depthwise(const float *in, float *out, const float *values,
 #endif
     if (c * n * (h * w + ho * wo) < 2 * SS_SERIAL_VALUES) threads = 1;
     parallel_for(threads, c * n, task, &a);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* (A, B, inner) -> (B, A, inner): the standard <-> channel-major layouts of a batch, and a
+ * Linear layer's input and output at more than one sample. */
+
+typedef struct {
+    const float *in;
+    float *out;
+    int64_t a, b, inner;
+} swap_args;
+
+#define SS_SWAP_BLOCK 32
+
+static void swap_task(void *ctx, int64_t begin, int64_t end) {
+    const swap_args *s = (const swap_args *)ctx;
+    if (s->inner > 1) {
+        for (int64_t j = begin; j < end; j++)
+            for (int64_t i = 0; i < s->a; i++)
+                memcpy(s->out + (j * s->a + i) * s->inner, s->in + (i * s->b + j) * s->inner,
+                       sizeof(float) * (size_t)s->inner);
+        return;
+    }
+    /* a plain transpose, in blocks that stay in cache */
+    for (int64_t j0 = begin; j0 < end; j0 += SS_SWAP_BLOCK) {
+        const int64_t j1 = j0 + SS_SWAP_BLOCK < end ? j0 + SS_SWAP_BLOCK : end;
+        for (int64_t i0 = 0; i0 < s->a; i0 += SS_SWAP_BLOCK) {
+            const int64_t i1 = i0 + SS_SWAP_BLOCK < s->a ? i0 + SS_SWAP_BLOCK : s->a;
+            for (int64_t j = j0; j < j1; j++)
+                for (int64_t i = i0; i < i1; i++) s->out[j * s->a + i] = s->in[i * s->b + j];
+        }
+    }
+}
+
+SS_EXPORT void ss_swap01(const float *in, float *out, int64_t a, int64_t b, int64_t inner,
+                         int threads) {
+    RECORD(OP_SWAP01, RP(in), RP(out), a, b, inner, threads);
+    if (a <= 0 || b <= 0 || inner <= 0) return;
+    swap_args s = {in, out, a, b, inner};
+    if (a * b * inner < SS_SERIAL_VALUES) threads = 1;
+    parallel_for(threads, b, swap_task, &s);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Replay. A plan is a sequence of calls, each [op, n, then n (kind, value) pairs]: kind 0 is
+ * the value itself, 1 an address `value` bytes into the input, 2 an address `value` bytes into
+ * the arena. Returns 0, or -1 for a malformed plan (nothing after the bad call runs). */
+
+#define PA(i) ((void *)(intptr_t)a[i])
+#define FA(i) bits_float(a[i])
+
+SS_EXPORT int ss_run_plan(const int64_t *plan, int64_t n_words, char *input, char *arena) {
+    int64_t a[SS_MAX_ARGS];
+    for (int64_t i = 0; i < n_words;) {
+        if (i + 2 > n_words) return -1;
+        const int64_t op = plan[i], n = plan[i + 1];
+        if (n < 0 || n > SS_MAX_ARGS || i + 2 + 2 * n > n_words) return -1;
+        for (int64_t k = 0; k < n; k++) {
+            const int64_t kind = plan[i + 2 + 2 * k], value = plan[i + 3 + 2 * k];
+            a[k] = kind == 1 ? RP(input + value) : kind == 2 ? RP(arena + value) : value;
+        }
+        i += 2 + 2 * n;
+        switch (op) {
+        case OP_SPMM:
+            if (n != 14) return -1;
+            ss_spmm(PA(0), PA(1), PA(2), PA(3), PA(4), PA(5), PA(6), a[7], a[8], a[9], a[10],
+                    FA(11), FA(12), (int)a[13]);
+            break;
+        case OP_SPMM_MAPPED:
+            if (n != 15) return -1;
+            if (ss_spmm_mapped(PA(0), PA(1), PA(2), PA(3), PA(4), PA(5), PA(6), a[7], a[8], a[9],
+                               a[10], FA(11), FA(12), (int)a[13], PA(14)))
+                return -1;
+            break;
+        case OP_SPMM_WINDOWS:
+            if (n != 18) return -1;
+            if (ss_spmm_windows(PA(0), PA(1), PA(2), PA(3), PA(4), PA(5), PA(6), a[7], a[8], a[9],
+                                a[10], FA(11), FA(12), (int)a[13], PA(14), PA(15), PA(16), a[17]))
+                return -1;
+            break;
+        case OP_ZERO:
+            if (n != 3) return -1;
+            ss_zero(PA(0), a[1], (int)a[2]);
+            break;
+        case OP_PAD_PLANES:
+            if (n != 13) return -1;
+            ss_pad_planes(PA(0), PA(1), a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10],
+                          a[11], (int)a[12]);
+            break;
+        case OP_SUBSAMPLE:
+            if (n != 10) return -1;
+            ss_subsample(PA(0), PA(1), a[2], a[3], a[4], a[5], a[6], a[7], a[8], (int)a[9]);
+            break;
+        case OP_COMPACT:
+            if (n != 13) return -1;
+            ss_compact(PA(0), PA(1), PA(2), a[3], a[4], a[5], a[6], a[7], a[8], a[9], FA(10),
+                       FA(11), (int)a[12]);
+            break;
+        case OP_MAXPOOL:
+            if (n != 12) return -1;
+            ss_maxpool(PA(0), PA(1), a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10],
+                       (int)a[11]);
+            break;
+        case OP_PLANE_MEAN:
+            if (n != 5) return -1;
+            ss_plane_mean(PA(0), PA(1), a[2], a[3], (int)a[4]);
+            break;
+        case OP_DEPTHWISE:
+            if (n != 20) return -1;
+            ss_depthwise(PA(0), PA(1), PA(2), PA(3), PA(4), PA(5), a[6], a[7], a[8], a[9], a[10],
+                         a[11], a[12], a[13], a[14], a[15], a[16], FA(17), FA(18), (int)a[19]);
+            break;
+        case OP_SWAP01:
+            if (n != 6) return -1;
+            ss_swap01(PA(0), PA(1), a[2], a[3], a[4], (int)a[5]);
+            break;
+        default:
+            return -1;
+        }
+    }
+    ss_sync();
+    return 0;
 }
 
 #ifndef SS_NO_PYTHON

@@ -1,0 +1,217 @@
+"""Replayed forward passes (``strsparse.inference.replay``): a network made only of native
+calls is recorded once per input shape and then runs in one native call, with outputs equal
+to the layer-by-layer pass; anything it cannot replay runs as before."""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from strsparse.inference import backend, to_sparse
+from strsparse.inference.replay import _layout
+from tests.test_inference import _Bottleneck, _prune
+
+needs_native = pytest.mark.skipif(
+    not backend().native, reason="the native kernels could not be built on this machine"
+)
+
+
+def _net(seed: int = 0, depthwise: bool = True) -> nn.Module:
+    """A stem, max pooling, bottlenecks with a downsample branch, a depthwise conv, global
+    pooling and a Linear layer: every kind of native call a replay makes."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+        _Bottleneck(16, 8, 32, 1),
+        _Bottleneck(32, 16, 64, 2),
+    ]
+    if depthwise:
+        layers += [nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.ReLU6()]
+    return _prune(_Classifier(nn.Sequential(*layers), nn.Linear(64, 10)), 0.8, seed)
+
+
+class _Classifier(nn.Module):
+    def __init__(self, features: nn.Module, fc: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.fc = fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.fc(torch.flatten(pooled, 1))
+
+
+def _eager(sparse: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    saved = sparse.replay
+    sparse.replay = False
+    try:
+        with torch.inference_mode():
+            return sparse(x)
+    finally:
+        sparse.replay = saved
+
+
+def _calls(module: nn.Module) -> list[int]:
+    """A list that grows by one at each call of ``module``."""
+    seen: list[int] = []
+    module.register_forward_pre_hook(lambda m, args: seen.append(1))
+    return seen
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_native_forward_pass_is_replayed_with_the_same_outputs(batch: int) -> None:
+    sparse = to_sparse(_net(), max_density=1.0)
+    x = torch.randn(batch, 3, 40, 36)
+    expected = _eager(sparse, x)
+    stem = _calls(sparse.net.get_submodule("features.0"))
+    with torch.inference_mode():
+        first, second = sparse(x), sparse(x)  # fills the caches, then records
+        assert sparse._replay_net.plan_for(x.shape) is True
+        assert len(stem) == 2
+        replayed = [sparse(x) for _ in range(3)]
+        other = torch.randn_like(x)
+        assert torch.equal(sparse(other), _eager(sparse, other))
+    assert len(stem) == 3  # the replays called no module; only the eager check above did
+    for out in (first, second, *replayed):
+        assert torch.equal(out, expected)
+    assert replayed[0].data_ptr() != replayed[1].data_ptr()  # the caller owns each output
+
+
+@needs_native
+def test_a_pass_with_pytorch_ops_between_the_kernels_runs_layer_by_layer() -> None:
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+            self.conv2 = nn.Conv2d(16, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv2(torch.sigmoid(self.conv1(x)))
+
+    model = _prune(Gated(), 0.8)
+    sparse = to_sparse(model, max_density=1.0)
+    x = torch.randn(2, 3, 12, 12)
+    conv2 = _calls(sparse.net.get_submodule("conv2"))
+    with torch.inference_mode():
+        outs = [sparse(x) for _ in range(4)]
+        expected = model(x)
+    assert sparse._replay_net.plan_for(x.shape) is False
+    assert len(conv2) == 5  # every call ran the layers (the refused recording runs twice)
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_new_weights_drop_the_recorded_plans() -> None:
+    sparse, other = to_sparse(_net(0)), to_sparse(_net(1))
+    x = torch.randn(1, 3, 40, 36)
+    with torch.inference_mode():
+        for _ in range(3):
+            sparse(x)
+        assert sparse._replay_net.plan_for(x.shape) is True
+        sparse.load_state_dict(other.state_dict())
+        expected = _eager(other, x)
+        for _ in range(4):  # eager, recorded, replayed, replayed
+            assert torch.equal(sparse(x), expected)
+    assert sparse._replay_net.plan_for(x.shape) is True
+
+
+@needs_native
+def test_slices_on_two_threads_replay_their_passes() -> None:
+    sparse = to_sparse(_net(depthwise=False), max_density=1.0)
+    assert sparse.per_sample and sparse._split is not None
+    x = torch.randn(4, 3, 160, 160)  # 76,800 values a sample: slices of one sample
+    expected = _eager(sparse, x)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            outs = [sparse(x) for _ in range(3)]
+    finally:
+        torch.set_num_threads(saved)
+    # each slice's thread runs one-thread kernels: its plans are those of one thread
+    assert sparse._replay_head.plan_for((1, 3, 160, 160), threads=1) is True
+    for out in outs:
+        assert torch.equal(out, expected)
+
+
+@needs_native
+def test_two_python_threads_replay_the_same_plan_at_once() -> None:
+    sparse = to_sparse(_net(), max_density=1.0)
+    inputs = [torch.randn(1, 3, 40, 36) for _ in range(6)]
+    expected = [_eager(sparse, x) for x in inputs]
+    with torch.inference_mode():
+        for _ in range(2):
+            sparse(inputs[0])
+    errors: list[str] = []
+
+    def run(offset: int) -> None:
+        with torch.inference_mode():
+            for i in range(30):
+                k = (i + offset) % len(inputs)
+                if not torch.equal(sparse(inputs[k]), expected[k]):
+                    errors.append(f"input {k}")
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+@needs_native
+def test_a_replaying_model_copies_and_turns_replay_off() -> None:
+    sparse = to_sparse(_net(), max_density=1.0)
+    x = torch.randn(1, 3, 40, 36)
+    with torch.inference_mode():
+        for _ in range(3):
+            sparse(x)
+        expected = _eager(sparse, x)
+        clone = copy.deepcopy(sparse)
+        assert clone._replay_net.plan_for(x.shape) is None  # plans are not copied
+        for _ in range(3):
+            assert torch.equal(clone(x), expected)
+    sparse.replay = False
+    assert not sparse.replay
+    stem = _calls(sparse.net.get_submodule("features.0"))
+    with torch.inference_mode():
+        sparse(x)
+    assert len(stem) == 1
+
+
+def test_the_arena_reuses_memory_only_between_buffers_that_never_meet() -> None:
+    # start -> (size in bytes, first call, last call)
+    spans = {
+        100: (1000, 0, 1),
+        200: (640, 1, 3),
+        300: (1000, 2, 4),
+        400: (64, 4, 6),
+        500: (3000, 5, 6),
+        600: (1, 0, 6),
+    }
+    offsets, size = _layout(spans)
+    for a, (size_a, first_a, last_a) in spans.items():
+        assert offsets[a] % 64 == 0
+        assert offsets[a] + size_a <= size
+        for b, (size_b, first_b, last_b) in spans.items():
+            if a < b and first_a <= last_b and first_b <= last_a:  # alive at the same time
+                apart = offsets[a] + size_a <= offsets[b] or offsets[b] + size_b <= offsets[a]
+                assert apart, (a, b)
+    assert size < sum(s for s, _, _ in spans.values())  # some bytes serve two buffers
+
+
+@needs_native
+def test_the_kernels_refuse_a_malformed_plan() -> None:
+    lib = backend()._lib
+    for words in ([999, 0], [1, 40], [4, 2, 0, 0, 0, 0], [4]):
+        plan = (ctypes.c_int64 * len(words))(*words)
+        assert lib.ss_run_plan(plan, len(words), None, None) == -1
