@@ -3,7 +3,9 @@ the native kernels' instruction sets and the fallbacks."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -727,10 +729,25 @@ def test_window_copy_matches_dense(isa: str, mode: str) -> None:
             pointwise = sparse.net.get_submodule("5")._geometry(1, 7, 7)[-1]
             assert pointwise is not None and pointwise[0].numel() <= 12
             for shape in [(1, 3, 9, 9), (3, 3, 37, 29), (2, 3, 64, 50)]:
-                _check_close(model, sparse, torch.randn(*shape))
+                x = torch.randn(*shape)
+                # on several threads, a product of few tiles copies its windows once, whole,
+                # into a buffer all threads read, instead of once per tile and channel block
+                for threads in (1, 2, 3):
+                    with _threads(threads):
+                        _check_close(model, sparse, x)
     finally:
         _native.set_window_copy("auto")
         set_isa("auto")
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_bad_window_copy_mode_is_an_error() -> None:

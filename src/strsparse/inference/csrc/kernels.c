@@ -900,6 +900,20 @@ static int64_t window_tile(int64_t n_pix, int64_t widest) {
     return ((n_pix + n_tiles - 1) / n_tiles + 15) / 16 * 16;
 }
 
+/* Whole windows copied into a buffer with rows of ld floats (see spmm_run). */
+typedef struct {
+    const float *in;
+    const int32_t *windows;
+    float *out;
+    int64_t ld, n_pix;
+} window_copy_args;
+
+static void window_copy_task(void *ctx, int64_t begin, int64_t end) {
+    const window_copy_args *c = (const window_copy_args *)ctx;
+    for (int64_t d = begin; d < end; d++)
+        memcpy(c->out + d * c->ld, c->in + c->windows[d], sizeof(float) * (size_t)c->n_pix);
+}
+
 /* The window buffer's tile width, or 0 where the copy does not pay. */
 static int64_t window_width(const float *in, const int32_t *windows, int64_t n_windows,
                             int64_t nnz, int64_t n_pix, int64_t tile) {
@@ -955,10 +969,27 @@ static void spmm_run(const float *in, float *out, const float *values, const int
                                                               row_ptr[c_out] - row_ptr[0],
                                                               n_pix, a.tile)
                                                 : 0;
+    float *shared = NULL;
     if (wt > 0) {
         /* where nonzero j reads in the window buffer */
         window_offsets = (int32_t *)malloc(sizeof(int32_t) * (size_t)(row_ptr[c_out] + 1));
-        if (window_offsets) {
+        /* On several threads with fewer tiles than the items they want, the work is split
+         * over blocks of output channels, and each block would copy every window of its tile
+         * again: then each window is copied once, whole, on all the threads, into one aligned
+         * buffer that they all read (ResNet-50's 14x14 and 7x7 stages at batch 1). */
+        const int64_t ld = (n_pix + 15) / 16 * 16;
+        const size_t shared_bytes = sizeof(float) * (size_t)(n_windows * ld);
+        if (window_offsets && threads > 1 && (n_pix + wt - 1) / wt < 4 * (int64_t)threads &&
+            shared_bytes <= SS_WINDOW_L2)
+            shared = (float *)aligned_alloc(64, shared_bytes);
+        if (shared) {
+            window_copy_args c = {in, windows, shared, ld, n_pix};
+            parallel_for(threads, n_windows, window_copy_task, &c);
+            for (int32_t j = row_ptr[0]; j < row_ptr[c_out]; j++)
+                window_offsets[j] = slots[j] * (int32_t)ld;
+            a.in = shared;
+            a.offsets = window_offsets;
+        } else if (window_offsets) {
             for (int32_t j = row_ptr[0]; j < row_ptr[c_out]; j++)
                 window_offsets[j] = slots[j] * (int32_t)wt;
             a.tile = wt;
@@ -1000,6 +1031,7 @@ static void spmm_run(const float *in, float *out, const float *values, const int
     }
     parallel_for(threads, a.n_tiles * blocks, task, &a);
     free(window_offsets);
+    free(shared);
 }
 
 /* out[co*ld_out + p] = clamp(bias[co] + sum_j values[j]*in[offsets[j] + p]
