@@ -94,7 +94,7 @@ def test_a_pass_with_pytorch_ops_between_the_kernels_runs_layer_by_layer() -> No
             self.conv2 = nn.Conv2d(16, 8, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv2(torch.sigmoid(self.conv1(x)))
+            return torch.sigmoid(self.conv2(self.conv1(x)) * 2.0)
 
     model = _prune(Gated(), 0.8)
     sparse = to_sparse(model, max_density=1.0)
@@ -107,6 +107,36 @@ def test_a_pass_with_pytorch_ops_between_the_kernels_runs_layer_by_layer() -> No
     assert len(conv2) == 5  # every call ran the layers (the refused recording runs twice)
     for out in outs:
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 2])
+def test_what_follows_the_last_pytorch_op_is_replayed(batch: int) -> None:
+    class Stem(nn.Module):  # a first conv kept dense, then an op no kernel fuses
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 16, 5, padding=2)
+            self.conv2 = nn.Conv2d(16, 24, 3, padding=1)
+            self.conv3 = nn.Conv2d(24, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.sigmoid(self.conv1(x))
+            return self.conv3(torch.relu(self.conv2(y)))
+
+    model = _prune(Stem(), 0.8)
+    sparse = to_sparse(model, max_density={"stem": 0.01, "conv": 1.0, "pointwise": 1.0})
+    assert sparse.sparse_plan == {"conv1": "dense", "conv2": "sparse", "conv3": "sparse"}
+    x = torch.randn(batch, 3, 12, 10)
+    expected = _eager(sparse, x)
+    conv1 = _calls(sparse.net.get_submodule("conv1"))
+    conv2 = _calls(sparse.net.get_submodule("conv2"))
+    with torch.inference_mode():
+        outs = [sparse(x) for _ in range(4)]
+    assert sparse._replay_net.plan_for((batch, 16, 12, 10)) is True  # the sigmoid's output
+    assert len(conv1) == 4  # the part before runs every time
+    assert len(conv2) == 2  # the rest only until it is recorded
+    for out in outs:
+        assert torch.equal(out, expected)
 
 
 @needs_native

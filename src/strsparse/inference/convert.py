@@ -725,6 +725,64 @@ def _split_tail(net: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule] | 
     return fx.GraphModule(net, head), fx.GraphModule(net, tail)
 
 
+def _native_node(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether ``node`` runs only native calls (and views): what a replay can hold."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_module":
+        m = modules[str(node.target)]
+        if isinstance(m, SparseConv2d):
+            return m.mode == "sparse" and m.channel_major
+        return isinstance(m, SparseLinear) and m.mode == "sparse"
+    if node.op == "call_function":
+        return node.target in (_swap01, channel_major_max_pool2d, global_avg_pool2d, torch.flatten)
+    return node.op == "call_method" and node.target in ("flatten", "view")
+
+
+def _split_at(net: fx.GraphModule, cut: fx.Node) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """``(head, tail)`` with ``net(x) == tail(head(x))``, ``head`` computing ``cut``, the one
+    value the rest of the graph reads from what comes before it."""
+    head, tail = fx.Graph(), fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    nodes = list(net.graph.nodes)
+    at = nodes.index(cut)
+    for n in nodes[: at + 1]:
+        env[n] = head.node_copy(n, lambda a: env[a])
+    head.output(env[cut])
+    env = {cut: tail.placeholder("x")}
+    for n in nodes[at + 1 :]:
+        env[n] = tail.node_copy(n, lambda a: env[a])
+    return fx.GraphModule(net, head), fx.GraphModule(net, tail)
+
+
+def _replayable_part(
+    net: fx.GraphModule,
+) -> tuple[fx.GraphModule | None, fx.GraphModule] | None:
+    """``(prefix, rest)``: ``rest`` the part of the graph after its last op that is not native
+    (a layer kept dense, say a first conv), cut where one value passes from ``prefix`` (run
+    layer by layer) to ``rest`` (replayed); ``prefix`` is ``None`` when every op is native,
+    and the result is ``None`` when no native layer follows the last other op."""
+    modules = dict(net.named_modules())
+    nodes = list(net.graph.nodes)
+    foreign = [i for i, n in enumerate(nodes) if not _native_node(n, modules)]
+    if not foreign:
+        return None, net
+    index = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in nodes}
+    live: set[fx.Node] = set()
+    for i, node in enumerate(nodes):
+        live = {n for n in live if last_use[n] > i}
+        if last_use[node] > i:
+            live.add(node)
+        if i < foreign[-1] or node.op in ("placeholder", "output") or live != {node}:
+            continue
+        rest = nodes[i + 1 :]
+        if not any(n.op == "call_module" for n in rest):
+            return None
+        return _split_at(net, node)
+    return None
+
+
 # A batch runs in slices of about this many input values per slice (one 224x224 image is
 # 150K): the intermediate activations of a slice then stay in cache instead of memory.
 _SLICE_VALUES = 2**17
@@ -747,9 +805,10 @@ class SparseModel(nn.Module):
         split = _split_tail(net) if per_sample and isinstance(net, fx.GraphModule) else None
         self._split: tuple[fx.GraphModule, fx.GraphModule] | None = split
         # the forward pass of net (and of the head of a sliced batch), replayed in one native
-        # call where it is nothing but native calls (see replay.py)
-        self._replay_net = Replayer(net, net) if isinstance(net, fx.GraphModule) else None
-        self._replay_head = Replayer(net, split[0]) if split is not None else None
+        # call from its last op that is not native on (see replay.py)
+        graph = net if isinstance(net, fx.GraphModule) else None
+        self._replay_net = _replayer(graph, graph) if graph is not None else None
+        self._replay_head = _replayer(graph, split[0]) if graph and split else None
         self.eval()
 
     @property
@@ -789,6 +848,16 @@ class SparseModel(nn.Module):
         else:
             out = torch.cat([head(part) for part in parts])
         return out if tail is None else tail(out)
+
+
+def _replayer(net: fx.GraphModule, part: fx.GraphModule) -> Replayer:
+    """A replayer of ``part`` (``net`` or its head): of the whole of it where every op is
+    native, else of what follows its last other op, which runs first, layer by layer."""
+    split = _replayable_part(part)
+    if split is None:  # the recording will say why it cannot replay
+        return Replayer(net, part)
+    prefix, rest = split
+    return Replayer(net, rest, prefix=prefix)
 
 
 @torch.no_grad()

@@ -165,6 +165,9 @@ class _Plan:
     keep: list[Tensor]  # the constants the calls read, alive while the plan is
     arenas: list[Tensor] = field(default_factory=list)  # free arenas; one per running call
 
+    def __repr__(self) -> str:
+        return f"_Plan({self.words.numel()} words, {self.arena_bytes} arena bytes)"
+
     def run(self, x: Tensor) -> Tensor:
         arena = self.arenas.pop() if self.arenas else torch.empty(self.arena_bytes // 4 + 1)
         try:
@@ -283,13 +286,20 @@ _MISSING = object()
 
 
 class Replayer:
-    """``fn`` (a network's forward on one tensor) that replays its native calls in one call
-    once it has run a shape twice (the first run fills the layers' caches, the second is
-    recorded); shapes it cannot replay keep running ``fn``."""
+    """``fn(prefix(x))``, where ``fn`` (the part of a network that runs only native calls)
+    replays its calls in one call once it has run a shape twice (the first run fills the
+    layers' caches, the second is recorded); ``prefix`` (optional: the ops before, such as a
+    first conv kept dense) runs as it is, and shapes ``fn`` cannot replay keep running ``fn``."""
 
-    def __init__(self, net: nn.Module, fn: Callable[[Tensor], Any]) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        fn: Callable[[Tensor], Any],
+        prefix: Callable[[Tensor], Any] | None = None,
+    ) -> None:
         self.net = net
         self.fn = fn
+        self.prefix = prefix
         self.enabled = True
         self._reset()
 
@@ -299,7 +309,7 @@ class Replayer:
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"net": self.net, "fn": self.fn, "enabled": self.enabled}
+        return {"net": self.net, "fn": self.fn, "prefix": self.prefix, "enabled": self.enabled}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -311,8 +321,11 @@ class Replayer:
             self._plans.clear()
 
     def __call__(self, x: Tensor) -> Any:
+        if self.prefix is not None:
+            x = self.prefix(x)
         if (
             not self.enabled
+            or not isinstance(x, Tensor)
             or x.dtype != torch.float32
             or x.device.type != "cpu"
             or not x.is_contiguous()
@@ -354,8 +367,9 @@ class Replayer:
         return type(self.net).__name__
 
     def plan_for(self, shape: tuple[int, ...], threads: int | None = None) -> bool | None:
-        """Whether inputs of ``shape`` replay (``True``), run eagerly (``False``), or have not
-        been tried yet (``None``): for tests and benchmarks."""
+        """Whether inputs of ``shape`` to the replayed part (after ``prefix``) replay
+        (``True``), run eagerly (``False``), or have not been tried yet (``None``): for tests
+        and benchmarks."""
         key = (tuple(shape), torch.get_num_threads() if threads is None else threads)
         plan = self._plans.get(key, _MISSING)
         return None if plan is _MISSING else plan is not None
