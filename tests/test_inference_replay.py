@@ -59,9 +59,16 @@ def _eager(sparse: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _calls(module: nn.Module) -> list[int]:
-    """A list that grows by one at each call of ``module``."""
+    """A list that grows by one at each call of ``module`` (its ``forward`` wrapped: a hook
+    would turn replay off)."""
     seen: list[int] = []
-    module.register_forward_pre_hook(lambda m, args: seen.append(1))
+    forward = module.forward
+
+    def counted(*args: object) -> object:
+        seen.append(1)
+        return forward(*args)
+
+    module.forward = counted  # type: ignore[method-assign]
     return seen
 
 
@@ -245,3 +252,28 @@ def test_the_kernels_refuse_a_malformed_plan() -> None:
     for words in ([999, 0], [1, 40], [4, 2, 0, 0, 0, 0], [4]):
         plan = (ctypes.c_int64 * len(words))(*words)
         assert lib.ss_run_plan(plan, len(words), None, None) == -1
+
+
+@needs_native
+def test_a_forward_hook_sees_every_call() -> None:
+    sparse = to_sparse(_net(), max_density=1.0)
+    x = torch.randn(1, 3, 40, 36)
+    expected = _eager(sparse, x)
+    with torch.inference_mode():
+        for _ in range(3):
+            sparse(x)  # replayed from the third call on
+        seen: list[tuple[int, ...]] = []
+        handle = sparse.net.get_submodule("fc").register_forward_hook(
+            lambda m, args, out: seen.append(tuple(out.shape))
+        )
+        outs = [sparse(x) for _ in range(3)]
+        assert seen == [(1, 10)] * 3  # a hook turns replay off: it sees every call
+        handle.remove()
+        calls = _calls(sparse.net.get_submodule("fc"))
+        outs.append(sparse(x))
+        assert calls == []  # replayed again once the hook is gone
+        with nn.modules.module.register_module_forward_hook(lambda m, a, o: None):
+            outs.append(sparse(x))  # a global hook too
+        assert calls == [1]
+    for out in outs:
+        assert torch.equal(out, expected)

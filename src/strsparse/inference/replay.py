@@ -17,7 +17,8 @@ input shape and thread count:
 - ``ss_run_plan`` replays the calls, with the GIL released throughout.
 
 The plan is checked once against the eager output before it is used; a network it cannot
-replay runs as before. Plans are dropped when any sparse layer's state changes.
+replay runs as before, and so does one with a forward hook on any of its modules (a replay
+would skip it). Plans are dropped when any sparse layer's state changes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from strsparse.inference import layers
@@ -303,10 +305,19 @@ class Replayer:
         self.enabled = True
         self._reset()
 
+    def _hooked(self) -> bool:
+        """Whether a forward hook would see a module of ``fn`` run: a replay runs none, so
+        then the pass runs layer by layer, as the user who set the hook expects."""
+        if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)
+
     def _reset(self) -> None:
         # key -> the plan, None (refused), or _MISSING (seen once)
         self._plans: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._lock = threading.Lock()
+        fn = self.fn
+        self._modules = list(fn.modules()) if isinstance(fn, nn.Module) else []
 
     def __getstate__(self) -> dict[str, Any]:
         return {"net": self.net, "fn": self.fn, "prefix": self.prefix, "enabled": self.enabled}
@@ -325,6 +336,7 @@ class Replayer:
             x = self.prefix(x)
         if (
             not self.enabled
+            or self._hooked()
             or not isinstance(x, Tensor)
             or x.dtype != torch.float32
             or x.device.type != "cpu"
