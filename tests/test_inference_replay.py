@@ -159,6 +159,19 @@ def test_new_weights_drop_the_recorded_plans() -> None:
         for _ in range(4):  # eager, recorded, replayed, replayed
             assert torch.equal(sparse(x), expected)
     assert sparse._replay_net.plan_for(x.shape) is True
+    with torch.inference_mode():
+        fc = sparse.net.get_submodule("fc")
+        fc.bias = fc.bias + 1.0  # a tensor replaced, not changed in place
+        torch.testing.assert_close(sparse(x), expected + 1.0, rtol=0, atol=1e-6)
+        conv = sparse.net.get_submodule("features.5.conv3")
+        conv.bias = conv.bias + 1.0
+        moved = sparse(x)
+        assert not torch.allclose(moved, expected + 1.0)
+        for _ in range(3):  # eager, recorded, replayed: all with the new bias
+            assert torch.equal(sparse(x), moved)
+    other.net.get_submodule("fc").bias = other.net.get_submodule("fc").bias + 1.0
+    other.net.get_submodule("features.5.conv3").bias = conv.bias
+    torch.testing.assert_close(moved, _eager(other, x), rtol=0, atol=1e-6)
 
 
 @needs_native

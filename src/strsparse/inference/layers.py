@@ -73,7 +73,10 @@ def _windows(offsets: Tensor) -> tuple[Tensor, Tensor] | None:
     return distinct.to(torch.int32).contiguous(), slots.to(torch.int32).contiguous()
 
 
-# bumped whenever a sparse layer's tensors may have changed (a state loaded, a move or cast):
+_STATE_TENSORS = frozenset({"values", "indices", "row_ptr", "weight", "bias"})
+
+# bumped whenever a sparse layer's tensors may have changed (a state loaded, a tensor
+# replaced, a move or cast):
 # what a recorded forward pass (see replay.py) checks before it replays
 _state_generation = 0
 
@@ -228,6 +231,14 @@ class _SparseBase(nn.Module):
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
         _state_changed()
         return super()._apply(fn, recurse)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _STATE_TENSORS:  # a tensor replaced: prepared calls would read the old one
+            _state_changed()
+            for cache in ("_steps", "_offsets"):
+                if cache in self.__dict__:
+                    self.__dict__[cache].clear()
+        super().__setattr__(name, value)
 
     def _apply_clamp(self, y: Tensor) -> Tensor:
         lo, hi = self.clamp
