@@ -93,27 +93,44 @@ def test_a_native_forward_pass_is_replayed_with_the_same_outputs(batch: int) -> 
 
 
 @needs_native
-def test_a_pass_with_pytorch_ops_between_the_kernels_runs_layer_by_layer() -> None:
+def test_the_longest_run_of_native_layers_is_replayed_and_the_ops_around_it_run() -> None:
     class Gated(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
             self.conv2 = nn.Conv2d(16, 8, 1)
+            self.conv3 = nn.Conv2d(8, 8, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(self.conv2(self.conv1(x)) * 2.0)
+            y = torch.sigmoid(self.conv2(self.conv1(x)) * 2.0)  # ops no kernel fuses
+            return torch.softmax(self.conv3(y).flatten(1), dim=1)
 
     model = _prune(Gated(), 0.8)
     sparse = to_sparse(model, max_density=1.0)
     x = torch.randn(2, 3, 12, 12)
-    conv2 = _calls(sparse.net.get_submodule("conv2"))
+    expected = _eager(sparse, x)
+    conv1, conv3 = (_calls(sparse.net.get_submodule(n)) for n in ("conv1", "conv3"))
     with torch.inference_mode():
         outs = [sparse(x) for _ in range(4)]
+        torch.testing.assert_close(outs[0], model(x), rtol=1e-4, atol=1e-5)
+    assert sparse._replay_net.plan_for(x.shape) is True  # conv1 and conv2
+    assert len(conv1) == 2  # until recorded
+    assert len(conv3) == 4  # after the sigmoid: layer by layer
+    for out in outs:
+        assert torch.equal(out, expected)
+
+
+@needs_native
+def test_a_network_without_native_layers_runs_layer_by_layer() -> None:
+    model = _prune(_Classifier(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), nn.Linear(8, 4)), 0.5)
+    sparse = to_sparse(model, max_density=0.0)  # every layer kept dense
+    x = torch.randn(1, 3, 9, 9)
+    with torch.inference_mode():
+        outs = [sparse(x) for _ in range(3)]
         expected = model(x)
     assert sparse._replay_net.plan_for(x.shape) is False
-    assert len(conv2) == 5  # every call ran the layers (the refused recording runs twice)
     for out in outs:
-        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 @needs_native
@@ -288,5 +305,20 @@ def test_a_forward_hook_sees_every_call() -> None:
         with nn.modules.module.register_module_forward_hook(lambda m, a, o: None):
             outs.append(sparse(x))  # a global hook too
         assert calls == [1]
+    for out in outs:
+        assert torch.equal(out, expected)
+
+
+@needs_native
+def test_a_classifier_kept_dense_runs_after_the_replayed_features() -> None:
+    limits = {"linear": 0.0, "pointwise": 1.0, "conv": 1.0, "depthwise": 1.0, "stem": 1.0}
+    sparse = to_sparse(_net(), max_density=limits)
+    assert sparse.sparse_plan["fc"] == "dense"
+    x = torch.randn(1, 3, 40, 36)
+    expected = _eager(sparse, x)
+    stem, fc = (_calls(sparse.net.get_submodule(n)) for n in ("features.0", "fc"))
+    with torch.inference_mode():
+        outs = [sparse(x) for _ in range(4)]
+    assert len(stem) == 2 and len(fc) == 4
     for out in outs:
         assert torch.equal(out, expected)

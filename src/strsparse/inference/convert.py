@@ -739,48 +739,65 @@ def _native_node(node: fx.Node, modules: Mapping[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target in ("flatten", "view")
 
 
-def _split_at(net: fx.GraphModule, cut: fx.Node) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """``(head, tail)`` with ``net(x) == tail(head(x))``, ``head`` computing ``cut``, the one
-    value the rest of the graph reads from what comes before it."""
-    head, tail = fx.Graph(), fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+def _subgraph(net: fx.GraphModule, start: fx.Node | None, end: fx.Node) -> fx.GraphModule:
+    """The part of ``net`` from ``start``'s value (``None``: the input) to ``end``'s (or to
+    the output, when ``end`` is the output node), where ``start`` is the one value the nodes
+    after it read from those before."""
+    graph = fx.Graph()
     nodes = list(net.graph.nodes)
-    at = nodes.index(cut)
-    for n in nodes[: at + 1]:
-        env[n] = head.node_copy(n, lambda a: env[a])
-    head.output(env[cut])
-    env = {cut: tail.placeholder("x")}
-    for n in nodes[at + 1 :]:
-        env[n] = tail.node_copy(n, lambda a: env[a])
-    return fx.GraphModule(net, head), fx.GraphModule(net, tail)
+    first = 0 if start is None else nodes.index(start) + 1
+    env: dict[fx.Node, fx.Node] = {} if start is None else {start: graph.placeholder("x")}
+    for n in nodes[first : nodes.index(end) + 1]:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    if end.op != "output":
+        graph.output(env[end])
+    return fx.GraphModule(net, graph)
 
 
-def _replayable_part(
-    net: fx.GraphModule,
-) -> tuple[fx.GraphModule | None, fx.GraphModule] | None:
-    """``(prefix, rest)``: ``rest`` the part of the graph after its last op that is not native
-    (a layer kept dense, say a first conv), cut where one value passes from ``prefix`` (run
-    layer by layer) to ``rest`` (replayed); ``prefix`` is ``None`` when every op is native,
-    and the result is ``None`` when no native layer follows the last other op."""
+Segment = tuple[fx.GraphModule | None, fx.GraphModule, fx.GraphModule | None]
+
+
+def _replayable_segment(net: fx.GraphModule) -> Segment | None:
+    """``(prefix, middle, suffix)`` with ``net(x) == suffix(middle(prefix(x)))``: ``middle``
+    the longest run of native ops (the most layers) between two points where one value passes
+    on, which a replay can hold; ``prefix`` and ``suffix`` (``None`` where empty) hold the
+    ops around it that are not native (a first conv or a classifier kept dense, a softmax),
+    run layer by layer. ``None`` where no layer runs natively."""
     modules = dict(net.named_modules())
     nodes = list(net.graph.nodes)
-    foreign = [i for i, n in enumerate(nodes) if not _native_node(n, modules)]
-    if not foreign:
-        return None, net
     index = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in nodes}
+    foreign_before = [0]  # foreign_before[i]: non-native nodes among nodes[:i]
+    layers_before = [0]  # the same for layers (call_module)
+    for n in nodes:
+        foreign_before.append(foreign_before[-1] + (not _native_node(n, modules)))
+        layers_before.append(layers_before[-1] + (n.op == "call_module"))
+    cuts = []  # indices after which one value alone passes on
     live: set[fx.Node] = set()
     for i, node in enumerate(nodes):
         live = {n for n in live if last_use[n] > i}
         if last_use[node] > i:
             live.add(node)
-        if i < foreign[-1] or node.op in ("placeholder", "output") or live != {node}:
-            continue
-        rest = nodes[i + 1 :]
-        if not any(n.op == "call_module" for n in rest):
-            return None
-        return _split_at(net, node)
-    return None
+        if node.op != "output" and live == {node}:
+            cuts.append(i)
+    best: tuple[int, int, int, int] | None = None  # (layers, nodes, start, end)
+    for a, s in enumerate(cuts):
+        for e in cuts[a + 1 :]:
+            if foreign_before[e + 1] - foreign_before[s + 1]:
+                break  # a later end only adds the same foreign op
+            score = (layers_before[e + 1] - layers_before[s + 1], e - s, s, e)
+            if score[0] and (best is None or score[:2] > best[:2]):
+                best = score
+    if best is None:
+        return None
+    _, _, s, e = best
+    output = nodes[-1]
+    prefix = None if nodes[s].op == "placeholder" else _subgraph(net, None, nodes[s])
+    middle = net if prefix is None and output.args[0] is nodes[e] else None
+    if middle is None:
+        middle = _subgraph(net, None if prefix is None else nodes[s], nodes[e])
+    suffix = None if output.args[0] is nodes[e] else _subgraph(net, nodes[e], output)
+    return prefix, middle, suffix
 
 
 # A batch runs in slices of about this many input values per slice (one 224x224 image is
@@ -852,12 +869,13 @@ class SparseModel(nn.Module):
 
 def _replayer(net: fx.GraphModule, part: fx.GraphModule) -> Replayer:
     """A replayer of ``part`` (``net`` or its head): of the whole of it where every op is
-    native, else of what follows its last other op, which runs first, layer by layer."""
-    split = _replayable_part(part)
-    if split is None:  # the recording will say why it cannot replay
+    native, else of its longest run of native layers, the ops before and after it running
+    layer by layer."""
+    segment = _replayable_segment(part)
+    if segment is None:  # the recording will say why it cannot replay
         return Replayer(net, part)
-    prefix, rest = split
-    return Replayer(net, rest, prefix=prefix)
+    prefix, middle, suffix = segment
+    return Replayer(net, middle, prefix=prefix, suffix=suffix)
 
 
 @torch.no_grad()

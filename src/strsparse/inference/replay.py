@@ -288,20 +288,23 @@ _MISSING = object()
 
 
 class Replayer:
-    """``fn(prefix(x))``, where ``fn`` (the part of a network that runs only native calls)
-    replays its calls in one call once it has run a shape twice (the first run fills the
-    layers' caches, the second is recorded); ``prefix`` (optional: the ops before, such as a
-    first conv kept dense) runs as it is, and shapes ``fn`` cannot replay keep running ``fn``."""
+    """``suffix(fn(prefix(x)))``, where ``fn`` (a part of a network that runs only native
+    calls) replays its calls in one call once it has run a shape twice (the first run fills
+    the layers' caches, the second is recorded); ``prefix`` and ``suffix`` (optional: the ops
+    around it, such as a first conv or a classifier kept dense) run as they are, and shapes
+    ``fn`` cannot replay keep running ``fn``."""
 
     def __init__(
         self,
         net: nn.Module,
         fn: Callable[[Tensor], Any],
         prefix: Callable[[Tensor], Any] | None = None,
+        suffix: Callable[[Any], Any] | None = None,
     ) -> None:
         self.net = net
         self.fn = fn
         self.prefix = prefix
+        self.suffix = suffix
         self.enabled = True
         self._reset()
 
@@ -320,7 +323,8 @@ class Replayer:
         self._modules = list(fn.modules()) if isinstance(fn, nn.Module) else []
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"net": self.net, "fn": self.fn, "prefix": self.prefix, "enabled": self.enabled}
+        keys = ("net", "fn", "prefix", "suffix", "enabled")
+        return {k: self.__dict__[k] for k in keys}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -334,6 +338,10 @@ class Replayer:
     def __call__(self, x: Tensor) -> Any:
         if self.prefix is not None:
             x = self.prefix(x)
+        out = self._middle(x)
+        return out if self.suffix is None else self.suffix(out)
+
+    def _middle(self, x: Tensor) -> Any:
         if (
             not self.enabled
             or self._hooked()
