@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from strsparse.inference import backend, to_sparse
+from strsparse.inference import backend, replay, to_sparse
 from strsparse.inference.replay import _layout
 from tests.test_inference import _Bottleneck, _prune
 
@@ -322,3 +322,16 @@ def test_a_classifier_kept_dense_runs_after_the_replayed_features() -> None:
     assert len(stem) == 2 and len(fc) == 4
     for out in outs:
         assert torch.equal(out, expected)
+
+
+@needs_native
+def test_a_large_input_runs_layer_by_layer(monkeypatch) -> None:
+    monkeypatch.setattr(replay, "_MAX_VALUES", 3 * 40 * 36)  # one sample, not two
+    sparse = to_sparse(_net(), max_density=1.0)
+    small, large = torch.randn(1, 3, 40, 36), torch.randn(2, 3, 40, 36)
+    with torch.inference_mode():
+        for _ in range(3):
+            assert torch.equal(sparse(large), _eager(sparse, large))
+            sparse(small)
+    assert sparse._replay_net.plan_for(large.shape) is None  # never recorded
+    assert sparse._replay_net.plan_for(small.shape) is True

@@ -61,6 +61,9 @@ _OPS = {
 _LITERAL, _INPUT, _ARENA = 0, 1, 2  # how ss_run_plan reads an argument
 _ALIGN = 64  # bytes; what PyTorch's CPU allocator guarantees, so kernels see the same
 _MAX_PLANS = 8  # input shapes (and thread counts) a replayer keeps plans for
+# inputs larger than this (values) run layer by layer: a recording keeps every activation of
+# the pass alive at once, and a pass this large spends next to nothing in Python anyway
+_MAX_VALUES = 2**23
 _ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
 
 
@@ -346,6 +349,7 @@ class Replayer:
             not self.enabled
             or self._hooked()
             or not isinstance(x, Tensor)
+            or x.numel() > _MAX_VALUES
             or x.dtype != torch.float32
             or x.device.type != "cpu"
             or not x.is_contiguous()
