@@ -84,6 +84,7 @@ class Backend:
             lib.ss_set_thread_limit.argtypes = [_int]
             lib.ss_set_thread_limit.restype = _int
             lib.ss_set_isa.argtypes = [_int]
+            lib.ss_set_isa.restype = _int
             lib.ss_swap01.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _int]
             lib.ss_swap01.restype = None
             lib.ss_record_begin.argtypes = []
@@ -94,7 +95,6 @@ class Backend:
             lib.ss_record_take.restype = None
             lib.ss_run_plan.argtypes = [_ptr, _i64, _ptr, _ptr]
             lib.ss_run_plan.restype = _int
-            lib.ss_set_isa.restype = _int
             isa = os.environ.get("STRSPARSE_ISA")
             if isa:
                 set_isa(isa, lib)

@@ -72,8 +72,8 @@ _ACT_FUNCTIONS = {F.relu: (0.0, math.inf), torch.relu: (0.0, math.inf), F.relu6:
 _ACT_METHODS = {"relu": (0.0, math.inf), "relu_": (0.0, math.inf)}
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
-# ops that act on every element or every (H, W) plane alike: fine on (C, N, H, W) tensors
-_LAYOUT_FREE_MODULES = (
+# ops on each element: what a flat tail (see _split_tail) may hold besides its Linear layers
+_ELEMENTWISE_MODULES = (
     nn.ReLU,
     nn.ReLU6,
     nn.Hardtanh,
@@ -87,6 +87,10 @@ _LAYOUT_FREE_MODULES = (
     nn.Hardsigmoid,
     nn.Identity,
     nn.Dropout,
+)
+# ops that act on every element or every (H, W) plane alike: fine on (C, N, H, W) tensors
+_LAYOUT_FREE_MODULES = (
+    *_ELEMENTWISE_MODULES,
     nn.Dropout2d,
     nn.MaxPool2d,
     nn.AvgPool2d,
@@ -652,22 +656,6 @@ def _per_sample(net: fx.GraphModule) -> bool:
     return placeholders == 1
 
 
-# what a flat tail (see _split_tail) may hold besides its Linear layers: ops on each element
-_ELEMENTWISE_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.SiLU,
-    nn.GELU,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Identity,
-    nn.Dropout,
-)
 _ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, F.dropout}
 
 
@@ -793,11 +781,10 @@ def _replayable_segment(net: fx.GraphModule) -> Segment | None:
     _, _, s, e = best
     output = nodes[-1]
     prefix = None if nodes[s].op == "placeholder" else _subgraph(net, None, nodes[s])
-    middle = net if prefix is None and output.args[0] is nodes[e] else None
-    if middle is None:
-        middle = _subgraph(net, None if prefix is None else nodes[s], nodes[e])
     suffix = None if output.args[0] is nodes[e] else _subgraph(net, nodes[e], output)
-    return prefix, middle, suffix
+    if prefix is None and suffix is None:
+        return None, net, None
+    return prefix, _subgraph(net, None if prefix is None else nodes[s], nodes[e]), suffix
 
 
 # A batch runs in slices of about this many input values per slice (one 224x224 image is
@@ -821,8 +808,8 @@ class SparseModel(nn.Module):
         # net's layers, and are kept out of the module tree so that no state is stored twice.
         split = _split_tail(net) if per_sample and isinstance(net, fx.GraphModule) else None
         self._split: tuple[fx.GraphModule, fx.GraphModule] | None = split
-        # the forward pass of net (and of the head of a sliced batch), replayed in one native
-        # call from its last op that is not native on (see replay.py)
+        # the forward pass of net (and of the head of a sliced batch), its longest run of
+        # native layers replayed in one native call (see replay.py)
         graph = net if isinstance(net, fx.GraphModule) else None
         self._replay_net = _replayer(graph, graph) if graph is not None else None
         self._replay_head = _replayer(graph, split[0]) if graph and split else None

@@ -76,8 +76,8 @@ def _windows(offsets: Tensor) -> tuple[Tensor, Tensor] | None:
 _STATE_TENSORS = frozenset({"values", "indices", "row_ptr", "weight", "bias"})
 
 # bumped whenever a sparse layer's tensors may have changed (a state loaded, a tensor
-# replaced, a move or cast):
-# what a recorded forward pass (see replay.py) checks before it replays
+# replaced, a move or cast): what a recorded forward pass (see replay.py) checks before it
+# replays
 _state_generation = 0
 
 
