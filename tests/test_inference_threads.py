@@ -285,3 +285,17 @@ def test_an_error_after_an_early_return_leaves_the_kernels_usable() -> None:
     other.join(timeout=120)
     assert not other.is_alive(), "another thread's call waited forever"
     assert torch.equal(results[0], expected) and torch.equal(_on_threads(sparse, x, 2), expected)
+
+
+@needs_native
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_the_pool_threads_carry_the_library_name() -> None:
+    """The kernels' worker threads are named, so that ``top -H`` or a debugger tells them from
+    PyTorch's and onnxruntime's."""
+    x = torch.randn(1, 3, 32, 32)  # at batch 1, a layer is split over the threads
+    _on_threads(to_sparse(_model()), x, 2)
+    names = set()
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names.add(f.read().strip())
+    assert "strsparse" in names

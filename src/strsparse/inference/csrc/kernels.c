@@ -17,6 +17,9 @@
  * Depthwise convs have a kernel of their own (ss_depthwise), one (channel, image) plane at a
  * time.
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1 /* pthread_setname_np */
+#endif
 #ifndef SS_NO_PYTHON
 #include <Python.h>
 #endif
@@ -119,6 +122,9 @@ static void take_chunks(void) {
 
 static void *worker_main(void *arg) {
     const int id = (int)(intptr_t)arg;
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), "strsparse"); /* what top -H and debuggers show */
+#endif
     long seen = atomic_load(&job_gen);
     for (;;) {
         int spins = 0;
