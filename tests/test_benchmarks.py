@@ -1,19 +1,24 @@
-"""The Fashion-MNIST comparison runs end to end in its tiny configuration."""
+"""The benchmark scripts run: the Fashion-MNIST comparison end to end in its tiny
+configuration, the thread-distance probe's round trip."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "fashion_mnist_comparison.py"
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+SCRIPT = BENCHMARKS / "fashion_mnist_comparison.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("fashion_mnist_comparison", SCRIPT)
+def _load(script: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(script.stem, script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while being built
     spec.loader.exec_module(module)
@@ -45,3 +50,17 @@ def test_the_comparison_runs_end_to_end_in_its_tiny_configuration(tmp_path: Path
         assert (tmp_path / png).stat().st_size > 1000
     # a second call finds the finished runs and trains nothing again
     assert bench.main([*argv, "--jobs", "1", "--out", str(tmp_path)]) == 0
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler"
+)
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux and two CPUs",
+)
+def test_the_thread_distance_probe_measures_a_round_trip(tmp_path: Path) -> None:
+    bench = _load(BENCHMARKS / "thread_distance.py")
+    binary = bench.build_ping_pong(tmp_path)
+    out = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout
+    assert 1.0 < float(out) < 1e6  # nanoseconds
