@@ -299,3 +299,44 @@ def test_the_pool_threads_carry_the_library_name() -> None:
         with open(f"/proc/self/task/{tid}/comm") as f:
             names.add(f.read().strip())
     assert "strsparse" in names
+
+
+def _far_mode(setting: int) -> int:
+    return int(backend()._lib.ss_far_mode(setting))
+
+
+@needs_native
+def test_far_threads_run_small_jobs_alone_and_give_the_same_outputs() -> None:
+    """Where the two threads run far apart (forced here), two-thread jobs run on the caller
+    alone, two in sixteen still going out to measure; the outputs do not change."""
+    sparse = to_sparse(_model())
+    x = torch.randn(1, 3, 32, 32)
+    one = _on_threads(sparse, x, 1)
+    lib = backend()._lib
+    try:
+        _far_mode(0)
+        before = lib.ss_far_jobs()
+        _on_threads(sparse, x, 2)
+        assert lib.ss_far_jobs() == before  # near: nothing runs alone
+        _far_mode(1)
+        far = [_on_threads(sparse, x, 2) for _ in range(20)]
+        assert lib.ss_far_jobs() >= before + 20  # far: the jobs were taken as such
+    finally:
+        _far_mode(-1)
+    for out in far:
+        torch.testing.assert_close(out, one, rtol=0, atol=1e-5)
+
+
+@needs_native
+def test_the_worker_measures_how_far_it_runs_from_the_caller() -> None:
+    """Jobs that reach a spinning worker give the hand-off measure the pool goes by."""
+    sparse = to_sparse(_model())
+    x = torch.randn(1, 3, 32, 32)  # at batch 1 the layers are split over the threads
+    _far_mode(0)  # every job goes out, so that every one can be measured
+    try:
+        for _ in range(30):
+            _on_threads(sparse, x, 2)
+        measure = _far_mode(-1)
+    finally:
+        _far_mode(-1)
+    assert 0 < measure < 10_000_000  # nanoseconds

@@ -64,6 +64,9 @@ class Backend:
             lib.ss_spmm_windows.restype = _int
             lib.ss_set_window_copy.argtypes = [_int]
             lib.ss_set_window_copy.restype = _int
+            lib.ss_far_mode.argtypes = [_int]
+            lib.ss_far_mode.restype = _i64
+            lib.ss_far_jobs.restype = _i64
             lib.ss_pad_planes.argtypes = [_ptr, _ptr] + [_i64] * 10 + [_int]
             lib.ss_pad_planes.restype = None
             lib.ss_compact.argtypes = [_ptr] * 3 + [_i64] * 7 + [_f32, _f32, _int]
