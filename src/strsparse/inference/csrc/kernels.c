@@ -126,6 +126,7 @@ static inline void cpu_relax(void) {
 #define SS_FAR_WINDOW 16
 #define SS_FAR_PROBE 16
 #define SS_FAR_MACS (1LL << 26)
+#define SS_FAR_CLOCK_NS 100 /* the most a clock reading may cost for the measure */
 static atomic_llong job_published_ns; /* when the open job was published */
 static atomic_llong handoff_ns;       /* the least hand-off of the last window, 0 before one */
 static atomic_int far_jobs;           /* two-thread jobs seen while far */
@@ -171,6 +172,14 @@ static void *worker_main(void *arg) {
 #endif
     long seen = atomic_load(&job_gen);
     int64_t least = INT64_MAX, measured = 0;
+    /* a clock that costs more than a cache line's trip (a system call where the virtual
+     * machine offers no fast clock) cannot tell near from far: then nothing is measured */
+    int64_t clock_cost = INT64_MAX;
+    for (int k = 0; k < 8; k++) {
+        const int64_t t = now_ns(), d = now_ns() - t;
+        if (d < clock_cost) clock_cost = d;
+    }
+    const int measure = id == 1 && clock_cost < SS_FAR_CLOCK_NS;
     for (;;) {
         int spins = 0;
         while (atomic_load(&job_gen) == seen) {
@@ -183,7 +192,7 @@ static void *worker_main(void *arg) {
             pthread_mutex_unlock(&wait_mu);
         }
         seen = atomic_load(&job_gen);
-        if (id == 1 && spins < SS_SPIN) { /* it came while this worker spun: a hand-off */
+        if (measure && spins < SS_SPIN) { /* it came while this worker spun: a hand-off */
             const int64_t d = now_ns() - atomic_load(&job_published_ns);
             if (d < least) least = d;
             if (++measured % SS_FAR_WINDOW == 0) {
