@@ -308,7 +308,7 @@ def _far_mode(setting: int) -> int:
 @needs_native
 def test_far_threads_run_small_jobs_alone_and_give_the_same_outputs() -> None:
     """Where the two threads run far apart (forced here), two-thread jobs run on the caller
-    alone, two in sixteen still going out to measure; the outputs do not change."""
+    alone, two in 64 still going out to measure; the outputs do not change."""
     sparse = to_sparse(_model())
     x = torch.randn(1, 3, 32, 32)
     one = _on_threads(sparse, x, 1)

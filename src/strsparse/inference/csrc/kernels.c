@@ -140,6 +140,17 @@ static inline int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
+/* Whether reading the clock costs less than a cache line's trip: a clock that is a system
+ * call (where the virtual machine offers no fast one) cannot tell near from far. */
+static int clock_is_cheap(void) {
+    int64_t cost = INT64_MAX;
+    for (int k = 0; k < 8; k++) {
+        const int64_t t = now_ns(), d = now_ns() - t;
+        if (d < cost) cost = d;
+    }
+    return cost < SS_FAR_CLOCK_NS;
+}
+
 /* Whether a job that may run alone should, now. */
 static int run_alone(void) {
     if (far_mode_setting == 0) return 0;
@@ -174,14 +185,7 @@ static void *worker_main(void *arg) {
 #endif
     long seen = atomic_load(&job_gen);
     int64_t least = INT64_MAX, measured = 0;
-    /* a clock that costs more than a cache line's trip (a system call where the virtual
-     * machine offers no fast clock) cannot tell near from far: then nothing is measured */
-    int64_t clock_cost = INT64_MAX;
-    for (int k = 0; k < 8; k++) {
-        const int64_t t = now_ns(), d = now_ns() - t;
-        if (d < clock_cost) clock_cost = d;
-    }
-    const int measure = id == 1 && clock_cost < SS_FAR_CLOCK_NS;
+    const int measure = id == 1 && clock_is_cheap();
     for (;;) {
         int spins = 0;
         while (atomic_load(&job_gen) == seen) {
@@ -1100,14 +1104,15 @@ static void spmm_run(const float *in, float *out, const float *values, const int
     a.n_blocks = blocks;
     a.block_start = block_start;
     const task_fn task = map ? spmm_mapped_task() : spmm_task;
+    const int small = nnz * n_pix < SS_FAR_MACS; /* may run alone while the threads are far */
     if (early && !window_offsets) {
         spmm_early job = {a, {0}};
         memcpy(job.block_start, block_start, sizeof(int64_t) * (size_t)(blocks + 1));
         parallel_run(threads, a.n_tiles * blocks, task, &job, sizeof job, spmm_early_fixup,
-                     nnz * n_pix < SS_FAR_MACS);
+                     small);
         return;
     }
-    parallel_run(threads, a.n_tiles * blocks, task, &a, 0, NULL, nnz * n_pix < SS_FAR_MACS);
+    parallel_run(threads, a.n_tiles * blocks, task, &a, 0, NULL, small);
     free(window_offsets);
     free(shared);
 }
