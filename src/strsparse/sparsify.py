@@ -318,7 +318,12 @@ def sparsify(
     if structure != "weight":
         attach_structured(model, layers, parsed)
         logger.info("sparsified %d layers with %r, structure=%r", len(layers), method, structure)
-        return SparsityHandle(method=method, options=dict(options), layers=layers)
+        return SparsityHandle(
+            method=method,
+            options=dict(options),
+            layers=layers,
+            controller=TargetController.build(model, layers, parsed),
+        )
     parametrizations = method_cls.create(layers, parsed)
     for name, layer in layers.items():
         device = layer.raw.device

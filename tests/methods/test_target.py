@@ -134,11 +134,14 @@ def test_the_drift_does_not_push_a_threshold_onto_the_flat_of_the_sigmoid(seed: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sparsity", "flops"])
+@pytest.mark.parametrize("kind", ["sparsity", "flops", "filters"])
 def test_a_resumed_run_with_a_target_equals_the_uninterrupted_one(kind: str) -> None:
     steps, cut = 200, 90
-    build, train = (_mlp, _train) if kind == "sparsity" else (_cnn, _train_cnn)
-    target = {"sparsity": 0.9} if kind == "sparsity" else {"flops": 0.1, "input_shape": (1, 8, 8)}
+    build, train, target = {
+        "sparsity": (_mlp, _train, {"sparsity": 0.9}),
+        "flops": (_cnn, _train_cnn, {"flops": 0.1, "input_shape": (1, 8, 8)}),
+        "filters": (_bn_cnn, _train_pooled, {"sparsity": 0.5, "structure": "filter"}),
+    }[kind]
 
     def opt_for(model: nn.Module) -> torch.optim.Optimizer:
         lr = 0.1 if kind == "sparsity" else 0.05
@@ -361,3 +364,145 @@ def test_layer_floor() -> None:
 def test_a_flops_target_needs_an_input_shape() -> None:
     with pytest.raises(ValueError, match="input_shape"):
         strsparse.sparsify(_mlp(), "str", flops=0.1)
+
+
+# -- structured STR: a target as the fraction of filters or rank-one components removed ---
+
+
+def _bn_cnn() -> nn.Module:
+    """Convs followed by BatchNorm (the gate sits after it) and a Linear without (the gate
+    scales the layer itself): 16 + 32 + 32 filters under the target, the classifier aside."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+
+
+def _train_pooled(
+    model: nn.Module,
+    handle: strsparse.SparsityHandle,
+    steps: int,
+    *,
+    first: int = 0,
+    opt: torch.optim.Optimizer | None = None,
+    last: int | None = None,
+) -> torch.optim.Optimizer:
+    """A user's loop on 8x8 images labelled by a fixed linear teacher of their four 4x4
+    quarters' means: a task ``_bn_cnn`` learns, so its filters come to matter unequally."""
+    teacher = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 10, generator=teacher)
+    data = torch.Generator().manual_seed(0)
+    return _loop(
+        model,
+        handle,
+        steps,
+        lambda: torch.randn(32, 1, 8, 8, generator=data),
+        lambda x: (nn.functional.avg_pool2d(x, 4).flatten(1) @ w).argmax(1),
+        lr=0.1,
+        first=first,
+        last=last,
+        opt=opt,
+    )
+
+
+def _removed(model: nn.Module) -> tuple[float, int]:
+    """(fraction of the structured layers' filters / components at zero, their number)."""
+    report = strsparse.structure_report(model)
+    total = sum(n for _, n in report.values())
+    return 1.0 - sum(alive for alive, _ in report.values()) / total, total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("target", "granularity"), [(0.5, "layer"), (0.7, "channel"), (0.4, "global")]
+)
+def test_a_filter_target_is_reached_and_slim_keeps_the_outputs(
+    target: float, granularity: str
+) -> None:
+    torch.manual_seed(0)
+    model = _bn_cnn()
+    handle = strsparse.sparsify(
+        model, "str", structure="filter", sparsity=target, granularity=granularity
+    )
+    _train_pooled(model, handle, 400)
+    removed, total = _removed(model)
+    assert total == 80
+    assert abs(removed - target) <= 1 / total + 1e-9  # within one filter
+    status = handle.target_status()
+    assert status["kind"] == "filters" and status["target"] == target
+    assert status["achieved"] == pytest.approx(removed, abs=1 / total + 1e-9)
+    # the budget is learned: the layers keep different shares of their filters
+    shares = [alive / n for alive, n in strsparse.structure_report(model).values()]
+    assert max(shares) - min(shares) > 0.1
+    assert min(shares) > 0  # no layer emptied: that would cut the network
+    model.eval()
+    x = torch.randn(4, 1, 8, 8)
+    slim = strsparse.slim(model, x[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), model(x), atol=1e-5, rtol=1e-5)
+    kept = slim[0].out_channels + slim[3].out_channels + slim[8].out_features
+    assert kept == round((1 - removed) * total)
+
+
+@pytest.mark.slow
+def test_a_rank_target_is_reached_on_fastgrnn() -> None:
+    torch.manual_seed(0)
+    model = strsparse.create_model(
+        "fastgrnn", num_classes=3, input_size=5, hidden_size=16, rank_w=5, rank_u=16
+    )
+    handle = strsparse.sparsify(model, "str", structure="rank", sparsity=0.5)
+    teacher = torch.randn(5, 3, generator=torch.Generator().manual_seed(5))
+    data = torch.Generator().manual_seed(0)
+    _loop(
+        model,
+        handle,
+        400,
+        lambda: torch.randn(32, 6, 5, generator=data),
+        lambda x: (x.mean(1) @ teacher).argmax(1),
+        lr=0.05,
+        first=0,
+        last=None,
+        opt=None,
+    )
+    removed, total = _removed(model)
+    assert total == 21
+    assert abs(removed - 0.5) <= 1 / total + 1e-9
+    assert handle.target_status()["kind"] == "ranks"
+    ranks = strsparse.structure_report(model)
+    model.eval()
+    assert strsparse.slim(model).ranks() == (ranks["w"][0], ranks["u"][0])
+
+
+def test_a_structured_target_starts_below_the_importance_values() -> None:
+    model = _bn_cnn()
+    handle = strsparse.sparsify(model, "str", structure="filter", sparsity=0.5)
+    assert set(handle.layers) == {"0", "3", "8"}  # the classifier keeps its classes
+    for gate in handle.parametrizations.values():
+        # exp: a threshold that can pass the importance values' start (a sigmoid's stops
+        # at k = 1); 1% of that start, so every filter begins alive
+        assert gate.g_name == "exp"
+        assert float(gate.threshold_tensor().detach()) == pytest.approx(0.01)
+        assert gate.alive() == gate.m.numel()
+    assert handle.controller is not None and handle.controller.kind == "filters"
+    handle.step(0, 100)  # a first step moves the thresholds and prunes nothing yet
+    assert _removed(model)[0] == 0.0
+    # an explicit init_threshold wins; without a target the decay steers, as before
+    handle = strsparse.sparsify(
+        _bn_cnn(), "str", structure="filter", sparsity=0.5, g="sigmoid", init_threshold=-3.0
+    )
+    assert all(float(p.s.detach()) == -3.0 for p in handle.parametrizations.values())
+    assert strsparse.sparsify(_bn_cnn(), "str", structure="filter").controller is None
+
+
+def test_a_flops_target_with_structure_names_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"structure='filter' give sparsity= \(the fraction"):
+        strsparse.sparsify(_bn_cnn(), "str", structure="filter", flops=0.5, input_shape=(1, 8, 8))

@@ -266,6 +266,23 @@ def test_a_target_reaches_the_run_files(tmp_path: Path) -> None:
     assert plain[0]["target"] == "" and plain[0]["scheduled"] == ""
 
 
+def test_a_filter_target_reaches_the_run_files(tmp_path: Path) -> None:
+    # 3 epochs of 32 steps, the threshold started at e^-1 of the importance values' start
+    options = {"sparsity": 0.5, "structure": "filter", "init_threshold": -1.0}
+    data = {"num_train": 1024, "num_val": 128, "num_classes": 10}
+    changes = {"sparsity.options": options, "data.synthetic": data, "train.epochs": 3}
+    train(synthetic_config(tmp_path, **changes))
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["target"]["kind"] == "filters" and summary["target"]["target"] == 0.5
+    # achieved: the fraction of the gated filters at zero, as the structure column shows
+    counts = [field.split("=")[1].split("/") for field in rows[-1]["structure"].split()]
+    alive, total = (sum(int(c[i]) for c in counts) for i in (0, 1))
+    assert 0 < alive < total
+    assert summary["target"]["achieved"] == pytest.approx(1 - alive / total)
+    assert summary["target"]["achieved"] == pytest.approx(0.5, abs=0.01)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -71,6 +71,11 @@ class SparsityMethod(nn.Module):
         schedule."""
         return []
 
+    def thresholded(self, weight: Tensor) -> Tensor:
+        """The tensor whose entries this layer's thresholds compare against, given its stored
+        ``weight``: the weight itself, or a structured method's importance vector."""
+        return weight
+
     def release(self) -> None:
         """Called by ``finalize`` before this parametrization leaves its module: drop
         model-wide state that refers to it."""

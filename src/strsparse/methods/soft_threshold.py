@@ -69,18 +69,22 @@ class SoftThresholdOptions:
     init_threshold: the paper's s_init (-3200 for ResNet-50, -12800 for MobileNetV1): very
         negative values keep every weight dense until weight decay has moved ``s``. None:
         -3200 without a target; with a target, each layer's s starts where k * g(s) is its
-        1% magnitude quantile (the smallest over layers for a global ``s``). 'auto' does the
-        same without a target: the start for fine-tuning a pretrained model, whose weights'
-        scale a fixed s_init cannot know (-3200 stays dense in any short run; -4 already
-        zeroes most of some pretrained layers).
+        1% magnitude quantile (the smallest over layers for a global ``s``), or with
+        structure='filter' or 'rank' where it is 1% of the importance values' start (1).
+        'auto' does the same (unstructured) without a target: the start for fine-tuning a
+        pretrained model, whose weights' scale a fixed s_init cannot know (-3200 stays dense
+        in any short run; -4 already zeroes most of some pretrained layers).
     structure: 'weight' (unstructured, the default), 'filter' (one importance value per
         output filter of every conv and Linear) or 'rank' (one per rank-one component of every
         ``LowRankLinear``); see ``strsparse.methods.structured``. ``g`` defaults to 'exp' for
         'rank' (the paper's choice for low-rank RNNs) and for a ``flops`` target (a sigmoid
         threshold never exceeds k, and the weights of a convolution followed by BatchNorm grow
-        past it), and to 'sigmoid' otherwise.
+        past it) or a target with structure='filter' (the importance values of the filters
+        that matter grow past k = 1), and to 'sigmoid' otherwise.
     sparsity: a target: training ends at this fraction of zeros over the sparsified weights,
-        each layer still learning its own threshold (``strsparse.methods.target``).
+        each layer still learning its own threshold (``strsparse.methods.target``); with
+        structure='filter' or 'rank', the fraction of their filters or rank-one components
+        removed.
     flops: a target as a fraction of the dense forward FLOPs (``strsparse.flops``) instead;
         needs ``input_shape`` (one sample's, e.g. (3, 32, 32)) unless the model carries an
         ``input_shape`` attribute (the zoo's models do).
@@ -104,7 +108,8 @@ class SoftThresholdOptions:
         """``g`` once resolved (the default follows ``structure``)."""
         if self.g is not None:
             return self.g
-        return "exp" if self.structure == "rank" or self.flops is not None else "sigmoid"
+        exp = self.structure == "rank" or self.flops is not None
+        return "exp" if exp or (self.structure == "filter" and self.has_target) else "sigmoid"
 
     def __post_init__(self) -> None:
         if self.structure not in STRUCTURES:
@@ -145,10 +150,12 @@ class SoftThresholdOptions:
                 f"init_threshold='auto' works with structure='weight'; give structure="
                 f"{self.structure!r} a number, e.g. init_threshold=-3200"
             )
-        if self.has_target and self.structure != "weight":
+        if self.flops is not None and self.structure != "weight":
             raise OptionError(
-                f"a sparsity or FLOPs target works with structure='weight'; structure="
-                f"{self.structure!r} is steered by the decay on s (drop sparsity/flops)"
+                f"a FLOPs target works with structure='weight'; with structure="
+                f"{self.structure!r} give sparsity= (the fraction of "
+                f"{'filters' if self.structure == 'filter' else 'rank-one components'} to "
+                "remove) instead of flops="
             )
 
     @property

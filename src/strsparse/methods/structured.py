@@ -39,7 +39,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import parametrize
 
 from strsparse.errors import OptionError
-from strsparse.functional import THRESHOLD_FUNCTIONS, soft_threshold
+from strsparse.functional import THRESHOLD_FUNCTIONS, soft_threshold, threshold_to_s
 from strsparse.layers import LowRankLinear
 from strsparse.methods.base import LayerWeight, SparsityMethod, threshold_parameter
 
@@ -117,6 +117,10 @@ class StructuredSoftThreshold(SparsityMethod):
         """What the threshold weight decay acts on: the importance vector m and s (the
         paper applies the same lambda to both, Appendix A.5.2 and A.6)."""
         return [self.m, self.s]
+
+    def thresholded(self, weight: Tensor) -> Tensor:
+        """The importance vector m: a target counts its entries above the threshold."""
+        return self.m
 
     @torch.no_grad()
     def alive(self) -> int:
@@ -293,6 +297,18 @@ def _batchnorm_after(model: nn.Module, graph: fx.Graph) -> dict[str, str]:
     return pairs
 
 
+# With a target and no init_threshold, every gate's threshold starts at this fraction of the
+# importance values' start (1): all filters alive, and the threshold close enough that the
+# target's drift (at most half a unit of log t a step) reaches them in a few steps.
+TARGET_START = 0.01
+
+
+def _initial_s(options: Any) -> float:
+    if options.init_threshold is None:  # a target (STR's options set -3200 otherwise)
+        return threshold_to_s(TARGET_START / options.k, options.g)
+    return float(options.init_threshold)
+
+
 def _make_gate(
     size: int, options: Any, mode: str, shared: nn.Parameter | None, like: Tensor
 ) -> StructuredSoftThreshold:
@@ -300,7 +316,7 @@ def _make_gate(
         size,
         g=options.g,
         k=options.k,
-        init_threshold=options.init_threshold,
+        init_threshold=_initial_s(options),
         granularity=options.granularity,
         mode=mode,
         shared_s=shared,
@@ -317,7 +333,7 @@ def attach_structured(
     shared = None
     if options.granularity == "global" and layers:
         like = next(iter(layers.values())).weight
-        shared = threshold_parameter((), options.init_threshold, like)
+        shared = threshold_parameter((), _initial_s(options), like)
     gates: dict[str, StructuredSoftThreshold] = {}
     if options.structure == "rank":
         for name, layer in layers.items():

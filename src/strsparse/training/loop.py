@@ -611,24 +611,41 @@ def _target_record(handle: SparsityHandle | None) -> dict[str, float]:
     return {"target": status["target"], "scheduled": status["scheduled"]}
 
 
+# progress-bar name of each kind of target (structured STR: the fraction of filters or
+# rank-one components removed)
+_TARGET_FIELDS = {
+    "sparsity": "sparsity",
+    "flops": "flops",
+    "filters": "filters pruned",
+    "ranks": "ranks pruned",
+}
+
+
 def _target_postfix(handle: SparsityHandle | None) -> dict[str, str]:
     """Progress-bar fields of a target: what was reached and what the schedule asks now."""
     status = handle.target_status() if handle is not None else None
     if status is None:
         return {}
-    name = "sparsity" if status["kind"] == "sparsity" else "flops"
+    name = _TARGET_FIELDS[status["kind"]]
     return {name: f"{100 * status['achieved']:.2f}%", "target": f"{100 * status['scheduled']:.2f}%"}
 
 
 def _target_summary(
-    handle: SparsityHandle | None, final: Mapping[str, float]
+    handle: SparsityHandle | None,
+    final: Mapping[str, float],
+    structure: Mapping[str, tuple[int, int]],
 ) -> dict[str, Any] | None:
-    """summary.json's ``target``: kind, target and what the final model reached."""
+    """summary.json's ``target``: kind, target and what the final model reached
+    (``structure``: ``structure_report`` of the final model)."""
     status = handle.target_status() if handle is not None else None
     if status is None:
         return None
     if status["kind"] == "sparsity":
         achieved = final.get("sparsity", math.nan)
+    elif status["kind"] in ("filters", "ranks"):
+        total = sum(n for _, n in structure.values())
+        alive = sum(a for a, _ in structure.values())
+        achieved = 1.0 - alive / total if total else math.nan
     else:
         achieved = final.get("sparse_flops", math.nan) / final.get("flops", math.nan)
     return {"kind": status["kind"], "target": status["target"], "achieved": achieved}
@@ -822,7 +839,7 @@ def _finish(
         layers,
         epochs=progress.epoch,
         steps=progress.step,
-        target=_target_summary(run.handle, final),
+        target=_target_summary(run.handle, final, structure_report(run.model)),
     )
     logger.info(
         "done: top1 %.2f%% (best %.2f%%), sparsity %.2f%%; results in %s",
