@@ -343,6 +343,8 @@ def test_fashion_mnist_sparse_configs_target_ninety_percent() -> None:
         assert cfg.sparsity.method == method and cfg.sparsity.options["sparsity"] == 0.9
         assert cfg.data.name == "fashion_mnist" and cfg.model.name == "lenet5"
     assert load_config("fashion_mnist_dense").sparsity.method == "dense"
+    filters = load_config("fashion_mnist_str_filters").sparsity.options
+    assert filters["structure"] == "filter" and filters["sparsity"] == 0.5
 
 
 # Appendix Tables 10 (ResNet-50) and 11 (MobileNetV1): target -> (weight decay λ, s_init)
