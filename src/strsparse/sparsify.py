@@ -99,7 +99,9 @@ class SparsityHandle:
     def target_status(self) -> dict[str, Any] | None:
         """The target and where training stands: ``target`` (the final value), ``scheduled``
         (the schedule at the last step) and ``achieved`` (measured at the last step), as a
-        sparsity or a fraction of dense FLOPs (``kind``); None without a target."""
+        sparsity, a fraction of dense FLOPs, or a fraction of filters or rank-one components
+        removed (``kind``: ``sparsity``, ``flops``, ``filters``, ``ranks``); None without a
+        target."""
         c = self.controller
         if c is None:
             return None

@@ -45,7 +45,8 @@ CSV_COLUMNS = (
     "time",
     "structure",
     # STR with a target: the final target and the schedule's value at the epoch's end (a
-    # sparsity, or a fraction of dense FLOPs for a FLOPs target); empty otherwise
+    # sparsity, a fraction of dense FLOPs for a FLOPs target, the fraction of filters or rank-one
+    # components removed for structured STR); empty otherwise
     "target",
     "scheduled",
 )
