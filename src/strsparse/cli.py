@@ -166,6 +166,14 @@ def _print_train_summary(result: TrainResult) -> None:
         f"FLOPs dense {_count(flops)} ({human(flops)}), sparse {_count(sparse)} ({human(sparse)})"
     )
     run_dir = Path(result.run_dir)
+    if final.get("slim_params") is not None:  # structured STR
+        slim_flops = final.get("slim_flops")
+        share = f", {_percent(slim_flops / flops)} of dense" if slim_flops and flops else ""
+        print(
+            f"slim model: {_count(final['slim_params'])} parameters, FLOPs {_count(slim_flops)} "
+            f"({human(slim_flops)}{share}); write it with: strsparse convert {run_dir} -o OUT "
+            "--slim"
+        )
     print(f"run directory: {run_dir}")
     plots = run_dir / "plots"
     if plots.is_dir():

@@ -20,6 +20,7 @@ from strsparse.training import (
     evaluate,
     learning_rate,
     load_checkpoint,
+    restore_model,
     save_checkpoint,
     train,
 )
@@ -258,6 +259,7 @@ def test_a_target_reaches_the_run_files(tmp_path: Path) -> None:
     assert float(rows[0]["scheduled"]) < float(rows[-1]["scheduled"]) == pytest.approx(0.8)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["target"]["kind"] == "sparsity" and summary["target"]["target"] == 0.8
+    assert summary["slim"] is None  # unstructured: nothing for slim to remove
     assert summary["target"]["achieved"] == pytest.approx(result.final["sparsity"])
     assert result.final["sparsity"] == pytest.approx(0.8, abs=0.05)  # 24 steps only
     # without a target the columns are empty
@@ -281,6 +283,13 @@ def test_a_filter_target_reaches_the_run_files(tmp_path: Path) -> None:
     assert 0 < alive < total
     assert summary["target"]["achieved"] == pytest.approx(1 - alive / total)
     assert summary["target"]["achieved"] == pytest.approx(0.5, abs=0.01)
+    # the slim model's size, as strsparse convert --slim writes it: smaller than the
+    # zeros alone say, since a removed filter takes the next layer's inputs with it
+    model, _, _ = restore_model(tmp_path / "run")
+    small = strsparse.slim(model)
+    assert summary["slim"]["params"] == sum(p.numel() for p in small.parameters())
+    slim_flops = strsparse.flops.profile(small, (1, 28, 28)).overall.flops
+    assert summary["slim"]["flops"] == slim_flops < summary["flops"]["sparse"]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(

@@ -44,6 +44,7 @@ from strsparse.flops import FlopsProfile
 from strsparse.flops import profile as profile_flops
 from strsparse.methods.structured import structure_report
 from strsparse.report import SparsityReport, sparsity_report
+from strsparse.slimming import SlimError, slim
 from strsparse.sparsify import SparsityHandle
 from strsparse.training.build import build_model, check_config
 from strsparse.training.checkpoint import (
@@ -558,6 +559,26 @@ def _flops(model: nn.Module, input_shape: tuple[int, ...]) -> FlopsProfile | Non
         return None
 
 
+def _slim_totals(run: _Run) -> dict[str, float]:
+    """For structured STR, the parameters and FLOPs of the slim model (``strsparse.slim``,
+    what ``strsparse convert RUN --slim`` writes): zeroed filters take the next layer's
+    inputs with them, which the zeros in the weights do not show. Empty for other runs, and
+    where slim cannot follow the model (a warning says why)."""
+    if not structure_report(run.model):
+        return {}
+    device = next(run.model.parameters()).device
+    try:
+        small = slim(run.model, torch.zeros(1, *run.input_shape, device=device))
+    except SlimError as exc:
+        logger.warning("the slim model's size is left out: %s", exc)
+        return {}
+    totals = {"slim_params": float(sum(p.numel() for p in small.parameters()))}
+    profile = _flops(small, run.input_shape)
+    if profile is not None:
+        totals["slim_flops"] = float(profile.overall.flops)
+    return totals
+
+
 def _measure_layers(run: _Run) -> SparsityReport:
     """The per-layer record: sparsity and threshold of every sparsified layer, joined with
     FLOPs (profiled on rank 0 only: nothing else reads them)."""
@@ -834,6 +855,7 @@ def _finish(
         final = {**_evaluate(run), "sparsity": layers.sparsity}
     if run.env.is_main:
         final.update(layers.model_totals())
+        final.update(_slim_totals(run))
     summary_path = recorder.finish(
         final,
         layers,

@@ -239,6 +239,12 @@ class Recorder:
             "sparsity": final.get("sparsity"),
             "flops": {"dense": final.get("flops"), "sparse": final.get("sparse_flops")},
             "params": {"dense": final.get("params"), "nonzero": final.get("nonzero_params")},
+            # structured STR: the model ``strsparse convert --slim`` writes
+            "slim": (
+                {"params": final.get("slim_params"), "flops": final.get("slim_flops")}
+                if "slim_params" in final
+                else None
+            ),
             "train_time_s": sum(self.history.get("time", [])),
             "target": dict(target) if target is not None else None,
             "layers": [layer.as_dict() for layer in layers.layers],
