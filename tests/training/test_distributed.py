@@ -4,6 +4,7 @@ interrupted runs that resume exactly (every rank with its own random states)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from strsparse.training import load_checkpoint
 
 WORKER = textwrap.dedent(
     """
+    import json
     import sys
 
     import torch
@@ -37,7 +39,8 @@ WORKER = textwrap.dedent(
     loop._finish = finish_and_dump
     from pathlib import Path
 
-    loop.train(synthetic_config(Path(sys.argv[1]), "ddp"))
+    changes = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    loop.train(synthetic_config(Path(sys.argv[1]), "ddp", **changes))
     """
 )
 
@@ -70,9 +73,17 @@ def _torchrun(tmp_path: Path, worker: str, *args: str) -> None:
     assert done.returncode == 0, done.stderr[-8000:]
 
 
+# a target for structured STR: every rank's controller must prune the same filters
+FILTERS = {
+    "sparsity.options": {"sparsity": 0.5, "structure": "filter", "init_threshold": -1.0},
+    "data.synthetic": {"num_train": 1024, "num_val": 128, "num_classes": 10},
+}
+
+
 @pytest.mark.slow
-def test_two_processes_train_identical_replicas(tmp_path: Path) -> None:
-    _torchrun(tmp_path, WORKER)
+@pytest.mark.parametrize("changes", [{}, FILTERS], ids=["str", "str-filter-target"])
+def test_two_processes_train_identical_replicas(tmp_path: Path, changes: dict) -> None:
+    _torchrun(tmp_path, WORKER, json.dumps(changes))
 
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -84,11 +95,15 @@ def test_two_processes_train_identical_replicas(tmp_path: Path) -> None:
     state = load_checkpoint(run)  # written by rank 0 only
     assert state["epoch"] == 2
     # each rank trains on half the data: half the steps of a single process
-    assert state["step"] == 2 * 4
+    assert state["step"] == 2 * (4 if not changes else 16)
     for key in rank0:
         assert torch.equal(state["model"][key], rank0[key]), key
     assert (run / "summary.json").is_file() and (run / "metrics.csv").is_file()
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    if changes:  # the controllers pruned filters (the same ones: the replicas are equal)
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["target"]["kind"] == "filters"
+        assert 0.2 < summary["target"]["achieved"] <= 0.5
 
 
 # Runs one after another in the same two processes (one process group): each argument is
