@@ -293,6 +293,24 @@ def test_train_prints_the_summary(str_run: tuple[Path, str]) -> None:
     assert f"plots: {run / 'plots'}" in out
 
 
+def test_train_prints_what_a_structured_run_kept(tmp_path: Path) -> None:
+    import strsparse
+    from strsparse.training import restore_model
+
+    # 64 steps, the thresholds started at e^-1 of the importance values' start
+    out = _train(
+        ["--config", "fashion_mnist_str_filters", f"output_dir={tmp_path}", *SYNTHETIC]
+        + ["--quiet", "data.train_limit=2048", "sparsity.options.init_threshold=-1"]
+    )
+    model, _, _ = restore_model(tmp_path / "fashion_mnist_str_filters")
+    report = strsparse.structure_report(model)
+    kept = ", ".join(f"{n} {alive}/{total}" for n, (alive, total) in report.items())
+    assert f"kept (filters or rank-one components): {kept}\n" in out
+    assert sum(alive for alive, _ in report.values()) < 432
+    params = sum(p.numel() for p in strsparse.slim(model).parameters())
+    assert f"slim model: {params:,} parameters" in out
+
+
 def test_eval(str_run: tuple[Path, str], capsys) -> None:
     run, _ = str_run
     assert main(["eval", str(run), "--batch-size", "64"]) == 0

@@ -166,7 +166,10 @@ def _print_train_summary(result: TrainResult) -> None:
         f"FLOPs dense {_count(flops)} ({human(flops)}), sparse {_count(sparse)} ({human(sparse)})"
     )
     run_dir = Path(result.run_dir)
-    if final.get("slim_params") is not None:  # structured STR
+    if result.structure:  # structured STR
+        kept = ", ".join(f"{n} {alive}/{total}" for n, (alive, total) in result.structure.items())
+        print(f"kept (filters or rank-one components): {kept}")
+    if final.get("slim_params") is not None:
         slim_flops = final.get("slim_flops")
         share = f", {_percent(slim_flops / flops)} of dense" if slim_flops and flops else ""
         print(

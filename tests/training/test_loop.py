@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import strsparse
+from strsparse.methods.structured import structure_report
 from strsparse.training import (
     CheckpointError,
     TrainingDiverged,
@@ -259,7 +260,7 @@ def test_a_target_reaches_the_run_files(tmp_path: Path) -> None:
     assert float(rows[0]["scheduled"]) < float(rows[-1]["scheduled"]) == pytest.approx(0.8)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["target"]["kind"] == "sparsity" and summary["target"]["target"] == 0.8
-    assert summary["slim"] is None  # unstructured: nothing for slim to remove
+    assert summary["slim"] is None and summary["structure"] is None  # unstructured
     assert summary["target"]["achieved"] == pytest.approx(result.final["sparsity"])
     assert result.final["sparsity"] == pytest.approx(0.8, abs=0.05)  # 24 steps only
     # without a target the columns are empty
@@ -290,6 +291,7 @@ def test_a_filter_target_reaches_the_run_files(tmp_path: Path) -> None:
     assert summary["slim"]["params"] == sum(p.numel() for p in small.parameters())
     slim_flops = strsparse.flops.profile(small, (1, 28, 28)).overall.flops
     assert summary["slim"]["flops"] == slim_flops < summary["flops"]["sparse"]
+    assert summary["structure"] == {name: list(n) for name, n in structure_report(model).items()}
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(

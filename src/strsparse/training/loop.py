@@ -100,6 +100,8 @@ class TrainResult:
     best: dict[str, float]
     summary_path: Path
     layers: SparsityReport | None = None
+    # structured STR: layer -> (filters or rank-one components alive, total)
+    structure: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -856,12 +858,14 @@ def _finish(
     if run.env.is_main:
         final.update(layers.model_totals())
         final.update(_slim_totals(run))
+    structure = structure_report(run.model)
     summary_path = recorder.finish(
         final,
         layers,
         epochs=progress.epoch,
         steps=progress.step,
-        target=_target_summary(run.handle, final, structure_report(run.model)),
+        target=_target_summary(run.handle, final, structure),
+        structure=structure,
     )
     logger.info(
         "done: top1 %.2f%% (best %.2f%%), sparsity %.2f%%; results in %s",
@@ -876,6 +880,7 @@ def _finish(
         best={k: float(v) for k, v in (recorder.best or final).items()},
         summary_path=summary_path,
         layers=layers,
+        structure=structure,
     )
 
 

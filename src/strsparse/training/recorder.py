@@ -220,9 +220,11 @@ class Recorder:
         epochs: int,
         steps: int,
         target: Mapping[str, Any] | None = None,
+        structure: Mapping[str, tuple[int, int]] | None = None,
     ) -> Path:
         """Write ``summary.json`` and the plots; returns the summary's path. ``target``: a
-        target's kind, value and what the final model reached (STR with a target)."""
+        target's kind, value and what the final model reached (STR with a target);
+        ``structure``: structured STR's (alive, total) filters or components per layer."""
         path = self.run_dir / "summary.json"
         if not self.enabled:
             return path
@@ -247,6 +249,7 @@ class Recorder:
             ),
             "train_time_s": sum(self.history.get("time", [])),
             "target": dict(target) if target is not None else None,
+            "structure": {name: list(counts) for name, counts in (structure or {}).items()} or None,
             "layers": [layer.as_dict() for layer in layers.layers],
         }
         write_atomic(path, json.dumps(_finite_or_none(summary), indent=2) + "\n")
