@@ -9,7 +9,8 @@ forward, median over interleaved rounds, dense and slim alternating in one proce
     python benchmarks/structured.py recurrent-latency  # those ranks, timed side by side
 
 ``filter`` trains each model with ``sparsity.options.structure=filter`` at each threshold
-decay (``optim.threshold_weight_decay``), then reports parameters and FLOPs (the paper's
+decay (``optim.threshold_weight_decay``) and at each target (``--targets``: the fraction of
+filters to remove, ``sparsity.options.sparsity``), then reports parameters and FLOPs (the paper's
 conventions: conv/linear weights, multiply-accumulates) and latency at batch 1 and 32 of
 the trained model and of its slim copy, with the test accuracy of both. ``resnet50`` uses
 random weights: every filter gate keeps its first half of filters, so each residual stream
@@ -87,7 +88,7 @@ def filter_part(args: argparse.Namespace) -> None:
         _row(
             [
                 "model",
-                "threshold decay",
+                "threshold decay or target",
                 "top-1 (trained / slim)",
                 "filters kept",
                 "params",
@@ -99,17 +100,22 @@ def filter_part(args: argparse.Namespace) -> None:
     )
     print(_row(["---"] * 8))
     with tempfile.TemporaryDirectory() as tmp:
+        settings: list[tuple[str, float, dict]] = [
+            (f"{decay}", decay, {"init_threshold": args.init_threshold}) for decay in args.decays
+        ]
+        # a target: the decay left at the default recipe's, which the controller absorbs
+        settings += [(f"target {t:.0%}", 5e-3, {"sparsity": t}) for t in args.targets]
         for name in args.models:
-            for decay in args.decays:
+            for label, decay, options in settings:
                 config = {
-                    "name": f"{name}_filter_{decay}",
+                    "name": f"{name}_filter_{label.replace(' ', '_')}",
                     "output_dir": tmp,
                     "seed": 0,
                     "model": {"name": name},
                     "data": {"name": "fashion_mnist", "batch_size": 128},
                     "sparsity": {
                         "method": "str",
-                        "options": {"structure": "filter", "init_threshold": args.init_threshold},
+                        "options": {"structure": "filter", **options},
                     },
                     "optim": {
                         "name": "sgd",
@@ -144,7 +150,7 @@ def filter_part(args: argparse.Namespace) -> None:
                     _row(
                         [
                             name,
-                            decay,
+                            label,
                             f"{top_dense:.2f}% / {top_slim:.2f}%",
                             f"{alive}/{total}",
                             f"{p_dense.overall.params:,} -> {p_slim.overall.params:,}",
@@ -342,7 +348,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="part", required=True)
     p = sub.add_parser("filter")
     p.add_argument("--models", nargs="+", default=["lenet5", "resnet20"])
-    p.add_argument("--decays", nargs="+", type=float, default=[0.01, 0.02])
+    p.add_argument("--decays", nargs="*", type=float, default=[0.01, 0.02])
+    p.add_argument("--targets", nargs="*", type=float, default=[], help="e.g. 0.5 0.75")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--init-threshold", type=float, default=-3.0)
     p.add_argument("--rounds", type=int, default=20)
