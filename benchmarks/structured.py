@@ -15,7 +15,8 @@ conventions: conv/linear weights, multiply-accumulates) and latency at batch 1 a
 the trained model and of its slim copy, with the test accuracy of both. ``resnet50`` uses
 random weights: every filter gate keeps its first half of filters, so each residual stream
 loses the same half. ``fastgrnn`` trains a low-rank FastGRNN at several lambda and reports
-the ranks reached (r_W, r_U) beside a full-rank FastGRNN and an LSTM of similar size.
+the ranks reached (r_W, r_U) beside a full-rank FastGRNN and an LSTM of similar size; with
+``--targets``, also runs that ask for a fraction of the components instead of a lambda.
 """
 
 from __future__ import annotations
@@ -270,6 +271,14 @@ def fastgrnn_part(args: argparse.Namespace) -> None:
                 },
             )
         )
+    for target in args.targets:  # the fraction of rank-one components to remove, no decay
+        runs.append(
+            (
+                f"FastGRNN + STR rank, target {target:.0%}",
+                {"hidden_size": hidden, "rank_w": 28, "rank_u": hidden},
+                {"method": "str", "options": {"structure": "rank", "sparsity": target}},
+            )
+        )
     print(
         f"Fashion-MNIST row by row (28 steps x 28 pixels), {args.epochs} epochs, Adam lr 0.01, "
         f"cosine, batch 100, seed 0; latency: 1 thread, median of {args.rounds} rounds (ms)\n"
@@ -357,6 +366,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("fastgrnn")
     p.add_argument("--lambdas", nargs="*", type=float, default=[0.001, 0.003, 0.01])
+    p.add_argument("--targets", nargs="*", type=float, default=[], help="e.g. 0.73 0.89")
     p.add_argument("--no-baselines", action="store_true", help="only the low-rank runs")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--hidden", type=int, default=64)

@@ -506,3 +506,23 @@ def test_a_structured_target_starts_below_the_importance_values() -> None:
 def test_a_flops_target_with_structure_names_the_fix() -> None:
     with pytest.raises(ValueError, match=r"structure='filter' give sparsity= \(the fraction"):
         strsparse.sparsify(_bn_cnn(), "str", structure="filter", flops=0.5, input_shape=(1, 8, 8))
+
+
+def test_a_structured_target_lands_on_the_nearest_count() -> None:
+    # 7 filters of distinct, fixed importance and a target of 4.3 alive: the last filter to
+    # go moves ln D by more than the gap left (ln 5/4.3 < ln 5/4), and 4 is still the count
+    # nearest the target, so the controller must take it, and then hold
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 3))
+    handle = strsparse.sparsify(
+        model, "str", structure="filter", sparsity=1 - 4.3 / 7, start=0, end=1
+    )
+    gate = get_parametrization(model[0])
+    with torch.no_grad():
+        gate.m.copy_(torch.linspace(0.1, 0.7, 7))
+    alive = []
+    for step in range(200):
+        handle.step(step, 200)
+        alive.append(gate.alive())
+    assert alive[-1] == 4 and alive[-50:] == [4] * 50
+    assert min(alive) == 4  # never past it

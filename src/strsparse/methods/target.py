@@ -456,7 +456,7 @@ class TargetController(nn.Module):
         if math.copysign(1.0, rate) != sign:
             direction = self._direction(layers, kept, -sign)
         if structured:
-            rate = self._within_gap(layers, rate, direction, density, error)
+            rate = self._within_gap(layers, rate, direction, density, scheduled)
         self.integral.fill_(integral)
         self.rate.fill_(rate)
         self.last_step.fill_(step)
@@ -483,15 +483,21 @@ class TargetController(nn.Module):
         rate: float,
         direction: Mapping[str, float],
         density: float,
-        error: float,
+        scheduled: float,
     ) -> float:
-        """``rate``, halved until the step moves ln D by no more than the whole gap |error|.
-        A structured layer's importance values start equal and part slowly, so one step of
-        a threshold that reaches them would prune most of them at once; the probe that
-        measured the elasticity looked only ``probe`` ahead. (Cheap: one value per filter.)"""
+        """``rate``, halved until the step ends on the side of the schedule it started from
+        (or on the count nearest it) and no further from it than it started. A structured
+        layer's importance values start equal and part slowly, so one step of a threshold
+        that reaches them would prune most of them at once; the probe that measured the
+        elasticity looked only ``probe`` ahead. (Cheap: one value per filter.)"""
+        total = sum(_thresholded(layers[name]).numel() for name in self.layer_names)
+        target = scheduled * total  # in filters
+        start = density * total - target
         for _ in range(30):
-            moved = self.density(layers, self.kept_weights(layers, rate, direction))
-            if abs(density_error(moved, density)) <= abs(error):
+            moved = self.density(layers, self.kept_weights(layers, rate, direction)) * total
+            moved -= target
+            same_side = moved * start > 0 or abs(moved) <= 0.5
+            if same_side and abs(moved) <= max(abs(start), 0.5):
                 break
             rate /= 2
         return rate
