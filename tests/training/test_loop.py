@@ -495,3 +495,19 @@ def test_linear_lr_scaling_multiplies_by_the_number_of_processes(tmp_path: Path)
     assert training_loop._base_lr(plain, 4) == 0.05
     assert training_loop._base_lr(linear, 4) == pytest.approx(0.2)
     assert training_loop._base_lr(linear, 1) == 0.05
+
+
+def test_a_structured_run_that_slim_cannot_follow_still_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def fail(*args, **kwargs):
+        raise RuntimeError("a forward slim cannot follow")
+
+    monkeypatch.setattr(training_loop, "slim", fail)
+    options = {"structure": "filter", "init_threshold": -1.0}
+    result = train(synthetic_config(tmp_path, **{"sparsity.options": options, "train.epochs": 1}))
+    summary = json.loads(result.summary_path.read_text())
+    assert summary["slim"] is None and summary["structure"] is not None
+    assert "slim model's size is left out (RuntimeError: a forward slim cannot follow)" in (
+        caplog.text
+    )

@@ -44,7 +44,7 @@ from strsparse.flops import FlopsProfile
 from strsparse.flops import profile as profile_flops
 from strsparse.methods.structured import structure_report
 from strsparse.report import SparsityReport, sparsity_report
-from strsparse.slimming import SlimError, slim
+from strsparse.slimming import slim
 from strsparse.sparsify import SparsityHandle
 from strsparse.training.build import build_model, check_config
 from strsparse.training.checkpoint import (
@@ -571,8 +571,8 @@ def _slim_totals(run: _Run) -> dict[str, float]:
     device = next(run.model.parameters()).device
     try:
         small = slim(run.model, torch.zeros(1, *run.input_shape, device=device))
-    except SlimError as exc:
-        logger.warning("the slim model's size is left out: %s", exc)
+    except Exception as exc:  # SlimError names the layer; anything else: keep the summary
+        logger.warning("the slim model's size is left out (%s: %s)", type(exc).__name__, exc)
         return {}
     totals = {"slim_params": float(sum(p.numel() for p in small.parameters()))}
     profile = _flops(small, run.input_shape)
