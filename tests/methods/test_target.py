@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -258,18 +259,21 @@ def _train_cnn(
     first: int = 0,
     opt: torch.optim.Optimizer | None = None,
     last: int | None = None,
+    pool: int = 1,
+    lr: float = 0.05,
 ) -> torch.optim.Optimizer:
-    """A user's loop on 8x8 images labelled by a fixed linear teacher (as ``_train``)."""
+    """A user's loop on 8x8 images labelled by a fixed linear teacher (as ``_train``) of
+    their pixels, or with ``pool`` of the means of their ``pool`` x ``pool`` blocks."""
     teacher = torch.Generator().manual_seed(5)
-    w = torch.randn(64, 10, generator=teacher)
+    w = torch.randn(64 // pool**2, 10, generator=teacher)
     data = torch.Generator().manual_seed(0)
     return _loop(
         model,
         handle,
         steps,
         lambda: torch.randn(32, 1, 8, 8, generator=data),
-        lambda x: (x.flatten(1) @ w).argmax(1),
-        lr=0.05,
+        lambda x: (nn.functional.avg_pool2d(x, pool).flatten(1) @ w).argmax(1),
+        lr=lr,
         first=first,
         last=last,
         opt=opt,
@@ -388,30 +392,11 @@ def _bn_cnn() -> nn.Module:
 
 
 def _train_pooled(
-    model: nn.Module,
-    handle: strsparse.SparsityHandle,
-    steps: int,
-    *,
-    first: int = 0,
-    opt: torch.optim.Optimizer | None = None,
-    last: int | None = None,
+    model: nn.Module, handle: strsparse.SparsityHandle, steps: int, **kwargs: Any
 ) -> torch.optim.Optimizer:
-    """A user's loop on 8x8 images labelled by a fixed linear teacher of their four 4x4
-    quarters' means: a task ``_bn_cnn`` learns, so its filters come to matter unequally."""
-    teacher = torch.Generator().manual_seed(5)
-    w = torch.randn(4, 10, generator=teacher)
-    data = torch.Generator().manual_seed(0)
-    return _loop(
-        model,
-        handle,
-        steps,
-        lambda: torch.randn(32, 1, 8, 8, generator=data),
-        lambda x: (nn.functional.avg_pool2d(x, 4).flatten(1) @ w).argmax(1),
-        lr=0.1,
-        first=first,
-        last=last,
-        opt=opt,
-    )
+    """``_train_cnn`` labelled by the means of the images' four 4x4 quarters: a task
+    ``_bn_cnn`` learns, so its filters come to matter unequally."""
+    return _train_cnn(model, handle, steps, pool=4, lr=0.1, **kwargs)
 
 
 def _removed(model: nn.Module) -> tuple[float, int]:

@@ -465,6 +465,10 @@ class TargetController(nn.Module):
             self._hold_floors(layers)
             self._hold_reach(layers)
 
+    def _entries(self, layers: Mapping[str, LayerWeight]) -> int:
+        """How many filters (rank-one components) the thresholds gate, over every layer."""
+        return sum(_thresholded(layers[name]).numel() for name in self.layer_names)
+
     def _nearest_count(
         self, layers: Mapping[str, LayerWeight], kept: Mapping[str, int], scheduled: float
     ) -> bool:
@@ -474,7 +478,7 @@ class TargetController(nn.Module):
         learning rate fell: it lowered the thresholds until filters came back (a 50% target
         on LeNet-5 ended 2 filters of 432 off, the integral at -0.039 against a
         proportional term of 0.023)."""
-        total = sum(_thresholded(layers[name]).numel() for name in self.layer_names)
+        total = self._entries(layers)
         return abs(sum(kept.values()) - scheduled * total) <= 0.5
 
     def _within_gap(
@@ -490,7 +494,7 @@ class TargetController(nn.Module):
         layer's importance values start equal and part slowly, so one step of a threshold
         that reaches them would prune most of them at once; the probe that measured the
         elasticity looked only ``probe`` ahead. (Cheap: one value per filter.)"""
-        total = sum(_thresholded(layers[name]).numel() for name in self.layer_names)
+        total = self._entries(layers)
         target = scheduled * total  # in filters
         start = density * total - target
         for _ in range(30):
