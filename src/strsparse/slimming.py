@@ -40,9 +40,17 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from strsparse.errors import StrsparseError
+from strsparse import flops
+from strsparse.errors import OptionError, StrsparseError
 from strsparse.layers import LowRankLinear
-from strsparse.methods.structured import TraceFailure, has_channel_rule, trace
+from strsparse.methods.base import get_parametrization
+from strsparse.methods.structured import (
+    StructuredSoftThreshold,
+    TraceFailure,
+    has_channel_rule,
+    trace,
+)
+from strsparse.methods.target import ChannelFlops, register_channel_flops
 from strsparse.sparsify import finalize
 
 __all__ = ["SlimError", "describe_layers", "rebuild_layers", "slim"]
@@ -353,8 +361,9 @@ class _Analysis:
         return self._unknown(node, f"{node.name} (.{method})")
 
     # -- decision --------------------------------------------------------------------------
-    def removable(self) -> set[int]:
-        """Roots of the channel classes that can go."""
+    def removable(self, keep_one: bool = True) -> set[int]:
+        """Roots of the channel classes that can go (``keep_one``: but never every channel
+        of a tensor)."""
         find = self.uf.find
         blocked = {find(i) for i in self.frozen}
         for ch in self.observed:
@@ -362,7 +371,7 @@ class _Analysis:
         every = {find(i) for ch in self.channels.values() for i in ch.ids}
         removable = every - blocked
         # never leave a tensor without channels: keep its first channel's class
-        changed = True
+        changed = keep_one
         while changed:
             changed = False
             for ch in self.channels.values():
@@ -696,3 +705,146 @@ def rebuild_layers(
             raise SlimError(f"layer {name!r} has unknown type {kind!r}; known: {valid}")
         _replace(model, name, new)
     return model
+
+
+# -- what a structured FLOPs target counts -----------------------------------------------------
+
+
+class _Terms:
+    """The counted layers of a ``ChannelFlops`` as they are found: FLOPs and the classes of
+    their input and output channels."""
+
+    def __init__(self) -> None:
+        self.flops: list[float] = []
+        self.sides: tuple[list[int], list[int]] = ([], [])  # classes of inputs, outputs
+        self.terms: tuple[list[int], list[int]] = ([], [])
+
+    def add(self, flops: float, inputs: Sequence[int] = (), outputs: Sequence[int] = ()) -> None:
+        term = len(self.flops)
+        self.flops.append(flops)
+        for side, classes in enumerate((inputs, outputs)):
+            self.sides[side].extend(classes)
+            self.terms[side].extend([term] * len(classes))
+
+    def build(
+        self,
+        classes: dict[str, list[int]],
+        cuts: dict[str, list[int]],
+        base: list[bool],
+        frozen: list[bool],
+        total: float,
+    ) -> ChannelFlops:
+        def pair(side: int) -> tuple[Tensor, Tensor]:
+            return (
+                torch.tensor(self.sides[side], dtype=torch.long),
+                torch.tensor(self.terms[side], dtype=torch.long),
+            )
+
+        def index(groups: dict[str, list[int]]) -> dict[str, Tensor]:
+            return {n: torch.tensor(c, dtype=torch.long) for n, c in groups.items()}
+
+        return ChannelFlops(
+            index(classes),
+            index(cuts),
+            torch.tensor(base, dtype=torch.bool),
+            torch.tensor(frozen, dtype=torch.bool),
+            torch.tensor(self.flops, dtype=torch.float64),
+            pair(0),
+            pair(1),
+            total - sum(self.flops),
+            total,
+        )
+
+
+@torch.no_grad()
+def channel_flops(
+    model: nn.Module, layers: Any, input_shape: tuple[int, ...], structure: str
+) -> ChannelFlops:
+    """The FLOPs of ``slim(model)`` as a function of the gated filters alive (see
+    ``ChannelFlops``), for a FLOPs target on structured STR: the channels are followed
+    through the model as ``slim`` follows them, once, with every gated filter removed but
+    the depthwise ones, to find the classes that could go at all."""
+    profile = flops.profile(model, input_shape)
+    records = {r.name: float(r.flops) for r in profile.layers}
+    total = float(profile.overall.flops)
+    if structure == "rank":
+        terms, classes, start = _Terms(), {}, 0
+        for name, layer in layers.items():
+            rank = cast(LowRankLinear, layer.module).rank
+            classes[name] = list(range(start, start + rank))
+            start += rank
+            if name in records:  # a low-rank layer's record: both factors, every call
+                terms.add(records[name], inputs=classes[name])
+        return terms.build(classes, {}, [False] * start, [False] * start, total)
+
+    work = copy.deepcopy(model)
+    for name, module in work.named_modules():
+        gate = get_parametrization(module) if name in layers else None
+        if isinstance(gate, StructuredSoftThreshold) and not _depthwise(module):
+            gate.m.zero_()  # the filter, its bias and the BatchNorm after it: zero
+    work = finalize(work).eval()
+    try:
+        graph_module = fx.GraphModule(work, trace(work))
+    except TraceFailure as exc:
+        raise OptionError(
+            f"a FLOPs target with structure={structure!r} follows the channels as slim does: "
+            f"{exc}; make that layer traceable, or give sparsity= (a fraction of filters)"
+        ) from exc
+    ShapeProp(graph_module).propagate(torch.zeros(1, *input_shape, device=_device(work)))
+    analysis = _Analysis(work, graph_module.graph)
+    analysis.run()
+    can_go = analysis.removable(keep_one=False)
+    find = analysis.uf.find
+    index: dict[int, int] = {}
+
+    def classes_of(ch: _Channels | None) -> list[int]:
+        if ch is None:
+            return []
+        return [index.setdefault(find(i), len(index)) for i in ch.ids]
+
+    terms = _Terms()
+    gated: dict[str, list[int]] = {}
+    cuts: dict[str, list[int]] = {}
+    counted: set[str] = set()
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        name = str(node.target)
+        module = analysis.modules[name]
+        out = analysis.channels.get(node)
+        if name in layers:
+            (cuts if _depthwise(module) else gated)[name] = classes_of(out)
+        if name not in records or name in counted:
+            continue
+        counted.add(name)
+        arg = node.args[0] if node.args else None
+        x = analysis.channels.get(arg) if isinstance(arg, fx.Node) else None
+        if isinstance(module, _ConvNd) and module.groups > 1:
+            terms.add(records[name], inputs=classes_of(x))  # channel-wise (or frozen)
+        elif isinstance(module, (_ConvNd, nn.Linear)):
+            terms.add(records[name], inputs=classes_of(x), outputs=classes_of(out))
+        else:  # pooling: the size of its input
+            terms.add(records[name], inputs=classes_of(x))
+    missing = sorted(set(layers) - set(gated) - set(cuts))
+    if missing:
+        raise OptionError(
+            f"a FLOPs target with structure={structure!r} cannot follow layers "
+            f"{', '.join(missing[:5])} through the model's graph; give sparsity= instead"
+        )
+    roots = sorted(index, key=index.__getitem__)
+    frozen = {find(i) for i in analysis.frozen}
+    return terms.build(
+        gated, cuts, [r not in can_go for r in roots], [r in frozen for r in roots], total
+    )
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return isinstance(module, _ConvNd) and module.groups == module.in_channels > 1
+
+
+def _device(model: nn.Module) -> torch.device | None:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else None
+
+
+register_channel_flops(channel_flops)

@@ -488,9 +488,88 @@ def test_a_structured_target_starts_below_the_importance_values() -> None:
     assert strsparse.sparsify(_bn_cnn(), "str", structure="filter").controller is None
 
 
-def test_a_flops_target_with_structure_names_the_fix() -> None:
-    with pytest.raises(ValueError, match=r"structure='filter' give sparsity= \(the fraction"):
-        strsparse.sparsify(_bn_cnn(), "str", structure="filter", flops=0.5, input_shape=(1, 8, 8))
+@pytest.mark.slow
+@pytest.mark.parametrize(("target", "granularity"), [(0.4, "layer"), (0.25, "channel")])
+def test_a_structured_flops_target_counts_the_slim_model(target: float, granularity: str) -> None:
+    from strsparse import flops
+
+    torch.manual_seed(0)
+    model = _bn_cnn()
+    handle = strsparse.sparsify(
+        model,
+        "str",
+        structure="filter",
+        flops=target,
+        granularity=granularity,
+        input_shape=(1, 8, 8),
+    )
+    _train_pooled(model, handle, 400)
+    status = handle.target_status()
+    assert status["kind"] == "flops" and status["target"] == target
+    # what the controller counted is what the slim model costs: the filters removed and
+    # the next layers' inputs they take with them
+    model.eval()
+    dense = flops.profile(model, (1, 8, 8)).overall.flops
+    slim = strsparse.slim(model, torch.zeros(1, 1, 8, 8))
+    reached = flops.profile(slim, (1, 8, 8)).overall.flops / dense
+    assert status["achieved"] == pytest.approx(reached, abs=1e-12)
+    # within one filter of average cost (80 filters share the FLOPs)
+    assert abs(reached - target) <= 1 / 80
+    report = strsparse.structure_report(model)
+    assert min(alive for alive, _ in report.values()) > 0  # no layer emptied
+    shares = [alive / n for alive, n in report.values()]
+    assert max(shares) - min(shares) > 0.1  # a learned budget, not a uniform one
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [("resnet20", (3, 32, 32)), ("resnet18", (3, 32, 32)), ("mobilenet_v1", (3, 32, 32))],
+)
+def test_the_structured_flops_count_is_the_slim_models(name: str, shape: tuple[int, ...]) -> None:
+    # residual additions keep a channel while any of its producers lives, and a depthwise
+    # conv removes a channel whatever produced it: the count follows both, as slim does
+    from strsparse import flops
+
+    model = strsparse.create_model(name, num_classes=10)
+    handle = strsparse.sparsify(model, "str", structure="filter", flops=0.5, input_shape=shape)
+    channel_flops = handle.controller.channel_flops
+    model.eval()
+    draw = torch.Generator().manual_seed(0)
+    for kept in (0.5, 0.3):
+        with torch.no_grad():
+            for gate in handle.parametrizations.values():
+                gate.m.copy_((torch.rand(gate.m.shape, generator=draw) < kept).float())
+                gate.m[0] = 1.0
+        alive = {n: gate.scale().detach() != 0 for n, gate in handle.parametrizations.items()}
+        slim = strsparse.slim(model, torch.zeros(1, *shape))
+        expected = flops.profile(slim, shape).overall.flops / channel_flops.total
+        assert channel_flops.fraction(alive) == pytest.approx(expected, abs=1e-12)
+        assert expected < 0.9
+
+
+def test_a_rank_flops_target_counts_the_slim_ranks() -> None:
+    from strsparse import flops
+
+    model = strsparse.create_model(
+        "fastgrnn", num_classes=3, input_size=5, hidden_size=16, rank_w=5, rank_u=16
+    )
+    handle = strsparse.sparsify(model, "str", structure="rank", flops=0.5, input_shape=(6, 5))
+    assert handle.target_status()["kind"] == "flops"
+    with torch.no_grad():
+        for gate in handle.parametrizations.values():
+            gate.m[::2] = 0.0
+    alive = {n: gate.scale().detach() != 0 for n, gate in handle.parametrizations.items()}
+    model.eval()
+    channel_flops = handle.controller.channel_flops
+    slim = strsparse.slim(model)
+    expected = flops.profile(slim, (6, 5)).overall.flops / channel_flops.total
+    assert channel_flops.fraction(alive) == pytest.approx(expected, abs=1e-12)
+    assert expected < 0.6
+
+
+def test_a_structured_flops_target_below_what_the_ungated_layers_cost_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"flops=0.001 is below .* at its fewest filters"):
+        strsparse.sparsify(_bn_cnn(), "str", structure="filter", flops=0.001, input_shape=(1, 8, 8))
 
 
 def test_a_structured_target_lands_on_the_nearest_count() -> None:

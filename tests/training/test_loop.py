@@ -294,6 +294,19 @@ def test_a_filter_target_reaches_the_run_files(tmp_path: Path) -> None:
     assert summary["structure"] == {name: list(n) for name, n in structure_report(model).items()}
 
 
+def test_a_structured_flops_target_reaches_the_run_files(tmp_path: Path) -> None:
+    options = {"flops": 0.5, "structure": "filter", "init_threshold": -1.0}
+    data = {"num_train": 1024, "num_val": 128, "num_classes": 10}
+    changes = {"sparsity.options": options, "data.synthetic": data, "train.epochs": 3}
+    train(synthetic_config(tmp_path, **changes))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["target"]["kind"] == "flops" and summary["target"]["target"] == 0.5
+    # achieved: the slim model's FLOPs, which the zeros in the weights understate
+    assert summary["target"]["achieved"] == summary["slim"]["flops"] / summary["flops"]["dense"]
+    assert summary["target"]["achieved"] < summary["flops"]["sparse"] / summary["flops"]["dense"]
+    assert summary["target"]["achieved"] == pytest.approx(0.5, abs=0.05)  # 96 steps only
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -87,7 +87,9 @@ class SoftThresholdOptions:
         removed.
     flops: a target as a fraction of the dense forward FLOPs (``strsparse.flops``) instead;
         needs ``input_shape`` (one sample's, e.g. (3, 32, 32)) unless the model carries an
-        ``input_shape`` attribute (the zoo's models do).
+        ``input_shape`` attribute (the zoo's models do). With structure='filter' or 'rank'
+        the FLOPs are those of the model ``strsparse.slim`` makes: a removed filter takes
+        the next layer's input channel with it.
     start, end: the target's cubic schedule, as an optimizer step (int) or a fraction of
         training (float); the target is held from ``end`` on.
     """
@@ -149,13 +151,6 @@ class SoftThresholdOptions:
             raise OptionError(
                 f"init_threshold='auto' works with structure='weight'; give structure="
                 f"{self.structure!r} a number, e.g. init_threshold=-3200"
-            )
-        if self.flops is not None and self.structure != "weight":
-            raise OptionError(
-                f"a FLOPs target works with structure='weight'; with structure="
-                f"{self.structure!r} give sparsity= (the fraction of "
-                f"{'filters' if self.structure == 'filter' else 'rank-one components'} to "
-                "remove) instead of flops="
             )
 
     @property

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +58,7 @@ from strsparse.functional import cubic_sparsity
 from strsparse.methods.base import LayerWeight, get_parametrization, raw_weight, schedule_window
 
 __all__ = [
+    "ChannelFlops",
     "ControllerGains",
     "TargetController",
     "density_error",
@@ -66,6 +67,7 @@ __all__ = [
     "layer_floor",
     "register_flops_counter",
     "log_threshold_gradient",
+    "register_channel_flops",
 ]
 
 
@@ -141,8 +143,113 @@ def flops_pressure(costs: Mapping[str, float], exponent: float = 0.25) -> dict[s
     """Each layer's share of the drift for a FLOPs target: (FLOPs per weight)^exponent over
     the largest, so the costliest weights feel the full drift and a fully connected layer
     (1 FLOP per weight) next to a convolution with 784 feels 784^-0.25 = 0.19 of it."""
-    top = max(costs.values())
+    top = max(costs.values(), default=0.0)
+    if top <= 0.0:  # nothing counted: an even share
+        return dict.fromkeys(costs, 1.0)
     return {n: (c / top) ** exponent for n, c in costs.items()}
+
+
+@dataclass(frozen=True)
+class ChannelFlops:
+    """The FLOPs of the model ``slim`` would make of a structured model, as a function of
+    which filters (rank-one components) are alive: what a FLOPs target with a structure
+    counts.
+
+    Every channel belongs to a class that slim keeps or removes whole (channels tied by an
+    addition, the CIFAR ResNets' shortcut, a depthwise conv: ``strsparse.slim``). A class is
+    alive while any gated filter that produces it is, or always (``base``) where an ungated
+    layer produces it, the model's input or output holds it, or an operation slim cannot
+    follow keeps it. A gated depthwise conv (``cuts``) removes the channels whose filter it
+    lost whatever produced them, unless the class is ``frozen``. Each counted layer (a
+    ``term``) costs its dense FLOPs times the alive fraction of its input channels and of its
+    output channels (1 for a side it does not couple: a depthwise conv's or a pool's output,
+    a rank-one component's); whatever no class changes is ``fixed``.
+
+    ``classes``: gated layer -> class of each of its filters (``cuts``: of each depthwise
+    filter); ``inputs`` / ``outputs``: (class, term) of every input / output channel of every
+    term, a flattened channel once per feature, so a Linear after a flatten sees the share of
+    its features.
+    """
+
+    classes: dict[str, Tensor]
+    cuts: dict[str, Tensor]
+    base: Tensor
+    frozen: Tensor
+    flops: Tensor
+    inputs: tuple[Tensor, Tensor]
+    outputs: tuple[Tensor, Tensor]
+    fixed: float
+    total: float
+    _sides: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(init=False, repr=False)
+    _gated: Tensor = field(init=False, repr=False)
+
+    def to(self, device: torch.device) -> ChannelFlops:
+        return ChannelFlops(
+            {n: c.to(device) for n, c in self.classes.items()},
+            {n: c.to(device) for n, c in self.cuts.items()},
+            self.base.to(device),
+            self.frozen.to(device),
+            self.flops.to(device),
+            (self.inputs[0].to(device), self.inputs[1].to(device)),
+            (self.outputs[0].to(device), self.outputs[1].to(device)),
+            self.fixed,
+            self.total,
+        )
+
+    def __post_init__(self) -> None:
+        # what does not change between calls: per side, each entry's weight 1 / (its term's
+        # channels) and the share of a term without channels on that side (1); the gated
+        # filters' classes in one index
+        sides = []
+        for cls, term in (self.inputs, self.outputs):
+            ones = torch.ones_like(cls, dtype=self.flops.dtype)
+            count = torch.zeros_like(self.flops).index_add_(0, term, ones)
+            sides.append((cls, term, (1.0 / count.clamp_min(1))[term], (count == 0).to(ones)))
+        object.__setattr__(self, "_sides", sides)
+        gated = list(self.classes.values())
+        empty = torch.zeros(0, dtype=torch.long, device=self.base.device)
+        object.__setattr__(self, "_gated", torch.cat(gated) if gated else empty)
+
+    def fraction(self, alive: Mapping[str, Tensor]) -> float:
+        """The slim model's FLOPs over the dense model's, with ``alive`` (layer -> bool per
+        filter) the gated filters that survive."""
+        cls_alive = self.base.clone()
+        if self.classes:
+            masks = torch.cat([alive[name] for name in self.classes]).to(cls_alive.device)
+            cls_alive[self._gated[masks]] = True
+        for name, classes in self.cuts.items():
+            keep = alive[name].to(classes.device) | self.frozen[classes]
+            cls_alive[classes] &= keep
+        a = cls_alive.to(self.flops.dtype)
+        kept = self.flops
+        for cls, term, weight, empty in self._sides:
+            kept = kept * empty.index_add(0, term, a[cls] * weight)
+        return (self.fixed + float(kept.sum())) / self.total
+
+    def prices(self) -> dict[str, float]:
+        """Gated layer -> the dense FLOPs that depend on one of its filters, on average: its
+        share of every term that reads or writes its channels (a class shared by several
+        layers counts in full for each)."""
+        depends = torch.zeros(self.base.numel(), dtype=self.flops.dtype)
+        for cls, term in (self.inputs, self.outputs):
+            cls, term = cls.cpu(), term.cpu()
+            count = torch.zeros(self.flops.numel(), dtype=self.flops.dtype).index_add_(
+                0, term, torch.ones_like(cls, dtype=self.flops.dtype)
+            )
+            depends.index_add_(0, cls, (self.flops.cpu() / count.clamp_min(1))[term])
+        gated = {**self.classes, **self.cuts}
+        return {n: float(depends[c.cpu()].mean()) for n, c in gated.items()}
+
+
+# (model, gated layers, one sample's input shape, structure) -> ChannelFlops:
+# ``strsparse.slimming`` registers its channel analysis here when it is imported
+ChannelFlopsBuilder = Callable[[nn.Module, Mapping[str, Any], tuple[int, ...], str], ChannelFlops]
+_CHANNEL_FLOPS: list[ChannelFlopsBuilder] = []
+
+
+def register_channel_flops(builder: ChannelFlopsBuilder) -> None:
+    """Install what a structured FLOPs target counts with (``strsparse.slimming`` does)."""
+    _CHANNEL_FLOPS[:] = [builder]
 
 
 def layer_floor(numel: int, target_density: float) -> int:
@@ -177,6 +284,11 @@ class ControllerGains:
 # once, at random. No step goes further than the probe looked: from its start (1% of the
 # values) the threshold needs about 90 steps to reach them, which they spend parting.
 STRUCTURED_GAINS = ControllerGains(max_rate=ControllerGains.probe)
+# Under a FLOPs target the costly filters, which the task needs most, have to go: their
+# task gradient held the thresholds back against a drift of 0.05 a step (LeNet-5 at a 30%
+# target lagged the schedule by 11 points of FLOPs for most of training). The halving of a
+# step that would cross the schedule (``_within_gap``) still bounds each step.
+STRUCTURED_FLOPS_GAINS = ControllerGains(max_rate=0.15)
 
 
 class TargetController(nn.Module):
@@ -192,7 +304,9 @@ class TargetController(nn.Module):
     pooling) and counts in the density. ``target_density`` is 1 - sparsity, or the FLOPs
     fraction. ``pressure_weights``: layer name -> c_l, the relative pressure (default 1).
     ``kind``: ``"sparsity"``, ``"flops"``, or for structured STR ``"filters"`` / ``"ranks"``
-    (the fraction of filters or rank-one components removed).
+    (the fraction of filters or rank-one components removed). ``channel_flops``: for a FLOPs
+    target with a structure, the slim model's FLOPs as a function of the filters alive
+    (``costs`` then go unused).
     """
 
     def __init__(
@@ -208,6 +322,7 @@ class TargetController(nn.Module):
         fixed_cost: float = 0.0,
         min_kept: Mapping[str, int] | None = None,
         gains: ControllerGains | None = None,
+        channel_flops: ChannelFlops | None = None,
     ) -> None:
         super().__init__()
         self.layer_names = list(layer_names)
@@ -226,6 +341,9 @@ class TargetController(nn.Module):
         self.fixed_cost = float(fixed_cost)
         self.min_kept = {n: int((min_kept or {}).get(n, 0)) for n in self.layer_names}
         self.gains = gains or ControllerGains()
+        self.channel_flops = channel_flops
+        # thresholds on importance values, which move in whole filters (see step)
+        self.structured = kind in ("filters", "ranks") or channel_flops is not None
         self.register_buffer("integral", torch.zeros((), dtype=torch.float64))
         self.register_buffer("last_step", torch.tensor(-1, dtype=torch.long))
         self.register_buffer("scheduled", torch.ones((), dtype=torch.float64))
@@ -271,6 +389,17 @@ class TargetController(nn.Module):
                 "a FLOPs target needs one sample's input shape to count FLOPs: pass "
                 "input_shape=(C, H, W) (the model has no input_shape attribute)"
             )
+        structure = getattr(options, "structure", "weight")
+        if structure != "weight":
+            if not _CHANNEL_FLOPS:
+                raise RuntimeError("no channel analysis registered: import strsparse.slimming")
+            channel_flops = _CHANNEL_FLOPS[0](model, layers, tuple(shape), structure)
+            return cls.for_options(
+                layers,
+                options,
+                channel_flops=channel_flops,
+                pressure_weights=flops_pressure(channel_flops.prices()),
+            )
         costs, fixed = flops_costs(model, layers, tuple(shape))
         return cls.for_options(
             layers, options, costs=costs, fixed_cost=fixed, pressure_weights=flops_pressure(costs)
@@ -285,10 +414,11 @@ class TargetController(nn.Module):
         costs: Mapping[str, float] | None = None,
         fixed_cost: float = 0.0,
         pressure_weights: Mapping[str, float] | None = None,
+        channel_flops: ChannelFlops | None = None,
     ) -> TargetController:
         """The controller for STR's options (``sparsity`` or ``flops``), attached to
         ``layers``. A FLOPs target needs ``costs`` (FLOPs per weight of each layer) and
-        ``fixed_cost`` (FLOPs no threshold controls)."""
+        ``fixed_cost`` (FLOPs no threshold controls), or with a structure ``channel_flops``."""
         sparsity = getattr(options, "sparsity", None)
         flops = getattr(options, "flops", None)
         start = getattr(options, "start", 0.0)
@@ -310,6 +440,34 @@ class TargetController(nn.Module):
                     n: layer_floor(_thresholded(m).numel(), 1.0 - float(sparsity))
                     for n, m in layers.items()
                 },
+            )
+        elif channel_flops is not None and flops is not None:
+            floors = {
+                n: layer_floor(_thresholded(m).numel(), float(flops)) for n, m in layers.items()
+            }
+            least = channel_flops.fraction(
+                {
+                    n: torch.arange(_thresholded(m).numel(), device=_thresholded(m).device)
+                    < floors[n]
+                    for n, m in layers.items()
+                }
+            )
+            if least >= float(flops):
+                raise OptionError(
+                    f"flops={flops} is below what the model costs with every gated layer at "
+                    f"its fewest filters ({least:.4f} of the dense FLOPs); raise the target "
+                    "or gate more layers"
+                )
+            controller = cls(
+                list(layers),
+                target_density=float(flops),
+                kind="flops",
+                start=start,
+                end=end,
+                pressure_weights=pressure_weights,
+                gains=STRUCTURED_FLOPS_GAINS,
+                min_kept=floors,
+                channel_flops=channel_flops,
             )
         else:
             if costs is None or flops is None:
@@ -344,11 +502,33 @@ class TargetController(nn.Module):
         first = next(iter(layers.values()), None)
         if first is not None and not raw_weight(first).is_meta:
             self.to(raw_weight(first).device)
+            if self.channel_flops is not None:
+                self.channel_flops = self.channel_flops.to(raw_weight(first).device)
         for module in layers.values():
             _threshold_method(module).add_module("target_controller", self)
 
     # -- measuring ------------------------------------------------------------------------
     @torch.no_grad()
+    def _alive(
+        self,
+        layers: Mapping[str, LayerWeight],
+        rate: float = 0.0,
+        direction: Mapping[str, float] | None = None,
+    ) -> dict[str, Tensor]:
+        """Layer name -> which weights (filters) are above their threshold, after moving the
+        thresholds by ``rate`` in ``direction`` when given."""
+        alive = {}
+        for name in self.layer_names:
+            module = layers[name]
+            p = _threshold_method(module)
+            weight = p.thresholded(raw_weight(module))
+            threshold = p.threshold_tensor().to(weight.dtype)
+            if direction is not None:
+                shift = rate * direction[name] * self._profiles[name]
+                threshold = threshold * torch.exp(shift).to(weight.dtype)
+            alive[name] = weight.abs() > threshold
+        return alive
+
     def kept_weights(
         self,
         layers: Mapping[str, LayerWeight],
@@ -357,23 +537,30 @@ class TargetController(nn.Module):
     ) -> dict[str, int]:
         """Layer name -> number of weights above their threshold, after moving the
         thresholds by ``rate`` in ``direction`` when given (one device sync)."""
-        counts = []
-        for name in self.layer_names:
-            module = layers[name]
-            weight = _thresholded(module)
-            p = _threshold_method(module)
-            threshold = p.threshold_tensor().to(weight.dtype)
-            if direction is not None:
-                shift = rate * direction[name] * self._profiles[name]
-                threshold = threshold * torch.exp(shift).to(weight.dtype)
-            counts.append((weight.abs() > threshold).sum())
-        return dict(zip(self.layer_names, torch.stack(counts).tolist(), strict=True))
+        return self._measure(layers, rate, direction)[0]
+
+    def _measure(
+        self,
+        layers: Mapping[str, LayerWeight],
+        rate: float = 0.0,
+        direction: Mapping[str, float] | None = None,
+    ) -> tuple[dict[str, int], float]:
+        """(``kept_weights``, the density they give) after moving the thresholds by
+        ``rate`` in ``direction``."""
+        alive = self._alive(layers, rate, direction)
+        counts = torch.stack([mask.sum() for mask in alive.values()]).tolist()
+        kept = dict(zip(self.layer_names, counts, strict=True))
+        if self.channel_flops is not None:
+            return kept, self.channel_flops.fraction(alive)
+        return kept, self.density(layers, kept)
 
     def density(
         self, layers: Mapping[str, LayerWeight], kept: Mapping[str, int] | None = None
     ) -> float:
-        """Cost-weighted fraction of weights above their threshold (plus the fixed cost)."""
-        kept = self.kept_weights(layers) if kept is None else kept
+        """Cost-weighted fraction of weights above their threshold (plus the fixed cost);
+        under a structured FLOPs target, the slim model's fraction of the dense FLOPs."""
+        if kept is None or self.channel_flops is not None:
+            return self._measure(layers)[1]
         nonzero = self.fixed_cost
         total = self.fixed_cost
         for name in self.layer_names:
@@ -424,14 +611,13 @@ class TargetController(nn.Module):
         start, end = schedule_window(self.start, self.end, total_steps)
         scheduled = 1.0 - cubic_sparsity(step, start, end, 1.0 - self.target_density)
         self._set_profiles(layers)
-        kept = self.kept_weights(layers)
-        density = self.density(layers, kept)
+        kept, density = self._measure(layers)
         self.scheduled.fill_(scheduled)
         self.achieved.fill_(density)
         if step == int(self.last_step):
             return
-        structured = self.kind in ("filters", "ranks")
-        if structured and self._nearest_count(layers, kept, scheduled):
+        structured = self.structured
+        if structured and self._nearest_count(layers, density, scheduled):
             self.rate.fill_(0.0)  # on the count nearest the schedule: hold
             self.last_step.fill_(step)
             self._hold_floors(layers)
@@ -443,7 +629,7 @@ class TargetController(nn.Module):
         # elasticity: how much ln D moves per unit of log-threshold shift, measured on the
         # weights as they are (STR piles weights up just above the threshold, so it varies a
         # lot); dividing by it makes the loop gain the same on every model
-        shifted = self.density(layers, self.kept_weights(layers, sign * g.probe, direction))
+        shifted = self._measure(layers, sign * g.probe, direction)[1]
         elasticity = max(
             abs(math.log(max(density, 1e-12)) - math.log(max(shifted, 1e-12))) / g.probe,
             g.min_elasticity,
@@ -465,21 +651,25 @@ class TargetController(nn.Module):
             self._hold_floors(layers)
             self._hold_reach(layers)
 
-    def _entries(self, layers: Mapping[str, LayerWeight]) -> int:
-        """How many filters (rank-one components) the thresholds gate, over every layer."""
-        return sum(_thresholded(layers[name]).numel() for name in self.layer_names)
+    def _units(self, layers: Mapping[str, LayerWeight]) -> float:
+        """How many filters (rank-one components) a density of 1 is worth: all the
+        thresholds gate, or under a FLOPs target that many over the FLOPs they can change
+        (a gap then counts in filters of average cost)."""
+        entries = sum(_thresholded(layers[name]).numel() for name in self.layer_names)
+        cf = self.channel_flops
+        return entries if cf is None else entries * cf.total / max(cf.total - cf.fixed, 1e-12)
 
     def _nearest_count(
-        self, layers: Mapping[str, LayerWeight], kept: Mapping[str, int], scheduled: float
+        self, layers: Mapping[str, LayerWeight], density: float, scheduled: float
     ) -> bool:
         """Whether the filters alive are the count nearest the schedule: then the step holds
         (no push, no integration). Counts move in whole filters, and the integral's steady
         push against the decay on m and s, still applied there, outlived the decay as the
         learning rate fell: it lowered the thresholds until filters came back (a 50% target
         on LeNet-5 ended 2 filters of 432 off, the integral at -0.039 against a
-        proportional term of 0.023)."""
-        total = self._entries(layers)
-        return abs(sum(kept.values()) - scheduled * total) <= 0.5
+        proportional term of 0.023). Under a FLOPs target: within half a filter of average
+        cost."""
+        return abs(density - scheduled) * self._units(layers) <= 0.5
 
     def _within_gap(
         self,
@@ -493,14 +683,18 @@ class TargetController(nn.Module):
         (or on the count nearest it) and no further from it than it started. A structured
         layer's importance values start equal and part slowly, so one step of a threshold
         that reaches them would prune most of them at once; the probe that measured the
-        elasticity looked only ``probe`` ahead. (Cheap: one value per filter.)"""
-        total = self._entries(layers)
+        elasticity looked only ``probe`` ahead. Under a FLOPs target a step may also cross
+        the schedule when it ends nearer to it: filters differ in price, and the one that
+        closes the gap best may cost more than the gap. (Cheap: one value per filter.)"""
+        total = self._units(layers)
         target = scheduled * total  # in filters
         start = density * total - target
         for _ in range(30):
-            moved = self.density(layers, self.kept_weights(layers, rate, direction)) * total
+            moved = self._measure(layers, rate, direction)[1] * total
             moved -= target
             same_side = moved * start > 0 or abs(moved) <= 0.5
+            if self.channel_flops is not None:
+                same_side = same_side or abs(moved) < abs(start)
             if same_side and abs(moved) <= max(abs(start), 0.5):
                 break
             rate /= 2

@@ -669,6 +669,8 @@ def _target_summary(
         total = sum(n for _, n in structure.values())
         alive = sum(a for a, _ in structure.values())
         achieved = 1.0 - alive / total if total else math.nan
+    elif structure:  # a FLOPs target with a structure counts the slim model
+        achieved = final.get("slim_flops", math.nan) / final.get("flops", math.nan)
     else:
         achieved = final.get("sparse_flops", math.nan) / final.get("flops", math.nan)
     return {"kind": status["kind"], "target": status["target"], "achieved": achieved}
