@@ -733,6 +733,7 @@ class _Terms:
         base: list[bool],
         frozen: list[bool],
         total: float,
+        tensors: Sequence[Sequence[int]] = (),
     ) -> ChannelFlops:
         def pair(side: int) -> tuple[Tensor, Tensor]:
             return (
@@ -751,6 +752,7 @@ class _Terms:
             torch.tensor(self.flops, dtype=torch.float64),
             pair(0),
             pair(1),
+            [torch.tensor(t, dtype=torch.long) for t in tensors],
             total - sum(self.flops),
             total,
         )
@@ -831,10 +833,13 @@ def channel_flops(
             f"a FLOPs target with structure={structure!r} cannot follow layers "
             f"{', '.join(missing[:5])} through the model's graph; give sparsity= instead"
         )
+    # every tensor's classes, in graph order, once each: slim keeps one channel of a
+    # tensor that would lose them all
+    tensors = list(dict.fromkeys(tuple(classes_of(ch)) for ch in analysis.channels.values()))
     roots = sorted(index, key=index.__getitem__)
     frozen = {find(i) for i in analysis.frozen}
     return terms.build(
-        gated, cuts, [r not in can_go for r in roots], [r in frozen for r in roots], total
+        gated, cuts, [r not in can_go for r in roots], [r in frozen for r in roots], total, tensors
     )
 
 

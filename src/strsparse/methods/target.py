@@ -163,7 +163,9 @@ class ChannelFlops:
     lost whatever produced them, unless the class is ``frozen``. Each counted layer (a
     ``term``) costs its dense FLOPs times the alive fraction of its input channels and of its
     output channels (1 for a side it does not couple: a depthwise conv's or a pool's output,
-    a rank-one component's); whatever no class changes is ``fixed``.
+    a rank-one component's); whatever no class changes is ``fixed``. As slim does, a tensor
+    left without any channel keeps its first one (``tensors``: the classes of each tensor of
+    the graph, in order).
 
     ``classes``: gated layer -> class of each of its filters (``cuts``: of each depthwise
     filter); ``inputs`` / ``outputs``: (class, term) of every input / output channel of every
@@ -178,10 +180,12 @@ class ChannelFlops:
     flops: Tensor
     inputs: tuple[Tensor, Tensor]
     outputs: tuple[Tensor, Tensor]
+    tensors: list[Tensor]
     fixed: float
     total: float
     _sides: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(init=False, repr=False)
     _gated: Tensor = field(init=False, repr=False)
+    _members: tuple[Tensor, Tensor] = field(init=False, repr=False)
 
     def to(self, device: torch.device) -> ChannelFlops:
         return ChannelFlops(
@@ -192,6 +196,7 @@ class ChannelFlops:
             self.flops.to(device),
             (self.inputs[0].to(device), self.inputs[1].to(device)),
             (self.outputs[0].to(device), self.outputs[1].to(device)),
+            [t.to(device) for t in self.tensors],
             self.fixed,
             self.total,
         )
@@ -209,6 +214,11 @@ class ChannelFlops:
         gated = list(self.classes.values())
         empty = torch.zeros(0, dtype=torch.long, device=self.base.device)
         object.__setattr__(self, "_gated", torch.cat(gated) if gated else empty)
+        members = torch.cat(self.tensors) if self.tensors else empty
+        which = torch.cat(
+            [torch.full_like(t, i) for i, t in enumerate(self.tensors)] if self.tensors else [empty]
+        )
+        object.__setattr__(self, "_members", (members, which))
 
     def fraction(self, alive: Mapping[str, Tensor]) -> float:
         """The slim model's FLOPs over the dense model's, with ``alive`` (layer -> bool per
@@ -220,16 +230,29 @@ class ChannelFlops:
         for name, classes in self.cuts.items():
             keep = alive[name].to(classes.device) | self.frozen[classes]
             cls_alive[classes] &= keep
+        self._keep_one(cls_alive)
         a = cls_alive.to(self.flops.dtype)
         kept = self.flops
         for cls, term, weight, empty in self._sides:
             kept = kept * empty.index_add(0, term, a[cls] * weight)
         return (self.fixed + float(kept.sum())) / self.total
 
+    def _keep_one(self, cls_alive: Tensor) -> None:
+        """Give every tensor left without channels its first one back, in graph order (as
+        slim does, so a later tensor may find one of its channels kept already)."""
+        members, which = self._members
+        count = torch.zeros(len(self.tensors), dtype=torch.int32, device=cls_alive.device)
+        count.index_add_(0, which, cls_alive[members].to(torch.int32))
+        for i in (count == 0).nonzero().flatten().tolist():  # rare: no sync beyond this one
+            classes = self.tensors[i]
+            if len(classes) and not bool(cls_alive[classes].any()):
+                cls_alive[classes[0]] = True
+
     def prices(self) -> dict[str, float]:
         """Gated layer -> the dense FLOPs that depend on one of its filters, on average: its
-        share of every term that reads or writes its channels (a class shared by several
-        layers counts in full for each)."""
+        share of every term that reads or writes its channels, divided among the filters
+        that write the same class (a residual stream goes only when all of them go; a
+        depthwise filter alone removes its channel, and counts in full)."""
         depends = torch.zeros(self.base.numel(), dtype=self.flops.dtype)
         for cls, term in (self.inputs, self.outputs):
             cls, term = cls.cpu(), term.cpu()
@@ -237,8 +260,13 @@ class ChannelFlops:
                 0, term, torch.ones_like(cls, dtype=self.flops.dtype)
             )
             depends.index_add_(0, cls, (self.flops.cpu() / count.clamp_min(1))[term])
-        gated = {**self.classes, **self.cuts}
-        return {n: float(depends[c.cpu()].mean()) for n, c in gated.items()}
+        writers = torch.zeros_like(depends)
+        for c in self.classes.values():
+            writers.index_add_(0, c.cpu(), torch.ones_like(c.cpu(), dtype=depends.dtype))
+        shared = depends / writers.clamp_min(1)
+        prices = {n: float(shared[c.cpu()].mean()) for n, c in self.classes.items()}
+        prices.update({n: float(depends[c.cpu()].mean()) for n, c in self.cuts.items()})
+        return prices
 
 
 # (model, gated layers, one sample's input shape, structure) -> ChannelFlops:
