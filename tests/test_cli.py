@@ -311,6 +311,17 @@ def test_train_prints_what_a_structured_run_kept(tmp_path: Path) -> None:
     assert f"slim model: {params:,} parameters" in out
 
 
+def test_two_targets_name_the_override_that_drops_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["train", "-c", "fashion_mnist_str_filters", f"output_dir={tmp_path}", *SYNTHETIC]
+    assert main([*argv, "sparsity.options.flops=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "both sparsity=0.5 and flops=0.3" in err
+    assert "sparsity.options.sparsity=null" in err
+    assert not (tmp_path / "fashion_mnist_str_filters").exists()  # nothing half-made
+
+
 def test_eval(str_run: tuple[Path, str], capsys) -> None:
     run, _ = str_run
     assert main(["eval", str(run), "--batch-size", "64"]) == 0

@@ -164,7 +164,8 @@ def _check_target(options: SoftThresholdOptions) -> None:
     flops = getattr(options, "flops", None)
     if sparsity is not None and flops is not None:
         raise OptionError(
-            f"STR got both sparsity={sparsity!r} and flops={flops!r}; give one target"
+            f"STR got both sparsity={sparsity!r} and flops={flops!r}; give one target (in a "
+            "config, set the other to null: sparsity.options.sparsity=null)"
         )
     if sparsity is not None:
         check_fraction(sparsity, "sparsity")
