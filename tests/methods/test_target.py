@@ -135,13 +135,18 @@ def test_the_drift_does_not_push_a_threshold_onto_the_flat_of_the_sigmoid(seed: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sparsity", "flops", "filters"])
+@pytest.mark.parametrize("kind", ["sparsity", "flops", "filters", "filter flops"])
 def test_a_resumed_run_with_a_target_equals_the_uninterrupted_one(kind: str) -> None:
     steps, cut = 200, 90
     build, train, target = {
         "sparsity": (_mlp, _train, {"sparsity": 0.9}),
         "flops": (_cnn, _train_cnn, {"flops": 0.1, "input_shape": (1, 8, 8)}),
         "filters": (_bn_cnn, _train_pooled, {"sparsity": 0.5, "structure": "filter"}),
+        "filter flops": (
+            _bn_cnn,
+            _train_pooled,
+            {"flops": 0.4, "structure": "filter", "input_shape": (1, 8, 8)},
+        ),
     }[kind]
 
     def opt_for(model: nn.Module) -> torch.optim.Optimizer:
