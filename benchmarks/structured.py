@@ -10,7 +10,8 @@ forward, median over interleaved rounds, dense and slim alternating in one proce
 
 ``filter`` trains each model with ``sparsity.options.structure=filter`` at each threshold
 decay (``optim.threshold_weight_decay``) and at each target (``--targets``: the fraction of
-filters to remove, ``sparsity.options.sparsity``), then reports parameters and FLOPs (the paper's
+filters to remove, ``sparsity.options.sparsity``; ``--flops-targets``: the slim model's share
+of the dense FLOPs, ``sparsity.options.flops``), then reports parameters and FLOPs (the paper's
 conventions: conv/linear weights, multiply-accumulates) and latency at batch 1 and 32 of
 the trained model and of its slim copy, with the test accuracy of both. ``resnet50`` uses
 random weights: every filter gate keeps its first half of filters, so each residual stream
@@ -106,6 +107,7 @@ def filter_part(args: argparse.Namespace) -> None:
         ]
         # a target: the decay left at the default recipe's, which the controller absorbs
         settings += [(f"target {t:.0%}", 5e-3, {"sparsity": t}) for t in args.targets]
+        settings += [(f"FLOPs {t:.0%}", 5e-3, {"flops": t}) for t in args.flops_targets]
         for name in args.models:
             for label, decay, options in settings:
                 config = {
@@ -359,6 +361,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["lenet5", "resnet20"])
     p.add_argument("--decays", nargs="*", type=float, default=[0.01, 0.02])
     p.add_argument("--targets", nargs="*", type=float, default=[], help="e.g. 0.5 0.75")
+    p.add_argument("--flops-targets", nargs="*", type=float, default=[], help="e.g. 0.5 0.3")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--init-threshold", type=float, default=-3.0)
     p.add_argument("--rounds", type=int, default=20)
