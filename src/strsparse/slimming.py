@@ -792,7 +792,7 @@ def channel_flops(
             f"a FLOPs target with structure={structure!r} follows the channels as slim does: "
             f"{exc}; make that layer traceable, or give sparsity= (a fraction of filters)"
         ) from exc
-    ShapeProp(graph_module).propagate(torch.zeros(1, *input_shape, device=_device(work)))
+    _propagate(graph_module, input_shape, _device(work))
     analysis = _Analysis(work, graph_module.graph)
     analysis.run()
     can_go = analysis.removable(keep_one=False)
@@ -841,6 +841,17 @@ def channel_flops(
     return terms.build(
         gated, cuts, [r not in can_go for r in roots], [r in frozen for r in roots], total, tensors
     )
+
+
+def _propagate(graph: fx.GraphModule, shape: tuple[int, ...], device: Any) -> None:
+    """Shapes through ``graph``: ``shape`` is one sample's, or, as ``flops.profile`` also
+    reads it, a whole batch's."""
+    try:
+        ShapeProp(graph).propagate(torch.zeros(1, *shape, device=device))
+    except Exception:
+        if len(shape) < 2:
+            raise
+        ShapeProp(graph).propagate(torch.zeros(*shape, device=device))
 
 
 def _depthwise(module: nn.Module) -> bool:

@@ -552,6 +552,31 @@ def test_the_structured_flops_count_is_the_slim_models(name: str, shape: tuple[i
         assert expected < 0.9
 
 
+def test_a_structured_flops_target_on_a_forward_fx_cannot_trace_names_the_fix() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.conv(x)
+            if x.sum() > 0:  # data-dependent control flow
+                x = torch.relu(x)
+            return self.fc(x.mean((2, 3)))
+
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="give sparsity="):
+        strsparse.sparsify(Branchy(), "str", structure="filter", flops=0.5, input_shape=(1, 8, 8))
+    # a batch's shape, as flops.profile takes it, works as one sample's does
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 3))
+    one = strsparse.sparsify(model, "str", structure="filter", flops=0.5, input_shape=(1, 8, 8))
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 3))
+    batch = strsparse.sparsify(
+        model, "str", structure="filter", flops=0.5, input_shape=(4, 1, 8, 8)
+    )
+    assert batch.controller.channel_flops.total == one.controller.channel_flops.total
+
+
 def test_a_rank_flops_target_counts_the_slim_ranks() -> None:
     from strsparse import flops
 
