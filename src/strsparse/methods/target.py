@@ -31,7 +31,9 @@ gradient could no longer pull them back).
 c_l is 1 for a sparsity target and (FLOPs per weight / the largest)^(1/4) for a FLOPs target.
 Structured STR (``structure="filter"`` or ``"rank"``) takes a target too: the thresholds then
 compare against each layer's importance vector m, so the density is the fraction of filters
-(or rank-one components) still alive, and the target the fraction removed.
+(or rank-one components) still alive, and the target the fraction removed; with ``flops``,
+the density is the share of the dense FLOPs that the model ``strsparse.slim`` would make
+still costs (``ChannelFlops``).
 A layer whose weights are all zero is not pushed further up (it gets no task gradient to
 come back with), and one that zeroes nothing is not pulled further down; under a FLOPs
 target the push fades out as a layer nears a floor (``layer_floor``), and a layer left below
