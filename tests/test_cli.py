@@ -293,7 +293,9 @@ def test_train_prints_the_summary(str_run: tuple[Path, str]) -> None:
     assert f"plots: {run / 'plots'}" in out
 
 
-def test_train_prints_what_a_structured_run_kept(tmp_path: Path) -> None:
+def test_train_and_report_print_what_a_structured_run_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import strsparse
     from strsparse.training import restore_model
 
@@ -309,6 +311,13 @@ def test_train_prints_what_a_structured_run_kept(tmp_path: Path) -> None:
     assert sum(alive for alive, _ in report.values()) < 432
     params = sum(p.numel() for p in strsparse.slim(model).parameters())
     assert f"slim model: {params:,} parameters" in out
+    # report says the same of the saved run, beside the zeros' count
+    run = tmp_path / "fashion_mnist_str_filters"
+    assert main(["report", str(run)]) == 0
+    report = capsys.readouterr().out
+    assert f"kept (filters or rank-one components): {kept}\n" in report
+    assert f"slim model: {params:,} parameters" in report
+    assert f"strsparse convert {run} -o OUT --slim" in report
 
 
 def test_two_targets_name_the_override_that_drops_one(

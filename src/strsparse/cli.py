@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence, Sized
+from collections.abc import Callable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -166,17 +166,8 @@ def _print_train_summary(result: TrainResult) -> None:
         f"FLOPs dense {_count(flops)} ({human(flops)}), sparse {_count(sparse)} ({human(sparse)})"
     )
     run_dir = Path(result.run_dir)
-    if result.structure:  # structured STR
-        kept = ", ".join(f"{n} {alive}/{total}" for n, (alive, total) in result.structure.items())
-        print(f"kept (filters or rank-one components): {kept}")
-    if final.get("slim_params") is not None:
-        slim_flops = final.get("slim_flops")
-        share = f", {_percent(slim_flops / flops)} of dense" if slim_flops and flops else ""
-        print(
-            f"slim model: {_count(final['slim_params'])} parameters, FLOPs {_count(slim_flops)} "
-            f"({human(slim_flops)}{share}); write it with: strsparse convert {run_dir} -o OUT "
-            "--slim"
-        )
+    for text in _structure_lines(result.structure, final, flops, run_dir):
+        print(text)
     print(f"run directory: {run_dir}")
     plots = run_dir / "plots"
     if plots.is_dir():
@@ -255,16 +246,46 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _structure_lines(
+    structure: Mapping[str, tuple[int, int]] | None,
+    totals: Mapping[str, Any],
+    flops: float | None,
+    source: str | os.PathLike,
+) -> list[str]:
+    """What a structured run kept and its slim model's size (``slim_params`` and
+    ``slim_flops`` of ``totals``), with the command that writes that model."""
+    lines = []
+    if structure:  # structured STR
+        kept = ", ".join(f"{n} {alive}/{total}" for n, (alive, total) in structure.items())
+        lines.append(f"kept (filters or rank-one components): {kept}")
+    if totals.get("slim_params") is not None:
+        slim_flops = totals.get("slim_flops")
+        share = f", {_percent(slim_flops / flops)} of dense" if slim_flops and flops else ""
+        lines.append(
+            f"slim model: {_count(totals['slim_params'])} parameters, FLOPs "
+            f"{_count(slim_flops)} ({human(slim_flops)}{share}); write it with: strsparse "
+            f"convert {source} -o OUT --slim"
+        )
+    return lines
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
-    from strsparse import sparsity_report
+    from strsparse import sparsity_report, structure_report
+    from strsparse.training.loop import slim_totals
 
     model, cfg, _ = _restore(args.checkpoint)
-    profile = _profile(model, _input_shape_of(cfg))
+    shape = _input_shape_of(cfg)
+    profile = _profile(model, shape)
     report = sparsity_report(model, flops=profile)
     print(report.to_table())
     print()
     for line in _totals_lines(profile):
         print(line)
+    structure = structure_report(model)
+    if structure:  # the zeros above understate what removing the filters saves
+        totals = slim_totals(model, shape)
+        for line in _structure_lines(structure, totals, profile.overall.flops, args.checkpoint):
+            print(line)
     if args.csv is not None:
         report.to_csv(args.csv)
         print(f"wrote {args.csv}")

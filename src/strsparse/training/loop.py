@@ -26,7 +26,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -561,21 +561,22 @@ def _flops(model: nn.Module, input_shape: tuple[int, ...]) -> FlopsProfile | Non
         return None
 
 
-def _slim_totals(run: _Run) -> dict[str, float]:
+def slim_totals(model: nn.Module, input_shape: Sequence[int]) -> dict[str, float]:
     """For structured STR, the parameters and FLOPs of the slim model (``strsparse.slim``,
-    what ``strsparse convert RUN --slim`` writes): zeroed filters take the next layer's
-    inputs with them, which the zeros in the weights do not show. Empty for other runs, and
-    where slim cannot follow the model (a warning says why)."""
-    if not structure_report(run.model):
+    what ``strsparse convert RUN --slim`` writes) as ``slim_params`` and ``slim_flops``:
+    zeroed filters take the next layer's inputs with them, which the zeros in the weights do
+    not show. Empty for other models, and where slim cannot follow the model (a warning says
+    why)."""
+    if not structure_report(model):
         return {}
-    device = next(run.model.parameters()).device
+    device = next(model.parameters()).device
     try:
-        small = slim(run.model, torch.zeros(1, *run.input_shape, device=device))
+        small = slim(model, torch.zeros(1, *input_shape, device=device))
     except Exception as exc:  # SlimError names the layer; anything else: keep the summary
         logger.warning("the slim model's size is left out (%s: %s)", type(exc).__name__, exc)
         return {}
     totals = {"slim_params": float(sum(p.numel() for p in small.parameters()))}
-    profile = _flops(small, run.input_shape)
+    profile = _flops(small, tuple(input_shape))
     if profile is not None:
         totals["slim_flops"] = float(profile.overall.flops)
     return totals
@@ -859,7 +860,7 @@ def _finish(
         final = {**_evaluate(run), "sparsity": layers.sparsity}
     if run.env.is_main:
         final.update(layers.model_totals())
-        final.update(_slim_totals(run))
+        final.update(slim_totals(run.model, run.input_shape))
     structure = structure_report(run.model)
     summary_path = recorder.finish(
         final,
