@@ -567,7 +567,11 @@ class TargetController(nn.Module):
     ) -> dict[str, int]:
         """Layer name -> number of weights above their threshold, after moving the
         thresholds by ``rate`` in ``direction`` when given (one device sync)."""
-        return self._measure(layers, rate, direction)[0]
+        return self._counts(self._alive(layers, rate, direction))
+
+    def _counts(self, alive: Mapping[str, Tensor]) -> dict[str, int]:
+        counts = torch.stack([mask.sum() for mask in alive.values()]).tolist()
+        return dict(zip(self.layer_names, counts, strict=True))
 
     def _measure(
         self,
@@ -578,8 +582,7 @@ class TargetController(nn.Module):
         """(``kept_weights``, the density they give) after moving the thresholds by
         ``rate`` in ``direction``."""
         alive = self._alive(layers, rate, direction)
-        counts = torch.stack([mask.sum() for mask in alive.values()]).tolist()
-        kept = dict(zip(self.layer_names, counts, strict=True))
+        kept = self._counts(alive)
         if self.channel_flops is not None:
             return kept, self.channel_flops.fraction(alive)
         return kept, self.density(layers, kept)
