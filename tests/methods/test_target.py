@@ -552,6 +552,38 @@ def test_the_structured_flops_count_is_the_slim_models(name: str, shape: tuple[i
         assert expected < 0.9
 
 
+@pytest.mark.slow
+def test_a_rank_flops_target_is_reached_on_fastgrnn() -> None:
+    from strsparse import flops
+
+    torch.manual_seed(0)
+    model = strsparse.create_model(
+        "fastgrnn", num_classes=3, input_size=5, hidden_size=16, rank_w=5, rank_u=16
+    )
+    handle = strsparse.sparsify(model, "str", structure="rank", flops=0.5, input_shape=(6, 5))
+    teacher = torch.randn(5, 3, generator=torch.Generator().manual_seed(5))
+    data = torch.Generator().manual_seed(0)
+    _loop(
+        model,
+        handle,
+        400,
+        lambda: torch.randn(32, 6, 5, generator=data),
+        lambda x: (x.mean(1) @ teacher).argmax(1),
+        lr=0.05,
+        first=0,
+        last=None,
+        opt=None,
+    )
+    model.eval()
+    dense = flops.profile(model, (6, 5)).overall.flops
+    reached = flops.profile(strsparse.slim(model), (6, 5)).overall.flops / dense
+    assert handle.target_status()["achieved"] == pytest.approx(reached, abs=1e-12)
+    # within half of the costliest component: one of U's 16 costs 3072 / 16 of 3750 FLOPs
+    assert abs(reached - 0.5) <= 0.5 * 3072 / 16 / dense
+    ranks = strsparse.structure_report(model)
+    assert ranks["u"][0] < 16
+
+
 def test_a_structured_flops_target_on_a_forward_fx_cannot_trace_names_the_fix() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:
