@@ -293,7 +293,7 @@ def test_train_prints_the_summary(str_run: tuple[Path, str]) -> None:
     assert f"plots: {run / 'plots'}" in out
 
 
-def test_train_and_report_print_what_a_structured_run_kept(
+def test_train_report_and_eval_print_what_a_structured_run_kept(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     import strsparse
@@ -318,6 +318,9 @@ def test_train_and_report_print_what_a_structured_run_kept(
     assert f"kept (filters or rank-one components): {kept}\n" in report
     assert f"slim model: {params:,} parameters" in report
     assert f"strsparse convert {run} -o OUT --slim" in report
+    assert main(["eval", str(run)]) == 0  # and eval, after its accuracy
+    evaluated = capsys.readouterr().out
+    assert evaluated.index("top-1") < evaluated.index(f"slim model: {params:,} parameters")
 
 
 def test_two_targets_name_the_override_that_drops_one(

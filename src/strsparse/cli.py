@@ -211,6 +211,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     for line in _totals_lines(profile):
         print(line)
+    _print_structure(model, info.input_shape, profile.overall.flops, args.checkpoint)
     return EXIT_OK
 
 
@@ -269,9 +270,22 @@ def _structure_lines(
     return lines
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
-    from strsparse import sparsity_report, structure_report
+def _print_structure(
+    model: nn.Module, input_shape: Sequence[int], flops: float, source: str | os.PathLike
+) -> None:
+    """For a structured model, what each layer kept and its slim model's size: the zeros'
+    count understates what removing the filters saves."""
+    from strsparse import structure_report
     from strsparse.training.loop import slim_totals
+
+    structure = structure_report(model)
+    if structure:
+        for line in _structure_lines(structure, slim_totals(model, input_shape), flops, source):
+            print(line)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from strsparse import sparsity_report
 
     model, cfg, _ = _restore(args.checkpoint)
     shape = _input_shape_of(cfg)
@@ -281,11 +295,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print()
     for line in _totals_lines(profile):
         print(line)
-    structure = structure_report(model)
-    if structure:  # the zeros above understate what removing the filters saves
-        totals = slim_totals(model, shape)
-        for line in _structure_lines(structure, totals, profile.overall.flops, args.checkpoint):
-            print(line)
+    _print_structure(model, shape, profile.overall.flops, args.checkpoint)
     if args.csv is not None:
         report.to_csv(args.csv)
         print(f"wrote {args.csv}")
