@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 from strsparse.errors import OptionError, StrsparseError
 from strsparse.formatting import count as _count
 from strsparse.formatting import human
-from strsparse.training.loop import TrainingDiverged
+from strsparse.training.loop import TrainingDiverged, slim_totals
 
 if TYPE_CHECKING:  # the commands import the library lazily, so that --help starts fast
     from torch import nn
@@ -276,7 +276,6 @@ def _print_structure(
     """For a structured model, what each layer kept and its slim model's size: the zeros'
     count understates what removing the filters saves."""
     from strsparse import structure_report
-    from strsparse.training.loop import slim_totals
 
     structure = structure_report(model)
     if structure:

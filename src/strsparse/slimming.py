@@ -517,9 +517,7 @@ def _example_input(model: nn.Module, example_inputs: Any) -> tuple[Tensor, ...]:
             f"slim needs an example input to follow the channels of {type(model).__name__}: "
             "pass example_inputs=torch.randn(1, C, H, W) (the model declares no input_shape)"
         )
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else None
-    return (torch.randn(1, *shape, device=device),)
+    return (torch.randn(1, *shape, device=_device(model)),)
 
 
 def _has_zero_filters(model: nn.Module) -> bool:

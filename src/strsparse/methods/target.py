@@ -255,19 +255,15 @@ class ChannelFlops:
         share of every term that reads or writes its channels, divided among the filters
         that write the same class (a residual stream goes only when all of them go; a
         depthwise filter alone removes its channel, and counts in full)."""
-        depends = torch.zeros(self.base.numel(), dtype=self.flops.dtype)
-        for cls, term in (self.inputs, self.outputs):
-            cls, term = cls.cpu(), term.cpu()
-            count = torch.zeros(self.flops.numel(), dtype=self.flops.dtype).index_add_(
-                0, term, torch.ones_like(cls, dtype=self.flops.dtype)
-            )
-            depends.index_add_(0, cls, (self.flops.cpu() / count.clamp_min(1))[term])
-        writers = torch.zeros_like(depends)
-        for c in self.classes.values():
-            writers.index_add_(0, c.cpu(), torch.ones_like(c.cpu(), dtype=depends.dtype))
+        depends = torch.zeros_like(self.base, dtype=self.flops.dtype)
+        for cls, term, weight, _ in self._sides:  # a term's FLOPs over its channels
+            depends.index_add_(0, cls, self.flops[term] * weight)
+        writers = torch.zeros_like(depends).index_add_(
+            0, self._gated, torch.ones_like(self._gated, dtype=depends.dtype)
+        )
         shared = depends / writers.clamp_min(1)
-        prices = {n: float(shared[c.cpu()].mean()) for n, c in self.classes.items()}
-        prices.update({n: float(depends[c.cpu()].mean()) for n, c in self.cuts.items()})
+        prices = {n: float(shared[c].mean()) for n, c in self.classes.items()}
+        prices.update({n: float(depends[c].mean()) for n, c in self.cuts.items()})
         return prices
 
 
@@ -316,7 +312,7 @@ class ControllerGains:
 STRUCTURED_GAINS = ControllerGains(max_rate=ControllerGains.probe)
 # Under a FLOPs target the costly filters, which the task needs most, have to go: their
 # task gradient held the thresholds back against a drift of 0.05 a step (LeNet-5 at a 30%
-# target lagged the schedule by 11 points of FLOPs for most of training). The halving of a
+# target lagged the schedule by 11 to 22 points of FLOPs for most of training). The halving of a
 # step that would cross the schedule (``_within_gap``) still bounds each step.
 STRUCTURED_FLOPS_GAINS = ControllerGains(max_rate=0.15)
 
@@ -471,43 +467,35 @@ class TargetController(nn.Module):
                     for n, m in layers.items()
                 },
             )
-        elif channel_flops is not None and flops is not None:
+        else:
+            if flops is None or (costs is None and channel_flops is None):
+                raise OptionError("a FLOPs target needs the FLOPs per weight of every layer")
             floors = {
                 n: layer_floor(_thresholded(m).numel(), float(flops)) for n, m in layers.items()
             }
-            least = channel_flops.fraction(
-                {
-                    n: torch.arange(_thresholded(m).numel(), device=_thresholded(m).device)
-                    < floors[n]
-                    for n, m in layers.items()
-                }
-            )
+            # the least the target can reach: with a structure, every gated layer at its
+            # floor; without, every sparsified weight gone
+            if channel_flops is not None:
+                least = channel_flops.fraction(
+                    {
+                        n: torch.arange(_thresholded(m).numel(), device=_thresholded(m).device)
+                        < floors[n]
+                        for n, m in layers.items()
+                    }
+                )
+                why = "the model costs with every gated layer at its fewest filters"
+                fix = "gate more layers"
+            else:
+                assert costs is not None  # checked above
+                total = fixed_cost + sum(
+                    costs[n] * _thresholded(m).numel() for n, m in layers.items()
+                )
+                least = fixed_cost / total
+                why, fix = "the layers left dense cost", "sparsify more layers"
             if least >= float(flops):
                 raise OptionError(
-                    f"flops={flops} is below what the model costs with every gated layer at "
-                    f"its fewest filters ({least:.4f} of the dense FLOPs); raise the target "
-                    "or gate more layers"
-                )
-            controller = cls(
-                list(layers),
-                target_density=float(flops),
-                kind="flops",
-                start=start,
-                end=end,
-                pressure_weights=pressure_weights,
-                gains=STRUCTURED_FLOPS_GAINS,
-                min_kept=floors,
-                channel_flops=channel_flops,
-            )
-        else:
-            if costs is None or flops is None:
-                raise OptionError("a FLOPs target needs the FLOPs per weight of every layer")
-            total = fixed_cost + sum(costs[n] * _thresholded(m).numel() for n, m in layers.items())
-            if fixed_cost / total >= float(flops):
-                raise OptionError(
-                    f"flops={flops} is below what the layers left dense cost "
-                    f"({fixed_cost / total:.4f} of the dense FLOPs); raise the target or "
-                    "sparsify more layers"
+                    f"flops={flops} is below what {why} ({least:.4f} of the dense FLOPs); "
+                    f"raise the target or {fix}"
                 )
             controller = cls(
                 list(layers),
@@ -518,9 +506,9 @@ class TargetController(nn.Module):
                 costs=costs,
                 fixed_cost=fixed_cost,
                 pressure_weights=pressure_weights,
-                min_kept={
-                    n: layer_floor(_thresholded(m).numel(), float(flops)) for n, m in layers.items()
-                },
+                gains=None if channel_flops is None else STRUCTURED_FLOPS_GAINS,
+                min_kept=floors,
+                channel_flops=channel_flops,
             )
         controller.attach(layers)
         return controller
