@@ -17,6 +17,7 @@ from strsparse.inference import (
     DEFAULT_MAX_DENSITY,
     _native,
     backend,
+    layers,
     load_sparse,
     save_sparse,
     set_isa,
@@ -336,6 +337,134 @@ def test_planar_fallbacks_match_dense(monkeypatch) -> None:
         got = consumer(planar)
         expected = dense(planar.unpack().transpose(0, 1)).clamp(min=0).transpose(0, 1)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+SHIFTED = {
+    "3x3": dict(kernel_size=3, padding=1),
+    "5x5": dict(kernel_size=5, padding=2),
+    "dilated": dict(kernel_size=3, padding=2, dilation=2),
+    "grouped": dict(kernel_size=3, padding=1, groups=2),
+    "rect-kernel": dict(kernel_size=(1, 3), padding=(0, 1)),
+}
+
+
+class _ShiftedResidual(nn.Module):
+    """A 1x1 conv whose output feeds both a k x k conv and that conv's residual add: the k x k
+    conv reads an unpadded input and fuses the add."""
+
+    def __init__(self, opts: dict) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(6, 10, 1)
+        self.conv = nn.Conv2d(10, 10, bias=False, **opts)
+        self.bn = nn.BatchNorm2d(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.first(x))
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+def _no_padding(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the input was padded")
+
+
+@needs_native
+@pytest.mark.parametrize("name", list(SHIFTED))
+def test_a_stride_one_conv_reads_an_unpadded_input_as_it_is(name: str, monkeypatch) -> None:
+    """A stride-1 conv whose output has its input's size reads an unpadded input with masked
+    loads (AVX-512) instead of padding a copy: outputs equal the dense conv's at the image's
+    borders, between the images of a batch and in partial tiles; written compact, into the
+    next conv's planes, or with the residual add fused."""
+    if backend().isa != "avx512":
+        pytest.skip("the shifted product runs with AVX-512 only")
+    monkeypatch.setattr(layers, "SHIFTED_MAX_DENSITY", 1.0)  # every tap in use
+    opts = SHIFTED[name]
+    chain = _prune(
+        nn.Sequential(
+            nn.Conv2d(6, 10, bias=False, **opts),
+            nn.BatchNorm2d(10),
+            nn.ReLU(),
+            nn.Conv2d(10, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 5, 1),
+        ),
+        0.6,
+    )
+    residual = _prune(_ShiftedResidual(opts), 0.6)
+    sparse_chain = to_sparse(chain, max_density=1.0)
+    sparse_residual = to_sparse(residual, max_density=1.0)
+    first = sparse_chain.net.get_submodule("0")
+    assert first.output_planes == ((1, 1), 1)  # written into the next conv's planes
+    monkeypatch.setattr(_native.Backend, "pad_planes", _no_padding)
+    for n, h, w in [(1, 1, 2), (1, 9, 9), (3, 13, 11), (2, 37, 29)]:
+        _check_close(chain, sparse_chain, torch.randn(n, 6, h, w))
+        _check_close(residual, sparse_residual, torch.randn(n, 6, h, w))
+        for layer in (first, sparse_residual.net.get_submodule("conv")):
+            assert ("shifted", n, h, w) in layer._offsets
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_the_shifted_product_matches_conv2d_on_every_instruction_set(isa: str) -> None:
+    """The native shifted product itself: AVX-512 masks its loads, the other instruction sets
+    check each pixel (what runs there only where a recorded pass is replayed)."""
+    try:
+        set_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        torch.manual_seed(0)
+        weight = torch.randn(7, 5, 3, 3) * (torch.rand(7, 5, 3, 3) < 0.4)
+        bias = torch.randn(7)
+        layer = SparseConv2d(5, 7, (3, 3), 1, (2, 2), (2, 2), 1, weight, bias)
+        for n, h, w in [(1, 1, 1), (2, 7, 5), (3, 21, 17)]:
+            x = torch.randn(n, 5, h, w)
+            residual = torch.randn(7, n, h, w)
+            offsets, taps, shifts = layer._shifted_geometry(n, h, w)
+            out = torch.empty(7, n, h, w)
+            count = n * h * w
+            backend().spmm(
+                x.transpose(0, 1).contiguous(), out, layer.values, offsets, layer.row_ptr,
+                layer.bias, residual, count, count, count, 0.0, math.inf,
+                shifted=(taps, shifts, h, w),
+            )  # fmt: skip
+            expected = F.conv2d(x, weight, bias, padding=2, dilation=2).transpose(0, 1)
+            torch.testing.assert_close(out, (expected + residual).clamp(min=0))
+    finally:
+        set_isa("auto")
+
+
+@needs_native
+def test_only_very_sparse_convs_read_unpadded_inputs() -> None:
+    """Where the loads' masks cost more than padding saves (denser layers), the input is
+    padded."""
+    dense = _prune(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()), 0.6)
+    sparse = _prune(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()), 0.99)
+    x = torch.randn(1, 16, 10, 10)
+    for model, shifted in [(dense, False), (sparse, backend().isa == "avx512")]:
+        converted = to_sparse(model, max_density=1.0)
+        _check_close(model, converted, x)
+        layer = converted.net.get_submodule("0")
+        assert (layer._offsets.get(("shifted", 1, 10, 10)) is not None) is shifted
+
+
+@needs_native
+def test_a_kernel_with_too_many_taps_is_padded_instead(monkeypatch) -> None:
+    monkeypatch.setattr(layers, "SHIFTED_MAX_DENSITY", 1.0)
+    model = _prune(nn.Sequential(nn.Conv2d(4, 6, 9, padding=4), nn.ReLU()), 0.6)
+    sparse = to_sparse(model, max_density=1.0)
+    _check_close(model, sparse, torch.randn(2, 4, 12, 10))
+    layer = sparse.net.get_submodule("0")
+    assert layer._shifted_geometry(2, 12, 10) is None  # 81 taps
+    assert all(key[0] != "shifted" or value is None for key, value in layer._offsets.items())
+    x, out = torch.randn(4), torch.zeros(4)
+    values, offsets = torch.ones(1), torch.zeros(1, dtype=torch.int32)
+    row_ptr = torch.tensor([0, 1], dtype=torch.int32)
+    shifts = torch.zeros(81, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="81 taps"):
+        backend().spmm(
+            x, out, values, offsets, row_ptr, None, None, 4, 4, 4, -math.inf, math.inf,
+            shifted=(offsets, shifts, 2, 2),
+        )  # fmt: skip
 
 
 @needs_native

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from strsparse.inference import backend, replay, to_sparse
+from strsparse.inference import backend, layers, replay, to_sparse
 from strsparse.inference.replay import _layout
 from tests.test_inference import _Bottleneck, _prune
 
@@ -90,6 +90,32 @@ def test_a_native_forward_pass_is_replayed_with_the_same_outputs(batch: int) -> 
     for out in (first, second, *replayed):
         assert torch.equal(out, expected)
     assert replayed[0].data_ptr() != replayed[1].data_ptr()  # the caller owns each output
+
+
+@needs_native
+def test_convs_reading_unpadded_inputs_are_replayed(monkeypatch) -> None:
+    """3x3 convs on the network's input and after max pooling read them unpadded (the shifted
+    product, with AVX-512): recorded and replayed like every other call."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1),
+    )
+    monkeypatch.setattr(layers, "SHIFTED_MAX_DENSITY", 1.0)
+    sparse = to_sparse(_prune(model, 0.6), max_density=1.0)
+    x = torch.randn(2, 3, 17, 15)
+    expected = _eager(sparse, x)
+    with torch.inference_mode():
+        first, second = sparse(x), sparse(x)
+        assert sparse._replay_net.plan_for(x.shape) is True
+        replayed = sparse(x)
+    for out in (first, second, replayed):
+        assert torch.equal(out, expected)
+    if backend().isa == "avx512":
+        assert ("shifted", 2, 8, 7) in sparse.net.get_submodule("3")._offsets
 
 
 @needs_native

@@ -62,6 +62,8 @@ class Backend:
             lib.ss_spmm_mapped.restype = _int
             lib.ss_spmm_windows.argtypes = lib.ss_spmm_mapped.argtypes + [_ptr, _ptr, _i64]
             lib.ss_spmm_windows.restype = _int
+            lib.ss_spmm_shifted.argtypes = lib.ss_spmm_mapped.argtypes + [_ptr, _ptr] + [_i64] * 3
+            lib.ss_spmm_shifted.restype = _int
             lib.ss_set_window_copy.argtypes = [_int]
             lib.ss_set_window_copy.restype = _int
             lib.ss_far_mode.argtypes = [_int]
@@ -151,13 +153,17 @@ class Backend:
         hi: float,
         out_map: Tensor | None = None,
         windows: tuple[Tensor, Tensor] | None = None,
+        shifted: tuple[Tensor, Tensor, int, int] | None = None,
     ) -> None:
         """``out[co*ld_out + p] = clamp(bias[co] + sum_j values[j] * inp[offsets[j] + p]
         (+ residual[co*ld_res + p]), lo, hi)`` for ``p < n_pix``; all float32 / int32,
         contiguous, flat indexing. With ``out_map`` (int64, native kernels only), pixel ``p``
         is written where the map sends it instead (see ``ss_spmm_mapped``); ``windows``, the
         distinct offsets and each nonzero's index among them (int32, see
-        ``ss_spmm_windows``), lets the product copy each window once per tile."""
+        ``ss_spmm_windows``), lets the product copy each window once per tile. ``shifted``,
+        each nonzero's tap, the taps' (dy, dx) (int32) and the image's height and width
+        (native kernels only, see ``ss_spmm_shifted``), reads ``inp`` unpadded, each nonzero
+        only where its tap lands inside the image."""
         c_out = row_ptr.numel() - 1
         if self._lib is not None:
             args = (
@@ -176,6 +182,15 @@ class Backend:
                 hi,
                 torch.get_num_threads(),
             )
+            if shifted is not None:
+                taps, shifts, h, w = shifted
+                failed = self._lib.ss_spmm_shifted(
+                    *args, _ptr_of(out_map), taps.data_ptr(), shifts.data_ptr(), shifts.shape[0],
+                    h, w,
+                )  # fmt: skip
+                if failed:
+                    raise ValueError(f"the shifted product cannot handle {shifts.shape[0]} taps")
+                return
             if windows is not None:
                 distinct, slots = windows
                 failed = self._lib.ss_spmm_windows(
@@ -191,8 +206,8 @@ class Backend:
                 assert out_map is not None
                 raise ValueError(f"the native output map cannot handle {out_map.tolist()}")
             return
-        if out_map is not None:
-            raise RuntimeError("mapped outputs need the native kernels")
+        if out_map is not None or shifted is not None:
+            raise RuntimeError("mapped and shifted products need the native kernels")
         from strsparse.inference import _numba_kernels
 
         _numba_kernels.spmm(

@@ -57,6 +57,7 @@ _OPS = {
     9: "ss_plane_mean",
     10: "ss_depthwise",
     11: "ss_swap01",
+    12: "ss_spmm_shifted",
 }
 _LITERAL, _INPUT, _ARENA = 0, 1, 2  # how ss_run_plan reads an argument
 _ALIGN = 64  # bytes; what PyTorch's CPU allocator guarantees, so kernels see the same

@@ -335,6 +335,7 @@ enum {
     OP_PLANE_MEAN,
     OP_DEPTHWISE,
     OP_SWAP01,
+    OP_SPMM_SHIFTED,
 };
 #define SS_MAX_ARGS 24
 
@@ -426,7 +427,50 @@ typedef struct {
     const int32_t *windows;
     const int32_t *window_offsets; /* per nonzero: slot * tile in that buffer */
     int64_t n_windows;
+    /* NULL, or per nonzero which of the n_taps (dy, dx) shifts of an image of img_h x img_w
+     * pixels it reads at (a shifted product, see ss_spmm_shifted) */
+    const int32_t *taps;
+    const int32_t *shifts;
+    int64_t n_taps, img_h, img_w;
+    /* a shifted product's masks for the tile being computed: bit q of
+     * tile_mask[tap * SS_MASK_ROW + q / 16] is set where the tile's pixel q reads inside the
+     * image (see shifted_masks) */
+    const uint16_t *tile_mask;
 } spmm_args;
+
+#define SS_MAX_TILE 128 /* tiles are at most this wide */
+#define SS_MASK_ROW (SS_MAX_TILE / 16)
+#define SS_MAX_TAPS 64
+
+/* A shifted product's masks for tile [p0, p0 + np) (see spmm_args.tile_mask): pixel p is
+ * (y, x) = (p / w % h, p % w), and tap (dy, dx) reads inside the image where
+ * 0 <= y + dy < h and 0 <= x + dx < w. */
+static void shifted_masks(const spmm_args *a, int64_t p0, int64_t np, uint16_t *mask) {
+    int32_t ys[SS_MAX_TILE], xs[SS_MAX_TILE];
+    const int64_t h = a->img_h, w = a->img_w;
+    int64_t x = p0 % w, y = p0 / w % h;
+    for (int64_t q = 0; q < np; q++) {
+        ys[q] = (int32_t)y;
+        xs[q] = (int32_t)x;
+        if (++x == w) {
+            x = 0;
+            if (++y == h) y = 0;
+        }
+    }
+    const int64_t groups = (np + 15) / 16;
+    for (int64_t t = 0; t < a->n_taps; t++) {
+        const int32_t dy = a->shifts[2 * t], dx = a->shifts[2 * t + 1];
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t q0 = 16 * g, q1 = q0 + 16 < np ? q0 + 16 : np;
+            uint32_t bits = 0;
+            for (int64_t q = q0; q < q1; q++)
+                bits |= (uint32_t)((uint32_t)(ys[q] + dy) < (uint32_t)h &&
+                                   (uint32_t)(xs[q] + dx) < (uint32_t)w)
+                        << (q - q0);
+            mask[t * SS_MASK_ROW + g] = (uint16_t)bits;
+        }
+    }
+}
 
 static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
@@ -437,7 +481,13 @@ static void spmm_tile_portable(const spmm_args *a, int64_t c0, int64_t c1, int64
         for (int32_t j = a->row_ptr[co]; j < a->row_ptr[co + 1]; j++) {
             const float w = a->values[j];
             const float *src = a->in + a->offsets[j] + p0;
-            for (int64_t k = 0; k < np; k++) acc[k] += w * src[k];
+            if (a->taps) {
+                const uint16_t *m = a->tile_mask + a->taps[j] * SS_MASK_ROW;
+                for (int64_t k = 0; k < np; k++)
+                    if (m[k / 16] >> (k % 16) & 1) acc[k] += w * src[k];
+            } else {
+                for (int64_t k = 0; k < np; k++) acc[k] += w * src[k];
+            }
         }
         const float b = a->bias ? a->bias[co] : 0.0f;
         float *dst = a->out + co * a->ld_out + p0;
@@ -454,13 +504,17 @@ static void spmm_tile_portable(const spmm_args *a, int64_t c0, int64_t c1, int64
 /* NV vectors of 16 floats; the last one masked by `last`. Inlined with a constant NV. */
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
 spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, const int nv,
-                    const int full, __mmask16 last) {
+                    const int full, __mmask16 last, const int shifted) {
     /* masked loads and stores only for the last vector of a partial tile: on some CPUs
      * (AMD Zen 4) masked stores are far slower than plain ones */
     __mmask16 m[8];
     for (int k = 0; k < 8; k++) m[k] = k < nv - 1 ? (__mmask16)0xFFFF : last;
 #define LOAD512(k, p) \
     ((k) < nv - 1 || full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m[(k)], (p)))
+    /* a shifted product's input: every load masked by its tap (the tile's end included) */
+#define INPUT512(k, p, j) \
+    (shifted ? _mm512_maskz_loadu_ps(a->tile_mask[a->taps[j] * SS_MASK_ROW + (k)], (p)) \
+             : LOAD512(k, p))
     const __m512 vlo = _mm512_set1_ps(a->lo), vhi = _mm512_set1_ps(a->hi);
     /* U independent sums of every vector (nonzeros taken in turn), so that short tiles are
      * not bound by the FMA latency: 8 or more chains in flight */
@@ -477,19 +531,20 @@ spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, cons
             const __m512 w = _mm512_set1_ps(a->values[j]);
             const float *src = in + a->offsets[j];
             for (int k = 0; k < nv; k++)
-                acc[k] = _mm512_fmadd_ps(w, LOAD512(k, src + 16 * k), acc[k]);
+                acc[k] = _mm512_fmadd_ps(w, INPUT512(k, src + 16 * k, j), acc[k]);
             for (int u = 0; u < U - 1; u++) {
                 const __m512 wu = _mm512_set1_ps(a->values[j + 1 + u]);
                 const float *su = in + a->offsets[j + 1 + u];
                 for (int k = 0; k < nv; k++)
-                    more[u][k] = _mm512_fmadd_ps(wu, LOAD512(k, su + 16 * k), more[u][k]);
+                    more[u][k] =
+                        _mm512_fmadd_ps(wu, INPUT512(k, su + 16 * k, j + 1 + u), more[u][k]);
             }
         }
         for (; j < j1; j++) {
             const __m512 w = _mm512_set1_ps(a->values[j]);
             const float *src = in + a->offsets[j];
             for (int k = 0; k < nv; k++)
-                acc[k] = _mm512_fmadd_ps(w, LOAD512(k, src + 16 * k), acc[k]);
+                acc[k] = _mm512_fmadd_ps(w, INPUT512(k, src + 16 * k, j), acc[k]);
         }
         for (int u = 0; u < U - 1; u++)
             for (int k = 0; k < nv; k++) acc[k] = _mm512_add_ps(acc[k], more[u][k]);
@@ -506,6 +561,8 @@ spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, cons
                 _mm512_mask_storeu_ps(dst + 16 * k, m[k], v);
         }
     }
+#undef INPUT512
+#undef LOAD512
 }
 
 /* One pixel (a Linear layer on one sample): a row's nonzeros 16 at a time, their inputs
@@ -549,7 +606,7 @@ spmm_pixel_avx512(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0) {
 
 __attribute__((target("avx512f"))) static void
 spmm_tile_avx512(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t np) {
-    if (np == 1) {
+    if (np == 1 && !a->taps) {
         spmm_pixel_avx512(a, c0, c1, p0);
         return;
     }
@@ -559,8 +616,9 @@ spmm_tile_avx512(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t
     /* constant nv and full: each case compiles to straight-line code */
 #define CASE512(n)                                                                         \
     case n:                                                                                \
-        if (rem == 16) spmm_tile_avx512_nv(a, c0, c1, p0, n, 1, last);                     \
-        else spmm_tile_avx512_nv(a, c0, c1, p0, n, 0, last);                               \
+        if (a->taps) spmm_tile_avx512_nv(a, c0, c1, p0, n, 0, last, 1);                    \
+        else if (rem == 16) spmm_tile_avx512_nv(a, c0, c1, p0, n, 1, last, 0);             \
+        else spmm_tile_avx512_nv(a, c0, c1, p0, n, 0, last, 0);                            \
         break;
     switch (nv) {
         CASE512(1) CASE512(2) CASE512(3) CASE512(4) CASE512(5) CASE512(6) CASE512(7)
@@ -759,7 +817,6 @@ enum { MAP_SRC_H, MAP_SRC_W, MAP_VALID_H, MAP_VALID_W, MAP_STRIDE, MAP_PAD_T, MA
        MAP_HQ, MAP_WQ, MAP_PLANE, MAP_LEN };
 
 #define SS_MAP_CHANNELS 16
-#define SS_MAX_TILE 128 /* a mapped product's tiles are at most this wide */
 #define SS_MAX_MAP_STRIDE 4
 
 typedef struct {
@@ -850,12 +907,15 @@ spmm_mapped_body(const spmm_args *a, int64_t begin, int64_t end, tile_fn fn, row
     float buf[SS_MAP_CHANNELS * SS_MAX_TILE];
     row_segment seg[SS_MAX_TILE * SS_MAX_MAP_STRIDE];
     float *windows = windows_alloc(a, &local);
+    uint16_t mask[SS_MAX_TAPS * SS_MASK_ROW];
+    local.tile_mask = mask;
     for (int64_t item = begin; item < end; item++) {
         const int64_t t = item / a->n_blocks, blk = item % a->n_blocks;
         const int64_t p0 = t * a->tile;
         const int64_t np = a->n_pix - p0 < a->tile ? a->n_pix - p0 : a->tile;
         const int64_t n_seg = map_segments(a->map, p0, np, seg);
         if (windows) windows_fill(a, &local, windows, p0, np, copy);
+        if (a->taps) shifted_masks(a, p0, np, mask);
         const int64_t c_end = a->block_start[blk + 1];
         for (int64_t c0 = a->block_start[blk]; c0 < c_end; c0 += SS_MAP_CHANNELS) {
             const int64_t c1 = c0 + SS_MAP_CHANNELS < c_end ? c0 + SS_MAP_CHANNELS : c_end;
@@ -927,14 +987,21 @@ static void spmm_task(void *ctx, int64_t begin, int64_t end) {
         fn = spmm_tile_avx2;
         copy = row_copy_avx2;
     }
+    /* a shifted product masks its loads with AVX-512, or checks each pixel */
+    if (a->taps && fn != spmm_tile_avx512) fn = spmm_tile_portable;
+#else
+    if (a->taps) fn = spmm_tile_portable;
 #endif
     spmm_args local = *a;
     float *windows = windows_alloc(a, &local);
+    uint16_t mask[SS_MAX_TAPS * SS_MASK_ROW];
+    local.tile_mask = mask;
     for (int64_t item = begin; item < end; item++) {
         const int64_t t = item / a->n_blocks, blk = item % a->n_blocks;
         const int64_t p0 = t * a->tile;
         const int64_t np = a->n_pix - p0 < a->tile ? a->n_pix - p0 : a->tile;
         if (windows) windows_fill(a, &local, windows, p0, np, copy);
+        if (a->taps) shifted_masks(a, p0, np, mask);
         fn(&local, a->block_start[blk], a->block_start[blk + 1], p0, np);
     }
     free(windows);
@@ -1034,7 +1101,8 @@ static void spmm_run(const float *in, float *out, const float *values, const int
                      const int32_t *row_ptr, const float *bias, const float *residual,
                      int64_t c_out, int64_t n_pix, int64_t ld_out, int64_t ld_res, float lo,
                      float hi, int threads, const int64_t *map, const int32_t *windows,
-                     const int32_t *slots, int64_t n_windows) {
+                     const int32_t *slots, int64_t n_windows, const int32_t *taps,
+                     const int32_t *shifts, int64_t n_taps, int64_t img_h, int64_t img_w) {
     if (c_out <= 0 || n_pix <= 0) return;
     /* negative threads: may return before the work is done (see early_ctx) */
     const int early = threads < 0;
@@ -1042,9 +1110,17 @@ static void spmm_run(const float *in, float *out, const float *values, const int
     threads = allowed_threads(threads);
     if ((int64_t)(row_ptr[c_out] - row_ptr[0]) * n_pix < SS_SERIAL_MACS) threads = 1;
     spmm_args a = {in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out,
-                   ld_res, lo, hi, 0, 0, 0, NULL, map, NULL, NULL, 0};
+                   ld_res, lo, hi, 0, 0, 0, NULL, map, NULL, NULL, 0, NULL, NULL, 0, 0, 0, NULL};
     a.tile = tile_size();
     if (map && a.tile > SS_MAX_TILE) a.tile = SS_MAX_TILE;
+    if (taps) {
+        a.taps = taps;
+        a.shifts = shifts;
+        a.n_taps = n_taps;
+        a.img_h = img_h;
+        a.img_w = img_w;
+        if (ss_isa() != ISA_AVX512) a.tile = 32; /* the portable tile (see spmm_task) */
+    }
     int32_t *window_offsets = NULL;
     const int64_t wt = windows && n_windows > 0 ? window_width(in, windows, n_windows,
                                                               row_ptr[c_out] - row_ptr[0],
@@ -1103,7 +1179,8 @@ static void spmm_run(const float *in, float *out, const float *values, const int
     block_start[blocks] = c_out;
     a.n_blocks = blocks;
     a.block_start = block_start;
-    const task_fn task = map ? spmm_mapped_task() : spmm_task;
+    task_fn task = map ? spmm_mapped_task() : spmm_task;
+    if (map && taps && ss_isa() != ISA_AVX512) task = spmm_mapped_task_portable;
     const int small = nnz * n_pix < SS_FAR_MACS; /* may run alone while the threads are far */
     if (early && !window_offsets) {
         spmm_early job = {a, {0}};
@@ -1126,7 +1203,7 @@ SS_EXPORT void ss_spmm(const float *in, float *out, const float *values, const i
     RECORD(OP_SPMM, RP(in), RP(out), RP(values), RP(offsets), RP(row_ptr), RP(bias),
            RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads);
     spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
-             lo, hi, threads, NULL, NULL, NULL, 0);
+             lo, hi, threads, NULL, NULL, NULL, 0, NULL, NULL, 0, 0, 0);
 }
 
 /* The product of ss_spmm with its pixels mapped (map: MAP_LEN int64 values, see the MAP_
@@ -1147,7 +1224,7 @@ SS_EXPORT int ss_spmm_mapped(const float *in, float *out, const float *values,
            RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads,
            RP(map));
     spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
-             lo, hi, threads, map, NULL, NULL, 0);
+             lo, hi, threads, map, NULL, NULL, 0, NULL, NULL, 0, 0, 0);
     return 0;
 }
 
@@ -1168,7 +1245,32 @@ SS_EXPORT int ss_spmm_windows(const float *in, float *out, const float *values,
            RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads,
            RP(map), RP(windows), RP(slots), n_windows);
     spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
-             lo, hi, threads, map, windows, slots, n_windows);
+             lo, hi, threads, map, windows, slots, n_windows, NULL, NULL, 0, 0, 0);
+    return 0;
+}
+
+/* A stride-1 conv whose output grid is its input's, read straight from the channel-major
+ * input (C, N, h, w) with no padding: as ss_spmm or ss_spmm_mapped (map NULL or not), where
+ * nonzero j reads in[offsets[j] + p] only at the output pixels p = (n*h + y)*w + x whose tap
+ * (dy, dx) = (shifts[2*taps[j]], shifts[2*taps[j] + 1]) lands inside the image
+ * (0 <= y + dy < h, 0 <= x + dx < w) and reads zero elsewhere; offsets[j] is the input
+ * channel's start + dy*w + dx. Returns -1, computing nothing, for more than SS_MAX_TAPS taps or
+ * a map it cannot follow. */
+SS_EXPORT int ss_spmm_shifted(const float *in, float *out, const float *values,
+                              const int32_t *offsets, const int32_t *row_ptr, const float *bias,
+                              const float *residual, int64_t c_out, int64_t n_pix,
+                              int64_t ld_out, int64_t ld_res, float lo, float hi, int threads,
+                              const int64_t *map, const int32_t *taps, const int32_t *shifts,
+                              int64_t n_taps, int64_t h, int64_t w) {
+    if (n_taps < 1 || n_taps > SS_MAX_TAPS || h < 1 || w < 1) return -1;
+    if (map && (map[MAP_STRIDE] < 1 || map[MAP_STRIDE] > SS_MAX_MAP_STRIDE ||
+                map[MAP_SRC_W] < 1 || map[MAP_SRC_H] < 1))
+        return -1;
+    RECORD(OP_SPMM_SHIFTED, RP(in), RP(out), RP(values), RP(offsets), RP(row_ptr), RP(bias),
+           RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads,
+           RP(map), RP(taps), RP(shifts), n_taps, h, w);
+    spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
+             lo, hi, threads, map, NULL, NULL, 0, taps, shifts, n_taps, h, w);
     return 0;
 }
 
@@ -1970,6 +2072,13 @@ SS_EXPORT int ss_run_plan(const int64_t *plan, int64_t n_words, char *input, cha
         case OP_SWAP01:
             if (n != 6) return -1;
             ss_swap01(PA(0), PA(1), a[2], a[3], a[4], (int)a[5]);
+            break;
+        case OP_SPMM_SHIFTED:
+            if (n != 20) return -1;
+            if (ss_spmm_shifted(PA(0), PA(1), PA(2), PA(3), PA(4), PA(5), PA(6), a[7], a[8], a[9],
+                                a[10], FA(11), FA(12), (int)a[13], PA(14), PA(15), PA(16), a[17],
+                                a[18], a[19]))
+                return -1;
             break;
         default:
             return -1;
