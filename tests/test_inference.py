@@ -152,12 +152,21 @@ def _on_one_and_three_threads(model: nn.Module, x: torch.Tensor) -> tuple[torch.
 
 
 @needs_native
-def test_threads_give_the_same_outputs() -> None:
-    model = _prune(strsparse.create_model("resnet20", shortcut="B"), 0.9)
+@pytest.mark.parametrize("sparsity", [0.9, 0.98])
+def test_threads_give_the_same_outputs(sparsity: float) -> None:
+    """At 98% the blocks' first convs read their unpadded inputs (the shifted product)."""
+    model = _prune(strsparse.create_model("resnet20", shortcut="B"), sparsity)
     sparse = to_sparse(model)
     x = torch.randn(4, 3, 32, 32)
     one, three = _on_one_and_three_threads(sparse, x)
     torch.testing.assert_close(one, three, rtol=0, atol=1e-6)
+    shifted = [
+        name
+        for name, m in sparse.net.named_modules()
+        if isinstance(m, SparseConv2d)
+        and any(key[0] == "shifted" and value is not None for key, value in m._offsets.items())
+    ]
+    assert bool(shifted) is (sparsity == 0.98 and backend().isa == "avx512")
 
 
 @needs_native
