@@ -472,6 +472,13 @@ static void shifted_masks(const spmm_args *a, int64_t p0, int64_t np, uint16_t *
     }
 }
 
+/* Eight bytes from p, whatever their type and alignment (one load). */
+static inline uint64_t load_u64(const void *p) {
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
 static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
 static void spmm_tile_portable(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t np) {
@@ -511,10 +518,13 @@ spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, cons
     for (int k = 0; k < 8; k++) m[k] = k < nv - 1 ? (__mmask16)0xFFFF : last;
 #define LOAD512(k, p) \
     ((k) < nv - 1 || full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m[(k)], (p)))
-    /* a shifted product's input: every load masked by its tap (the tile's end included) */
-#define INPUT512(k, p, j) \
-    (shifted ? _mm512_maskz_loadu_ps(a->tile_mask[a->taps[j] * SS_MASK_ROW + (k)], (p)) \
-             : LOAD512(k, p))
+    /* a shifted product's input: every load masked by its tap (the tile's end included); the
+     * tap's masks read four at a time, as 64-bit words: 3x3 convs at 98-99% ran 1.02-1.05x
+     * faster than with one 16-bit load each (medians of five alternated processes) */
+#define INPUT512(k, p, j) (shifted ? _mm512_maskz_loadu_ps(TAP_MASK(j, k), (p)) : LOAD512(k, p))
+#define TAP_MASK(j, k)                                                                     \
+    ((__mmask16)(load_u64(a->tile_mask + a->taps[j] * SS_MASK_ROW + (k) / 4 * 4) >>         \
+                 (16 * ((k) % 4))))
     const __m512 vlo = _mm512_set1_ps(a->lo), vhi = _mm512_set1_ps(a->hi);
     /* U independent sums of every vector (nonzeros taken in turn), so that short tiles are
      * not bound by the FMA latency: 8 or more chains in flight */
@@ -561,6 +571,7 @@ spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, cons
                 _mm512_mask_storeu_ps(dst + 16 * k, m[k], v);
         }
     }
+#undef TAP_MASK
 #undef INPUT512
 #undef LOAD512
 }
