@@ -438,15 +438,18 @@ typedef struct {
     const uint16_t *tile_mask;
 } spmm_args;
 
-#define SS_MAX_TILE 128 /* tiles are at most this wide */
-#define SS_MASK_ROW (SS_MAX_TILE / 16)
+#define SS_MAX_TILE 128 /* tiles are at most this wide, but a shifted product's (below) */
+/* a shifted product's tiles with AVX-512 when not mapped: 3x3 convs at 98-99% ran 1.02-1.06x
+ * faster than in 128-pixel tiles, other products gained little or nothing */
+#define SS_WIDE_TILE 256
+#define SS_MASK_ROW (SS_WIDE_TILE / 16)
 #define SS_MAX_TAPS 64
 
 /* A shifted product's masks for tile [p0, p0 + np) (see spmm_args.tile_mask): pixel p is
  * (y, x) = (p / w % h, p % w), and tap (dy, dx) reads inside the image where
  * 0 <= y + dy < h and 0 <= x + dx < w. */
 static void shifted_masks(const spmm_args *a, int64_t p0, int64_t np, uint16_t *mask) {
-    int32_t ys[SS_MAX_TILE], xs[SS_MAX_TILE];
+    int32_t ys[SS_WIDE_TILE], xs[SS_WIDE_TILE];
     const int64_t h = a->img_h, w = a->img_w;
     int64_t x = p0 % w, y = p0 / w % h;
     for (int64_t q = 0; q < np; q++) {
@@ -508,14 +511,15 @@ static void spmm_tile_portable(const spmm_args *a, int64_t c0, int64_t c1, int64
 }
 
 #if SS_X86
-/* NV vectors of 16 floats; the last one masked by `last`. Inlined with a constant NV. */
+/* NV vectors of 16 floats (up to 8, 16 for a shifted product); the last one masked by `last`.
+ * Inlined with a constant NV. */
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
 spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, const int nv,
                     const int full, __mmask16 last, const int shifted) {
     /* masked loads and stores only for the last vector of a partial tile: on some CPUs
      * (AMD Zen 4) masked stores are far slower than plain ones */
-    __mmask16 m[8];
-    for (int k = 0; k < 8; k++) m[k] = k < nv - 1 ? (__mmask16)0xFFFF : last;
+    __mmask16 m[16];
+    for (int k = 0; k < 16; k++) m[k] = k < nv - 1 ? (__mmask16)0xFFFF : last;
 #define LOAD512(k, p) \
     ((k) < nv - 1 || full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m[(k)], (p)))
     /* a shifted product's input: every load masked by its tap (the tile's end included); the
@@ -530,7 +534,7 @@ spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, cons
      * not bound by the FMA latency: 8 or more chains in flight */
     const int U = nv <= 2 ? 4 : (nv <= 7 ? 2 : 1);
     for (int64_t co = c0; co < c1; co++) {
-        __m512 acc[8], more[3][8];
+        __m512 acc[16], more[3][16];
         for (int k = 0; k < nv; k++) acc[k] = _mm512_setzero_ps();
         for (int u = 0; u < U - 1; u++)
             for (int k = 0; k < nv; k++) more[u][k] = _mm512_setzero_ps();
@@ -633,8 +637,10 @@ spmm_tile_avx512(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t
         break;
     switch (nv) {
         CASE512(1) CASE512(2) CASE512(3) CASE512(4) CASE512(5) CASE512(6) CASE512(7)
+        CASE512(8) CASE512(9) CASE512(10) CASE512(11) CASE512(12) CASE512(13) CASE512(14)
+        CASE512(15)
     default:
-        CASE512(8)
+        CASE512(16)
     }
 #undef CASE512
 }
@@ -1131,6 +1137,7 @@ static void spmm_run(const float *in, float *out, const float *values, const int
         a.img_h = img_h;
         a.img_w = img_w;
         if (ss_isa() != ISA_AVX512) a.tile = 32; /* the portable tile (see spmm_task) */
+        else if (!map) a.tile = SS_WIDE_TILE;
     }
     int32_t *window_offsets = NULL;
     const int64_t wt = windows && n_windows > 0 ? window_width(in, windows, n_windows,
