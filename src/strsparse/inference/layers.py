@@ -51,10 +51,11 @@ _CACHE_SIZE = 8  # offsets and output maps a layer keeps (a few input shapes)
 _MAX_MAPPED_STRIDE = 4  # the native output map handles strides up to this
 _MAX_WINDOWS = 4096  # more distinct input windows than this are never copied (see _windows)
 _MAX_TAPS = 64  # kernel positions a shifted product handles (SS_MAX_TAPS)
-# the densest layer that reads an unpadded input as it is rather than padding a copy: its
-# loads' masks cost more than the padding saves in denser layers (single 3x3 convs, batch 1,
-# 1 thread, 64-512 channels on 56x56-7x7: 1.08-1.26x faster at 2% density, 0.94-1.07x at 5%,
-# 0.85-1.00x at 10%)
+# the densest layer that reads an unpadded input as it is rather than padding a copy. Single
+# 3x3 convs (64-512 channels on 56x56-7x7, batch 1, 1 thread) ran 1.09-1.18x faster than
+# with padding at 3% density, 1.04-1.11x at 5%, 1.00-1.08x at 10% and 0.87-1.08x at 25%; but
+# in whole networks at 90-95%, where the padding pass reads an input still in cache, the read
+# gained nothing (ResNet-18 0.97-1.01x, ResNet-20 0.96x)
 SHIFTED_MAX_DENSITY = 0.04
 
 
