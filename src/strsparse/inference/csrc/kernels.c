@@ -1224,6 +1224,12 @@ SS_EXPORT void ss_spmm(const float *in, float *out, const float *values, const i
              lo, hi, threads, NULL, NULL, NULL, 0, NULL, NULL, 0, 0, 0);
 }
 
+/* Whether the output map's stride and grid are ones the mapped product can follow. */
+static int map_ok(const int64_t *map) {
+    return map[MAP_STRIDE] >= 1 && map[MAP_STRIDE] <= SS_MAX_MAP_STRIDE && map[MAP_SRC_W] >= 1 &&
+           map[MAP_SRC_H] >= 1;
+}
+
 /* The product of ss_spmm with its pixels mapped (map: MAP_LEN int64 values, see the MAP_
  * enum): pixel p = (n*src_h + i)*src_w + j with i < valid_h and j < valid_w goes to
  * out[co*ld_out + (y%stride*stride + x%stride)*plane + (n*hq + y/stride)*wq + x/stride],
@@ -1235,9 +1241,7 @@ SS_EXPORT int ss_spmm_mapped(const float *in, float *out, const float *values,
                              int64_t ld_res, float lo, float hi, int threads,
                              const int64_t *map) {
     /* returns -1, computing nothing, for a stride or a grid it cannot map */
-    if (map[MAP_STRIDE] < 1 || map[MAP_STRIDE] > SS_MAX_MAP_STRIDE || map[MAP_SRC_W] < 1 ||
-        map[MAP_SRC_H] < 1)
-        return -1;
+    if (!map_ok(map)) return -1;
     RECORD(OP_SPMM_MAPPED, RP(in), RP(out), RP(values), RP(offsets), RP(row_ptr), RP(bias),
            RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads,
            RP(map));
@@ -1256,9 +1260,7 @@ SS_EXPORT int ss_spmm_windows(const float *in, float *out, const float *values,
                               int64_t ld_out, int64_t ld_res, float lo, float hi, int threads,
                               const int64_t *map, const int32_t *windows, const int32_t *slots,
                               int64_t n_windows) {
-    if (map && (map[MAP_STRIDE] < 1 || map[MAP_STRIDE] > SS_MAX_MAP_STRIDE ||
-                map[MAP_SRC_W] < 1 || map[MAP_SRC_H] < 1))
-        return -1;
+    if (map && !map_ok(map)) return -1;
     RECORD(OP_SPMM_WINDOWS, RP(in), RP(out), RP(values), RP(offsets), RP(row_ptr), RP(bias),
            RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads,
            RP(map), RP(windows), RP(slots), n_windows);
@@ -1281,9 +1283,7 @@ SS_EXPORT int ss_spmm_shifted(const float *in, float *out, const float *values,
                               const int64_t *map, const int32_t *taps, const int32_t *shifts,
                               int64_t n_taps, int64_t h, int64_t w) {
     if (n_taps < 1 || n_taps > SS_MAX_TAPS || h < 1 || w < 1) return -1;
-    if (map && (map[MAP_STRIDE] < 1 || map[MAP_STRIDE] > SS_MAX_MAP_STRIDE ||
-                map[MAP_SRC_W] < 1 || map[MAP_SRC_H] < 1))
-        return -1;
+    if (map && !map_ok(map)) return -1;
     RECORD(OP_SPMM_SHIFTED, RP(in), RP(out), RP(values), RP(offsets), RP(row_ptr), RP(bias),
            RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads,
            RP(map), RP(taps), RP(shifts), n_taps, h, w);
