@@ -10,8 +10,10 @@
  * Activations are channel-major (each channel's pixels contiguous), weights are sparse by
  * output channel with a precomputed input offset per nonzero, so a k x k convolution is a sum
  * of shifted 1-D windows over a zero-padded input (strided convs read "parity planes", see
- * ss_pad_planes). Pixels are processed in tiles held in SIMD accumulators (8 vectors: 128
- * floats with AVX-512, 64 with AVX2), output channels looping inside a tile. The instruction
+ * ss_pad_planes), or over the unpadded input with each load masked to the pixels whose window
+ * lies inside the image (ss_spmm_shifted). Pixels are processed in tiles held in SIMD
+ * accumulators (8 vectors: 128 floats with AVX-512, 64 with AVX2; 16 vectors for a shifted
+ * product), output channels looping inside a tile. The instruction
  * set is picked at run time (target attributes + __builtin_cpu_supports), not at build time.
  * Work is split over pixel tiles and blocks of output channels on a small thread pool.
  * Depthwise convs have a kernel of their own (ss_depthwise), one (channel, image) plane at a
