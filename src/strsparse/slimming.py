@@ -554,21 +554,19 @@ def slim(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...] | None = 
     if not _has_zero_filters(work):
         return work
     inputs = _example_input(work, example_inputs)
-    try:
-        graph_module = fx.GraphModule(work, trace(work))
-    except TraceFailure as exc:
-        raise SlimError(
+    analysis = _analyse(
+        work,
+        lambda graph: ShapeProp(graph).propagate(*inputs),
+        lambda exc: SlimError(
             f"cannot slim {type(model).__name__}: {exc}. Slim follows channels through a "
             f"torch.fx trace; make that layer traceable or leave it out of sparsify"
-        ) from exc
-    ShapeProp(graph_module).propagate(*inputs)
-    analysis = _Analysis(work, graph_module.graph)
-    analysis.run()
+        ),
+    )
     removable = analysis.removable()
     _check_blocked(analysis, removable)
 
     removed = 0
-    for node in graph_module.graph.nodes:
+    for node in analysis.graph.nodes:
         if node.op != "call_module":
             continue
         name = str(node.target)
@@ -783,16 +781,15 @@ def channel_flops(
         if isinstance(gate, StructuredSoftThreshold) and not _depthwise(module):
             gate.m.zero_()  # the filter, its bias and the BatchNorm after it: zero
     work = finalize(work).eval()
-    try:
-        graph_module = fx.GraphModule(work, trace(work))
-    except TraceFailure as exc:
-        raise OptionError(
+    device = _device(work)
+    analysis = _analyse(
+        work,
+        lambda graph: _propagate(graph, input_shape, device),
+        lambda exc: OptionError(
             f"a FLOPs target with structure={structure!r} follows the channels as slim does: "
             f"{exc}; make that layer traceable, or give sparsity= (a fraction of filters)"
-        ) from exc
-    _propagate(graph_module, input_shape, _device(work))
-    analysis = _Analysis(work, graph_module.graph)
-    analysis.run()
+        ),
+    )
     can_go = analysis.removable(keep_one=False)
     find = analysis.uf.find
     index: dict[int, int] = {}
@@ -806,7 +803,7 @@ def channel_flops(
     gated: dict[str, list[int]] = {}
     cuts: dict[str, list[int]] = {}
     counted: set[str] = set()
-    for node in graph_module.graph.nodes:
+    for node in analysis.graph.nodes:
         if node.op != "call_module":
             continue
         name = str(node.target)
@@ -839,6 +836,23 @@ def channel_flops(
     return terms.build(
         gated, cuts, [r not in can_go for r in roots], [r in frozen for r in roots], total, tensors
     )
+
+
+def _analyse(
+    work: nn.Module,
+    propagate: Callable[[fx.GraphModule], None],
+    error: Callable[[TraceFailure], Exception],
+) -> _Analysis:
+    """The channel analysis of ``work``: traced, its shapes propagated by ``propagate``; a
+    trace that fails raises ``error(failure)``."""
+    try:
+        graph_module = fx.GraphModule(work, trace(work))
+    except TraceFailure as exc:
+        raise error(exc) from exc
+    propagate(graph_module)
+    analysis = _Analysis(work, graph_module.graph)
+    analysis.run()
+    return analysis
 
 
 def _propagate(graph: fx.GraphModule, shape: tuple[int, ...], device: Any) -> None:
