@@ -425,7 +425,7 @@ def test_the_shifted_product_matches_conv2d_on_every_instruction_set(isa: str) -
         weight = torch.randn(7, 5, 3, 3) * (torch.rand(7, 5, 3, 3) < 0.4)
         bias = torch.randn(7)
         layer = SparseConv2d(5, 7, (3, 3), 1, (2, 2), (2, 2), 1, weight, bias)
-        for n, h, w in [(1, 1, 1), (2, 7, 5), (3, 21, 17)]:
+        for n, h, w in [(1, 1, 1), (5, 2, 3), (2, 7, 5), (3, 21, 17), (2, 3, 40)]:
             x = torch.randn(n, 5, h, w)
             residual = torch.randn(7, n, h, w)
             offsets, taps, shifts = layer._shifted_geometry(n, h, w)

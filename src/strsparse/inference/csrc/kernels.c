@@ -447,10 +447,12 @@ typedef struct {
 #define SS_MASK_ROW (SS_WIDE_TILE / 16)
 #define SS_MAX_TAPS 64
 
+SS_EXPORT int ss_isa(void);
+
 /* A shifted product's masks for tile [p0, p0 + np) (see spmm_args.tile_mask): pixel p is
  * (y, x) = (p / w % h, p % w), and tap (dy, dx) reads inside the image where
  * 0 <= y + dy < h and 0 <= x + dx < w. */
-static void shifted_masks(const spmm_args *a, int64_t p0, int64_t np, uint16_t *mask) {
+static void shifted_masks_portable(const spmm_args *a, int64_t p0, int64_t np, uint16_t *mask) {
     int32_t ys[SS_WIDE_TILE], xs[SS_WIDE_TILE];
     const int64_t h = a->img_h, w = a->img_w;
     int64_t x = p0 % w, y = p0 / w % h;
@@ -475,6 +477,60 @@ static void shifted_masks(const spmm_args *a, int64_t p0, int64_t np, uint16_t *
             mask[t * SS_MASK_ROW + g] = (uint16_t)bits;
         }
     }
+}
+
+#if SS_X86
+/* The same masks, 16 pixels at a time: (y, x) of a vector of pixels, then two compares a tap.
+ * The scalar loop took a tenth of a 3x3 product at 99% on 56x56 (28 of 289 us). */
+__attribute__((target("avx512f"))) static void
+shifted_masks_avx512(const spmm_args *a, int64_t p0, int64_t np, uint16_t *mask) {
+    const int32_t h = (int32_t)a->img_h, w = (int32_t)a->img_w;
+    int32_t first[2][16];
+    int32_t x = (int32_t)(p0 % w), y = (int32_t)(p0 / w % h);
+    for (int q = 0; q < 16; q++) {
+        first[0][q] = y;
+        first[1][q] = x;
+        if (++x == w) {
+            x = 0;
+            if (++y == h) y = 0;
+        }
+    }
+    __m512i vy = _mm512_loadu_si512((const void *)first[0]);
+    __m512i vx = _mm512_loadu_si512((const void *)first[1]);
+    const __m512i vh = _mm512_set1_epi32(h), vw = _mm512_set1_epi32(w);
+    /* 16 pixels on: x + 16 % w, carried into y + 16 / w, y wrapped into the image */
+    const __m512i dx16 = _mm512_set1_epi32(16 % w), dy16 = _mm512_set1_epi32(16 / w);
+    const __m512i one = _mm512_set1_epi32(1);
+    const int64_t groups = (np + 15) / 16;
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t left = np - 16 * g;
+        const __mmask16 live = (__mmask16)(left >= 16 ? 0xFFFF : ((1u << left) - 1u));
+        for (int64_t t = 0; t < a->n_taps; t++) {
+            const __m512i ty = _mm512_add_epi32(vy, _mm512_set1_epi32(a->shifts[2 * t]));
+            const __m512i tx = _mm512_add_epi32(vx, _mm512_set1_epi32(a->shifts[2 * t + 1]));
+            mask[t * SS_MASK_ROW + g] = (uint16_t)_mm512_mask_cmplt_epu32_mask(
+                _mm512_mask_cmplt_epu32_mask(live, ty, vh), tx, vw);
+        }
+        vx = _mm512_add_epi32(vx, dx16);
+        vy = _mm512_add_epi32(vy, dy16);
+        const __mmask16 carry = _mm512_cmpge_epi32_mask(vx, vw);
+        vx = _mm512_mask_sub_epi32(vx, carry, vx, vw);
+        vy = _mm512_mask_add_epi32(vy, carry, vy, one);
+        for (__mmask16 over = _mm512_cmpge_epi32_mask(vy, vh); over;
+             over = _mm512_cmpge_epi32_mask(vy, vh))
+            vy = _mm512_mask_sub_epi32(vy, over, vy, vh);
+    }
+}
+#endif
+
+static void shifted_masks(const spmm_args *a, int64_t p0, int64_t np, uint16_t *mask) {
+#if SS_X86
+    if (ss_isa() == ISA_AVX512) {
+        shifted_masks_avx512(a, p0, np, mask);
+        return;
+    }
+#endif
+    shifted_masks_portable(a, p0, np, mask);
 }
 
 /* Eight bytes from p, whatever their type and alignment (one load). */
