@@ -888,6 +888,50 @@ def _threads(count: int) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
+@needs_native
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_products_over_large_tensors_match_dense(mode: str) -> None:
+    """Forced on for small tensors, the non-temporal stores and the next tile's prefetch
+    (blocks of channels computed between prefetches) leave every output as it was: shifted,
+    padded and 1x1 convs, on 1 to 3 threads."""
+    try:
+        assert _native.set_large_tensors(mode) == mode
+        model = _prune(
+            nn.Sequential(
+                nn.Conv2d(24, 40, 3, padding=1), nn.ReLU(), nn.Conv2d(40, 19, 1), nn.ReLU(),
+                nn.Conv2d(19, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 16, 1),
+            ),
+            0.98,
+        )  # fmt: skip
+        # the first 3x3 reads its input unpadded, the second, denser, its planes
+        model[4].weight.data[:, :8] = torch.randn(24, 8, 3, 3)
+        sparse = to_sparse(model, max_density=1.0)
+        for shape in [(1, 24, 9, 9), (3, 24, 37, 29)]:
+            x = torch.randn(*shape)
+            for threads in (1, 2, 3):
+                with _threads(threads):
+                    _check_close(model, sparse, x)
+    finally:
+        _native.set_large_tensors("auto")
+
+
+@needs_native
+def test_a_product_over_large_tensors_matches_dense() -> None:
+    """A 3x3 conv layer called on 128 channels of 56x56 at batch 8 (input and output 12.8 MB
+    each; a whole model would run the batch in slices) takes the large tensors' path by size."""
+    model = _prune(nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU()), 0.99)
+    layer = to_sparse(model, max_density=1.0).net.get_submodule("0")
+    x = torch.randn(8, 128, 56, 56)
+    with torch.inference_mode():
+        got = layer(x.transpose(0, 1).contiguous()).transpose(0, 1)
+        torch.testing.assert_close(got, model(x), atol=TOL, rtol=0)
+
+
+def test_bad_large_tensor_mode_is_an_error() -> None:
+    with pytest.raises(ValueError, match="'always'"):
+        _native.set_large_tensors("always")
+
+
 def test_bad_window_copy_mode_is_an_error() -> None:
     with pytest.raises(ValueError, match="'sometimes'"):
         _native.set_window_copy("sometimes")

@@ -64,6 +64,8 @@ class Backend:
             lib.ss_spmm_windows.restype = _int
             lib.ss_spmm_shifted.argtypes = lib.ss_spmm_mapped.argtypes + [_ptr, _ptr] + [_i64] * 3
             lib.ss_spmm_shifted.restype = _int
+            lib.ss_set_large.argtypes = [_int]
+            lib.ss_set_large.restype = _int
             lib.ss_set_window_copy.argtypes = [_int]
             lib.ss_set_window_copy.restype = _int
             lib.ss_far_mode.argtypes = [_int]
@@ -431,6 +433,21 @@ def set_window_copy(mode: str) -> str:
     if key not in modes:
         raise OptionError(f"unknown window copy mode {mode!r}; choose one of {tuple(modes)}")
     lib.ss_set_window_copy(modes[key])
+    return key
+
+
+def set_large_tensors(mode: str) -> str:
+    """How products over large tensors (8 MB and more) run: ``auto`` (by size), ``on`` (as if
+    every tensor were large) or ``off``. A large product writes its output with non-temporal
+    stores and prefetches each next tile's inputs. Returns the mode."""
+    lib = backend()._lib
+    if lib is None:
+        raise RuntimeError(f"the native kernels are not loaded ({backend().name})")
+    modes = {"auto": -1, "off": 0, "on": 1}
+    key = mode.strip().lower()
+    if key not in modes:
+        raise OptionError(f"unknown large-tensor mode {mode!r}; choose one of {tuple(modes)}")
+    lib.ss_set_large(modes[key])
     return key
 
 
