@@ -425,29 +425,26 @@ def set_window_copy(mode: str) -> str:
     """Whether a k x k conv's product copies each distinct input window once per tile into an
     aligned buffer: ``auto`` (where it pays: windows reused by many nonzeros that fit in the
     L1 cache), ``on`` (wherever the windows are known) or ``off``. Returns the mode."""
-    lib = backend()._lib
-    if lib is None:
-        raise RuntimeError(f"the native kernels are not loaded ({backend().name})")
-    modes = {"auto": -1, "off": 0, "on": 1}
-    key = mode.strip().lower()
-    if key not in modes:
-        raise OptionError(f"unknown window copy mode {mode!r}; choose one of {tuple(modes)}")
-    lib.ss_set_window_copy(modes[key])
-    return key
+    return _set_mode("window copy", mode, "ss_set_window_copy")
 
 
 def set_large_tensors(mode: str) -> str:
     """How products over large tensors (8 MB and more) run: ``auto`` (by size), ``on`` (as if
     every tensor were large) or ``off``. A large product writes its output with non-temporal
     stores and prefetches each next tile's inputs. Returns the mode."""
+    return _set_mode("large-tensor", mode, "ss_set_large")
+
+
+def _set_mode(what: str, mode: str, setter: str) -> str:
+    """Pass ``auto`` / ``off`` / ``on`` to the native setter as -1 / 0 / 1."""
     lib = backend()._lib
     if lib is None:
         raise RuntimeError(f"the native kernels are not loaded ({backend().name})")
     modes = {"auto": -1, "off": 0, "on": 1}
     key = mode.strip().lower()
     if key not in modes:
-        raise OptionError(f"unknown large-tensor mode {mode!r}; choose one of {tuple(modes)}")
-    lib.ss_set_large(modes[key])
+        raise OptionError(f"unknown {what} mode {mode!r}; choose one of {tuple(modes)}")
+    getattr(lib, setter)(modes[key])
     return key
 
 
