@@ -13,7 +13,8 @@
  * ss_pad_planes), or over the unpadded input with each load masked to the pixels whose window
  * lies inside the image (ss_spmm_shifted). Pixels are processed in tiles held in SIMD
  * accumulators (8 vectors: 128 floats with AVX-512, 64 with AVX2; 16 vectors for a shifted
- * product), output channels looping inside a tile. The instruction
+ * product), output channels looping inside a tile; products over large tensors stream their
+ * output past the caches and prefetch each next tile's input (see large_mode). The instruction
  * set is picked at run time (target attributes + __builtin_cpu_supports), not at build time.
  * Work is split over pixel tiles and blocks of output channels on a small thread pool.
  * Depthwise convs have a kernel of their own (ss_depthwise), one (channel, image) plane at a
@@ -438,7 +439,7 @@ typedef struct {
      * tile_mask[tap * SS_MASK_ROW + q / 16] is set where the tile's pixel q reads inside the
      * image (see shifted_masks) */
     const uint16_t *tile_mask;
-    /* write the output with non-temporal stores (see SS_STREAM_BYTES) */
+    /* write the output with non-temporal stores (see large_mode) */
     int stream;
     /* NULL, or where (in floats, before p0) the inputs the product reads start: the next
      * tile's lines are prefetched while this one is computed */
@@ -454,6 +455,7 @@ typedef struct {
 #define SS_MAX_TAPS 64
 
 SS_EXPORT int ss_isa(void);
+
 /* Products over large tensors (SS_LARGE_BYTES and more: 3x3 and 1x1 convs at batch 8 on
  * 56x56) are bound by memory, whose hardware prefetchers cannot follow one stream a channel.
  * They write their output with non-temporal stores (which need not read the lines first),
@@ -467,7 +469,6 @@ static int large_mode = -1;
 #define SS_LARGE_BYTES (8 << 20)
 #define SS_AHEAD_TILE_BYTES (128 << 10)
 #define SS_AHEAD_CHANNELS 8 /* prefetches go out between blocks of this many channels */
-#define SS_STREAM_BYTES (8 << 20)
 
 /* A shifted product's masks for tile [p0, p0 + np) (see spmm_args.tile_mask): pixel p is
  * (y, x) = (p / w % h, p % w), and tap (dy, dx) reads inside the image where
@@ -1200,7 +1201,6 @@ SS_EXPORT int ss_set_large(int mode) {
 }
 
 /* Set the window copy's mode (-1 where it pays, 0 never, 1 always); returns the mode. */
-
 SS_EXPORT int ss_set_window_copy(int mode) {
     window_mode = mode < 0 ? -1 : (mode > 0 ? 1 : 0);
     return window_mode;
@@ -1231,8 +1231,9 @@ static void spmm_run(const float *in, float *out, const float *values, const int
     if (early) threads = -threads;
     threads = allowed_threads(threads);
     if ((int64_t)(row_ptr[c_out] - row_ptr[0]) * n_pix < SS_SERIAL_MACS) threads = 1;
-    spmm_args a = {in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out,
-                   ld_res, lo, hi, 0, 0, 0, NULL, map, NULL, NULL, 0, NULL, NULL, 0, 0, 0, NULL, 0, NULL, 0, 0};
+    spmm_args a = {in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix,
+                   ld_out, ld_res, lo, hi, 0, 0, 0, NULL, map, NULL, NULL, 0, NULL, NULL, 0,
+                   0, 0, NULL, 0, NULL, 0, 0};
     a.tile = tile_size();
     a.stream = !map && ss_isa() == ISA_AVX512 &&
                (large_mode < 0 ? (int64_t)sizeof(float) * c_out * ld_out >= SS_LARGE_BYTES
