@@ -1287,9 +1287,14 @@ static void spmm_run(const float *in, float *out, const float *values, const int
     if (large_mode != 0 && !early && !map && !a.windows && !shared && (windows || taps)) {
         /* the inputs' starts: the distinct windows, or a shifted product's channels (each
          * offset lies within half a channel of its channel's start, or the prefetch misses) */
-        int64_t top = 0;
-        for (int32_t j = row_ptr[0]; j < row_ptr[c_out]; j++)
-            if (offsets[j] > top) top = offsets[j];
+        int64_t top = 0; /* the farthest offset: among the few distinct windows, if known */
+        if (windows) {
+            for (int64_t k = 0; k < n_windows; k++)
+                if (windows[k] > top) top = windows[k];
+        } else {
+            for (int32_t j = row_ptr[0]; j < row_ptr[c_out]; j++)
+                if (offsets[j] > top) top = offsets[j];
+        }
         const int64_t n_max = taps ? top / n_pix + 2 : n_windows;
         const int64_t bytes = (int64_t)sizeof(float) * (taps ? n_max * n_pix : top + n_pix);
         if (large_mode > 0 || bytes >= SS_LARGE_BYTES)
