@@ -73,6 +73,19 @@ def pruned_model(name: str, budget: dict | str | float | None, **kwargs) -> nn.M
     return strsparse.finalize(model).eval()
 
 
+def encoder_model(sparsity: float) -> nn.Module:
+    """A small BERT-like encoder (4 layers of width 256, 4 heads, feed-forward 1024; PyTorch's
+    ``nn.TransformerEncoder``) with a classifier on every token, random weights pruned by
+    magnitude to ``sparsity`` in every layer."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.0, batch_first=True)
+    model = nn.Sequential(
+        nn.TransformerEncoder(layer, 4, enable_nested_tensor=False), nn.Linear(256, 10)
+    )
+    strsparse.sparsify(model, "magnitude", sparsity=sparsity)
+    return strsparse.finalize(model).eval()
+
+
 def lenet_model(run: str | None) -> tuple[nn.Module, str]:
     if run is None:
         return pruned_model("lenet5", LENET_STR_BUDGET), "pruned to STR's learned budget"
@@ -148,6 +161,15 @@ def bench_models(args: argparse.Namespace) -> list[dict]:
                 (3, 224, 224),
             )
         )
+    for sparsity in (0.8, 0.9, 0.95):
+        if "encoder" in args.models:
+            specs.append(
+                (
+                    f"encoder @ {100 * sparsity:.0f}%",
+                    lambda s=sparsity: (encoder_model(s), "random, magnitude-pruned"),
+                    (128, 256),  # 128 tokens
+                )
+            )
     results = []
     tmp = tempfile.mkdtemp(prefix="strsparse-bench-")
     # the dense baselines do not depend on the zeros: built once per architecture
@@ -322,8 +344,8 @@ def main() -> None:
     parser.add_argument(
         "--models",
         nargs="+",
-        default=["lenet5", "resnet50", "mobilenet_v1", "resnet50-dense"],
-        help="lenet5, resnet50, mobilenet_v1, resnet50-dense",
+        default=["lenet5", "resnet50", "mobilenet_v1", "resnet50-dense", "encoder"],
+        help="lenet5, resnet50, mobilenet_v1, resnet50-dense, encoder",
     )
     parser.add_argument("--lenet-run", help="an STR run directory of lenet5 (strsparse train)")
     parser.add_argument(

@@ -684,6 +684,23 @@ def test_torch_layout_helpers_match_native() -> None:
         )
 
 
+@needs_native
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_the_native_swap_is_a_transpose(isa: str) -> None:
+    """In 8x8 tiles with scalar edges; sweeping input rows (1024 floats apart) or output rows."""
+    try:
+        set_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        for shape in [(37, 29), (256, 1024), (1024, 256), (40, 24, 3), (9, 71), (64, 64)]:
+            x = torch.randn(*shape)
+            expected = x.transpose(0, 1).contiguous()
+            assert torch.equal(backend().swap01(x), expected)
+    finally:
+        set_isa("auto")
+
+
 @pytest.mark.parametrize("form", ["module", "function"])
 def test_global_average_pooling_runs_natively_in_either_layout(form: str) -> None:
     class Head(nn.Module):

@@ -16,6 +16,11 @@ sweep in ``benchmarks/sparse_inference.py``); a 0%-sparse layer is always dense.
 
 A model that ``torch.fx`` cannot trace gets its Linear and Conv2d modules swapped in place
 (no folding or fusion).
+
+Transformer layers come first: Hugging Face's ``Conv1D`` becomes the ``nn.Linear`` it is
+transposed, and PyTorch's ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``, which
+read their weights directly, are rebuilt from separate projection layers
+(``attention.py``) where one of those runs sparse.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import logging
 import math
 import operator
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -36,6 +41,13 @@ from torch.nn.utils import parametrize
 
 from strsparse.errors import OptionError
 from strsparse.inference._native import backend
+from strsparse.inference.attention import (
+    SparseMultiheadAttention,
+    SparseTransformerEncoderLayer,
+    attention_projections,
+    conv1d_as_linear,
+    supported_attention,
+)
 from strsparse.inference.layers import (
     SparseConv2d,
     SparseLinear,
@@ -44,6 +56,7 @@ from strsparse.inference.layers import (
 )
 from strsparse.inference.replay import Replayer
 from strsparse.inference.slices import map_slices
+from strsparse.methods.base import is_conv1d
 
 __all__ = ["DEFAULT_MAX_DENSITY", "SparseModel", "SparsePlan", "to_sparse"]
 
@@ -582,13 +595,17 @@ class _SwappedConv(nn.Module):
 
 
 def _swap_layers(
-    model: nn.Module, max_density: Mapping[str, float], forced: Mapping[str, str] | None
+    model: nn.Module,
+    max_density: Mapping[str, float],
+    forced: Mapping[str, str] | None,
+    done: Collection[str] = (),
 ) -> tuple[nn.Module, SparsePlan]:
+    """Every Linear and Conv2d module (but those named in ``done``) swapped in place."""
     plan = SparsePlan()
     targets = [
         (name, m)
         for name, m in model.named_modules()
-        if name and (type(m) is nn.Linear or _convertible_conv(m))
+        if name and name not in done and (type(m) is nn.Linear or _convertible_conv(m))
     ]
     for name, m in targets:
         if forced is not None:
@@ -605,6 +622,99 @@ def _swap_layers(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
     return model, plan
+
+
+def _inner_mode(
+    name: str, weight: Tensor, max_density: Mapping[str, float], forced: Mapping[str, str] | None
+) -> str:
+    if forced is not None:  # a file saved before these layers could run sparse has no entry
+        return forced.get(name, "dense")
+    return _choose_mode("linear", weight, max_density)
+
+
+def _open_transformers(
+    model: nn.Module, max_density: Mapping[str, float], forced: Mapping[str, str] | None
+) -> tuple[nn.Module, dict[str, str]]:
+    """``model`` with its transformer layers made convertible, and the modes of the layers
+    inside PyTorch's transformer modules (which torch.fx does not enter, so the passes after
+    this one leave them alone).
+
+    Hugging Face ``Conv1D`` layers become ``nn.Linear`` ones (converted later, as any). An
+    ``nn.MultiheadAttention`` becomes a ``SparseMultiheadAttention`` and an
+    ``nn.TransformerEncoderLayer`` a ``SparseTransformerEncoderLayer`` where one of their
+    layers runs sparse; otherwise they stay as they are, with PyTorch's fused kernels. The
+    feed-forward layers of decoder layers, which PyTorch calls as layers, are swapped in place.
+    """
+    structure_only = forced is not None
+    modes: dict[str, str] = {}
+
+    def put(name: str, new: nn.Module) -> None:
+        nonlocal model
+        if not name:
+            model = new
+            return
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+
+    def layer(name: str, linear: nn.Linear, relu: bool = False) -> nn.Module:
+        modes[name] = _inner_mode(name, linear.weight.detach(), max_density, forced)
+        if modes[name] == "dense":
+            return linear
+        sparse = _build_layer(linear, None, "sparse", structure_only)
+        if relu:
+            sparse.clamp = (0.0, math.inf)
+        return sparse
+
+    def prefixed(name: str, child: str) -> str:
+        return f"{name}.{child}" if name else child
+
+    for name, m in list(model.named_modules()):
+        # a file saved before Conv1D layers were converted names none of them
+        if is_conv1d(m) and (forced is None or name in forced):
+            put(name, conv1d_as_linear(m))
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.MultiheadAttention) and supported_attention(m):
+            parts = {
+                part: layer(prefixed(name, part), linear)
+                for part, linear in attention_projections(m).items()
+            }
+            if any(modes[prefixed(name, part)] == "sparse" for part in parts):
+                put(name, SparseMultiheadAttention(m.num_heads, m.batch_first, **parts))
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.TransformerDecoderLayer):  # which calls them as layers
+            m.register_module("linear1", layer(prefixed(name, "linear1"), m.linear1))
+            m.register_module("linear2", layer(prefixed(name, "linear2"), m.linear2))
+        elif isinstance(m, nn.TransformerEncoderLayer):
+            relu = m.activation is F.relu or isinstance(m.activation, nn.ReLU)
+            m.register_module("linear1", layer(prefixed(name, "linear1"), m.linear1, relu))
+            m.register_module("linear2", layer(prefixed(name, "linear2"), m.linear2))
+            if any(
+                isinstance(c, (SparseLinear, SparseMultiheadAttention))
+                for c in (m.self_attn, m.linear1, m.linear2)
+            ):
+                fused = relu and isinstance(m.linear1, SparseLinear)
+                put(name, SparseTransformerEncoderLayer(m, relu_fused=fused))
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(
+            isinstance(c, SparseTransformerEncoderLayer) for c in m.layers
+        ):
+            m.use_nested_tensor = False  # its nested-tensor path reads the first layer's weights
+    return model, modes
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with the layers ``_open_transformers`` made kept whole as well."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, (SparseMultiheadAttention, SparseTransformerEncoderLayer, SparseLinear)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 _PER_SAMPLE_FUNCTIONS = {
@@ -878,7 +988,9 @@ def to_sparse(
     finalized on a copy). It is not changed. The result is a plain ``nn.Module`` for
     inference (``eval`` mode; call it under ``torch.inference_mode()``) on float32 CPU
     tensors; its outputs match the dense model's to float32 rounding. BatchNorm layers after
-    convs are folded in, and residual adds and ReLUs fused into the layers.
+    convs are folded in, and residual adds and ReLUs fused into the layers. PyTorch's
+    attention and transformer layers and Hugging Face's ``Conv1D`` have their Linear layers
+    converted too (see ``attention.py``).
 
     Per-layer rule: a layer denser than ``max_density`` (a number, or per layer kind
     ``{"linear": .., "pointwise": .., "conv": .., "depthwise": .., "stem": ..}``; defaults in
@@ -899,8 +1011,9 @@ def to_sparse(
             raise OptionError(
                 f"to_sparse runs on the CPU; this model is on {p.device}: call model.cpu() first"
             )
+    model, inner = _open_transformers(model, limits, _plan)
     try:
-        traced = fx.symbolic_trace(model)
+        traced = _trace(model)
     except Exception as exc:  # fx cannot trace data-dependent control flow and the like
         warnings.warn(
             f"torch.fx could not trace {type(model).__name__} ({exc}); its Linear and Conv2d "
@@ -908,7 +1021,7 @@ def to_sparse(
             RuntimeWarning,
             stacklevel=2,
         )
-        net, plan = _swap_layers(model, limits, _plan)
+        net, plan = _swap_layers(model, limits, _plan, done=inner)
         per_sample = False
     else:
         net, plan = _rewrite(traced, limits, _plan)
@@ -916,6 +1029,7 @@ def to_sparse(
         # dense kernels their batch efficiency: only where most layers run sparse
         n_sparse = sum(mode == "sparse" for mode in plan.modes.values())
         per_sample = 2 * n_sparse >= len(plan.modes) > 0 and _per_sample(net)
+    plan.modes.update(inner)
     result = SparseModel(net, plan.to_dict(), per_sample)
     for attr in ("input_shape", "classifier_name"):
         if hasattr(model, attr):

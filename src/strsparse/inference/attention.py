@@ -1,0 +1,215 @@
+"""Transformer layers that ``to_sparse`` can run sparse.
+
+PyTorch's ``nn.MultiheadAttention`` keeps its query, key and value projections in one packed
+parameter and reads its output projection's weight directly, and
+``nn.TransformerEncoderLayer`` hands all its weights to one fused kernel in inference. Neither
+calls its projections as layers, so none of them could be swapped for a sparse one. The
+modules here compute the same outputs from separate projection layers, which ``to_sparse``
+builds as ``SparseLinear`` layers (sparse or kept dense by the per-layer rule). They are for
+inference: dropout is left out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "SparseMultiheadAttention",
+    "SparseTransformerEncoderLayer",
+    "attention_projections",
+    "conv1d_as_linear",
+    "supported_attention",
+]
+
+
+def conv1d_as_linear(module: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` computing what a Hugging Face ``Conv1D`` does (``x @ W + b``)."""
+    weight: Tensor = module.get_parameter("weight").detach()  # (in, out)
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
+    linear.weight = nn.Parameter(weight.t().contiguous())
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().clone())
+    return linear
+
+
+def supported_attention(mha: nn.MultiheadAttention) -> bool:
+    """Whether ``SparseMultiheadAttention`` computes what ``mha`` does: all but the learned
+    extra key and value (``add_bias_kv``) and the zero attention slot (``add_zero_attn``)."""
+    return mha.bias_k is None and mha.bias_v is None and not mha.add_zero_attn
+
+
+def attention_projections(mha: nn.MultiheadAttention) -> dict[str, nn.Linear]:
+    """``mha``'s four projections as separate ``nn.Linear`` layers: ``q_proj``, ``k_proj``,
+    ``v_proj`` (slices of the packed ``in_proj_weight``, or the separate weights where the
+    key and value have their own sizes) and ``out_proj``."""
+    e = mha.embed_dim
+    bias = mha.in_proj_bias
+    if mha.in_proj_weight is not None:  # packed (3E, E)
+        packed = mha.in_proj_weight.detach()
+        weights = [packed[:e], packed[e : 2 * e], packed[2 * e :]]
+    else:
+        weights = [
+            mha.q_proj_weight.detach(),
+            mha.k_proj_weight.detach(),
+            mha.v_proj_weight.detach(),
+        ]
+    projections: dict[str, nn.Linear] = {}
+    for i, (name, weight) in enumerate(zip(("q_proj", "k_proj", "v_proj"), weights, strict=True)):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        linear.weight = nn.Parameter(weight.clone())
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach()[i * e : (i + 1) * e].clone())
+        projections[name] = linear
+    out = mha.out_proj
+    linear = nn.Linear(out.in_features, out.out_features, bias=out.bias is not None)
+    linear.weight = nn.Parameter(out.weight.detach().clone())
+    if out.bias is not None:
+        linear.bias = nn.Parameter(out.bias.detach().clone())
+    projections["out_proj"] = linear
+    return projections
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A mask to add to attention scores: a boolean one's True (not allowed) becomes -inf."""
+    if mask is None or mask.is_floating_point():
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -math.inf)
+
+
+class SparseMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` (same call, same outputs) with its projections as layers.
+
+    ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` are whatever layers they are given
+    (``to_sparse`` gives ``SparseLinear`` ones); the scores are PyTorch's
+    (``scaled_dot_product_attention``, or softmax and matmul where the weights are asked for).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        batch_first: bool,
+        q_proj: nn.Module,
+        k_proj: nn.Module,
+        v_proj: nn.Module,
+        out_proj: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.batch_first = batch_first
+        self.q_proj = q_proj
+        self.k_proj = k_proj
+        self.v_proj = v_proj
+        self.out_proj = out_proj
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if is_causal and attn_mask is None:
+            # as nn.MultiheadAttention: the hint says what attn_mask holds, it is no mask
+            raise RuntimeError(
+                "is_causal=True needs the causal attn_mask too (it is a hint that attn_mask "
+                "is causal); pass attn_mask=nn.Transformer.generate_square_subsequent_mask(L)"
+            )
+        unbatched = query.dim() == 2
+        if unbatched:  # (L, E)
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # (L, N, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, length, _ = query.shape  # (N, L, E)
+        source = key.shape[1]
+        h = self.num_heads
+        q = self.q_proj(query)
+        d = q.shape[-1] // h
+        q = q.view(n, length, h, d).transpose(1, 2)  # (N, H, L, D)
+        k = self.k_proj(key).view(n, source, h, d).transpose(1, 2)  # (N, H, S, D)
+        v = self.v_proj(value).view(n, source, h, d).transpose(1, 2)
+        mask = _additive(attn_mask, q.dtype)  # (L, S) or (N*H, L, S)
+        if mask is not None and mask.dim() == 3:
+            mask = mask.view(n, h, length, source)
+        pad = _additive(key_padding_mask, q.dtype)  # (N, S)
+        if pad is not None:
+            pad = pad.view(n, 1, 1, source)
+            mask = pad if mask is None else mask + pad
+        weights = None
+        if need_weights:
+            scores = (q * (1.0 / math.sqrt(d))) @ k.transpose(-2, -1)  # (N, H, L, S)
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(dim=-1)
+            out = weights @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, length, h * d))  # (N, L, E)
+        if unbatched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        if weights is not None:
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if unbatched:
+                weights = weights.squeeze(0)
+        return out, weights
+
+
+class SparseTransformerEncoderLayer(nn.Module):
+    """``nn.TransformerEncoderLayer``'s computation (its layer-by-layer path, which PyTorch
+    takes in training) for a layer whose projections or feed-forward layers were replaced."""
+
+    def __init__(self, layer: nn.TransformerEncoderLayer, relu_fused: bool = False) -> None:
+        """``relu_fused``: ``layer.linear1`` clamps its outputs at zero itself, so the ReLU
+        after it is left out."""
+        super().__init__()
+        self.self_attn = layer.self_attn
+        self.linear1 = layer.linear1
+        self.linear2 = layer.linear2
+        self.norm1 = layer.norm1
+        self.norm2 = layer.norm2
+        self.norm_first = bool(layer.norm_first)
+        self.activation: Callable[[Tensor], Tensor] = (
+            nn.Identity() if relu_fused else layer.activation
+        )
+
+    def _sa_block(
+        self, x: Tensor, mask: Tensor | None, padding: Tensor | None, causal: bool
+    ) -> Tensor:
+        return self.self_attn(
+            x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=False,
+            is_causal=causal,
+        )[0]  # fmt: skip
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.linear2(self.activation(self.linear1(x)))
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Tensor | None = None,
+        src_key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            return x + self._ff_block(self.norm2(x))
+        x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
+        return self.norm2(x + self._ff_block(x))
