@@ -39,7 +39,7 @@ def _close(got: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 class _Encoder(nn.Module):
-    def __init__(self, batch_first: bool, norm_first: bool, activation: str) -> None:
+    def __init__(self, batch_first: bool, norm_first: bool, activation: str | nn.Module) -> None:
         super().__init__()
         layer = nn.TransformerEncoderLayer(
             32, 4, 64, dropout=0.0, activation=activation, batch_first=batch_first,
@@ -83,6 +83,30 @@ def test_an_encoders_projections_and_feed_forward_layers_run_sparse(
         _close(
             sparse(x[:1] if batch_first else x[:, :1]), model(x[:1] if batch_first else x[:, :1])
         )
+
+
+@needs_native
+def test_an_encoder_with_some_layers_kept_dense_and_any_activation() -> None:
+    """A dense projection or feed-forward layer inside a rebuilt layer runs on PyTorch's
+    kernel, and an activation that is not elementwise sees the layout it was written for."""
+
+    class Softmax(nn.Module):  # mixes the features of a token
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.softmax(dim=-1)
+
+    torch.manual_seed(4)
+    model = _prune(_Encoder(True, False, Softmax()))
+    with torch.no_grad():
+        first = model.encoder.layers[0]
+        first.linear2.weight.normal_()
+        first.self_attn.in_proj_weight[:32].normal_()  # the query's projection
+    sparse = to_sparse(model)
+    plan = sparse.sparse_plan
+    assert plan["encoder.layers.0.linear2"] == plan["encoder.layers.0.self_attn.q_proj"] == "dense"
+    assert plan["encoder.layers.0.linear1"] == plan["encoder.layers.0.self_attn.k_proj"] == "sparse"
+    x = torch.randn(2, 6, 32)
+    with torch.inference_mode():
+        _close(sparse(x), model(x))
 
 
 class _Attention(nn.Module):

@@ -4,9 +4,11 @@ PyTorch's ``nn.MultiheadAttention`` keeps its query, key and value projections i
 parameter and reads its output projection's weight directly, and
 ``nn.TransformerEncoderLayer`` hands all its weights to one fused kernel in inference. Neither
 calls its projections as layers, so none of them could be swapped for a sparse one. The
-modules here compute the same outputs from separate projection layers, which ``to_sparse``
-builds as ``SparseLinear`` layers (sparse or kept dense by the per-layer rule). They are for
-inference: dropout is left out.
+modules here compute the same outputs from separate ``SparseLinear`` projections (sparse, or
+kept dense by the per-layer rule). Between the projections and the attention, and between the
+two feed-forward layers, activations stay channel-major (features, tokens), the layout the
+kernel works in, so that each layer spends no transposes of its own. They are for inference:
+dropout is left out.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from strsparse.inference._native import backend
+from strsparse.inference.layers import SparseLinear
 
 __all__ = [
     "SparseMultiheadAttention",
@@ -75,6 +80,21 @@ def attention_projections(mha: nn.MultiheadAttention) -> dict[str, nn.Linear]:
     return projections
 
 
+def _channel_major(x: Tensor) -> Tensor:
+    """(..., E) -> (E, tokens), the tokens in the order given."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    return backend().swap01(x2.contiguous())
+
+
+# activations that act on each value alone, so on either layout
+_ELEMENTWISE_FUNCTIONS = (F.relu, torch.relu, F.gelu, F.silu, torch.tanh, torch.sigmoid)
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)
+
+
+def _elementwise(fn: Callable[[Tensor], Tensor]) -> bool:
+    return fn in _ELEMENTWISE_FUNCTIONS or isinstance(fn, _ELEMENTWISE_MODULES)
+
+
 def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A mask to add to attention scores: a boolean one's True (not allowed) becomes -inf."""
     if mask is None or mask.is_floating_point():
@@ -85,19 +105,19 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 class SparseMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` (same call, same outputs) with its projections as layers.
 
-    ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` are whatever layers they are given
-    (``to_sparse`` gives ``SparseLinear`` ones); the scores are PyTorch's
-    (``scaled_dot_product_attention``, or softmax and matmul where the weights are asked for).
+    The scores are PyTorch's (``scaled_dot_product_attention``, or softmax and matmul where
+    the weights are asked for). The projections read their input transposed once: once for
+    all three in self-attention.
     """
 
     def __init__(
         self,
         num_heads: int,
         batch_first: bool,
-        q_proj: nn.Module,
-        k_proj: nn.Module,
-        v_proj: nn.Module,
-        out_proj: nn.Module,
+        q_proj: SparseLinear,
+        k_proj: SparseLinear,
+        v_proj: SparseLinear,
+        out_proj: SparseLinear,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -128,20 +148,30 @@ class SparseMultiheadAttention(nn.Module):
                 "is causal); pass attn_mask=nn.Transformer.generate_square_subsequent_mask(L)"
             )
         unbatched = query.dim() == 2
-        if unbatched:  # (L, E)
+        if unbatched:  # (L, E): one sample, batch first
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:  # (L, N, E)
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        n, length, _ = query.shape  # (N, L, E)
-        source = key.shape[1]
+        # tokens stay in the order given: (N, L) batch first, else (L, N)
+        batch_first = self.batch_first or unbatched
+        n = query.shape[0] if batch_first else query.shape[1]
+        length, source = (query.shape[1], key.shape[1]) if batch_first else (len(query), len(key))
+        xq = _channel_major(query)  # (E, T)
+        xk = xq if key is query else _channel_major(key)
+        xv = xk if value is key else (xq if value is query else _channel_major(value))
         h = self.num_heads
-        q = self.q_proj(query)
-        d = q.shape[-1] // h
-        q = q.view(n, length, h, d).transpose(1, 2)  # (N, H, L, D)
-        k = self.k_proj(key).view(n, source, h, d).transpose(1, 2)  # (N, H, S, D)
-        v = self.v_proj(value).view(n, source, h, d).transpose(1, 2)
+        swap = backend().swap01
+
+        def heads(layer: SparseLinear, x: Tensor, tokens: int) -> Tensor:  # (N, H, tokens, D)
+            y = swap(layer.forward_channel_major(x))  # (T, E): what attention's kernel reads
+            if batch_first:
+                return y.view(n, tokens, h, -1).transpose(1, 2)
+            return y.view(tokens, n, h, -1).permute(1, 2, 0, 3)
+
+        q = heads(self.q_proj, xq, length)
+        k = heads(self.k_proj, xk, source)
+        v = heads(self.v_proj, xv, source)
+        d = q.shape[-1]
         mask = _additive(attn_mask, q.dtype)  # (L, S) or (N*H, L, S)
         if mask is not None and mask.dim() == 3:
             mask = mask.view(n, h, length, source)
@@ -157,31 +187,38 @@ class SparseMultiheadAttention(nn.Module):
             weights = scores.softmax(dim=-1)
             out = weights @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = self.out_proj(out.transpose(1, 2).reshape(n, length, h * d))  # (N, L, E)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (N, H, L, D)
+        # (T, E), the tokens in the order given
+        out = out.transpose(1, 2) if batch_first else out.permute(2, 0, 1, 3)
+        y = self.out_proj(out.reshape(*query.shape[:2], h * d))
         if unbatched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)
+            y = y.squeeze(0)
         if weights is not None:
             if average_attn_weights:
                 weights = weights.mean(dim=1)
             if unbatched:
                 weights = weights.squeeze(0)
-        return out, weights
+        return y, weights
 
 
 class SparseTransformerEncoderLayer(nn.Module):
     """``nn.TransformerEncoderLayer``'s computation (its layer-by-layer path, which PyTorch
-    takes in training) for a layer whose projections or feed-forward layers were replaced."""
+    takes in training) with ``SparseLinear`` feed-forward layers, between which the
+    activations stay channel-major."""
 
-    def __init__(self, layer: nn.TransformerEncoderLayer, relu_fused: bool = False) -> None:
-        """``relu_fused``: ``layer.linear1`` clamps its outputs at zero itself, so the ReLU
-        after it is left out."""
+    def __init__(
+        self,
+        layer: nn.TransformerEncoderLayer,
+        linear1: SparseLinear,
+        linear2: SparseLinear,
+        relu_fused: bool = False,
+    ) -> None:
+        """``relu_fused``: ``linear1`` clamps its outputs at zero itself, so the ReLU after it
+        is left out."""
         super().__init__()
         self.self_attn = layer.self_attn
-        self.linear1 = layer.linear1
-        self.linear2 = layer.linear2
+        self.linear1 = linear1
+        self.linear2 = linear2
         self.norm1 = layer.norm1
         self.norm2 = layer.norm2
         self.norm_first = bool(layer.norm_first)
@@ -198,7 +235,13 @@ class SparseTransformerEncoderLayer(nn.Module):
         )[0]  # fmt: skip
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        return self.linear2(self.activation(self.linear1(x)))
+        hidden = self.linear1.forward_channel_major(_channel_major(x))  # (F, T)
+        if _elementwise(self.activation):
+            hidden = self.activation(hidden)
+        else:  # on the layout it was written for
+            swap = backend().swap01
+            hidden = swap(self.activation(swap(hidden)).contiguous())
+        return backend().swap01(self.linear2.forward_channel_major(hidden)).view(x.shape)
 
     def forward(
         self,

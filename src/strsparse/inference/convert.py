@@ -656,14 +656,15 @@ def _open_transformers(
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
 
-    def layer(name: str, linear: nn.Linear, relu: bool = False) -> nn.Module:
+    def mode(name: str, linear: nn.Linear) -> str:
         modes[name] = _inner_mode(name, linear.weight.detach(), max_density, forced)
-        if modes[name] == "dense":
-            return linear
-        sparse = _build_layer(linear, None, "sparse", structure_only)
+        return modes[name]
+
+    def build(linear: nn.Linear, mode: str, relu: bool = False) -> SparseLinear:
+        layer = cast(SparseLinear, _build_layer(linear, None, mode, structure_only))
         if relu:
-            sparse.clamp = (0.0, math.inf)
-        return sparse
+            layer.clamp = (0.0, math.inf)
+        return layer
 
     def prefixed(name: str, child: str) -> str:
         return f"{name}.{child}" if name else child
@@ -674,26 +675,25 @@ def _open_transformers(
             put(name, conv1d_as_linear(m))
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.MultiheadAttention) and supported_attention(m):
-            parts = {
-                part: layer(prefixed(name, part), linear)
-                for part, linear in attention_projections(m).items()
-            }
-            if any(modes[prefixed(name, part)] == "sparse" for part in parts):
-                put(name, SparseMultiheadAttention(m.num_heads, m.batch_first, **parts))
+            parts = attention_projections(m)
+            chosen = {part: mode(prefixed(name, part), lin) for part, lin in parts.items()}
+            if "sparse" in chosen.values():
+                layers = {part: build(lin, chosen[part]) for part, lin in parts.items()}
+                put(name, SparseMultiheadAttention(m.num_heads, m.batch_first, **layers))
     for name, m in list(model.named_modules()):
+        if not isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            continue
+        first = mode(prefixed(name, "linear1"), m.linear1)
+        second = mode(prefixed(name, "linear2"), m.linear2)
         if isinstance(m, nn.TransformerDecoderLayer):  # which calls them as layers
-            m.register_module("linear1", layer(prefixed(name, "linear1"), m.linear1))
-            m.register_module("linear2", layer(prefixed(name, "linear2"), m.linear2))
-        elif isinstance(m, nn.TransformerEncoderLayer):
+            if first == "sparse":
+                m.register_module("linear1", build(m.linear1, first))
+            if second == "sparse":
+                m.register_module("linear2", build(m.linear2, second))
+        elif "sparse" in (first, second) or isinstance(m.self_attn, SparseMultiheadAttention):
             relu = m.activation is F.relu or isinstance(m.activation, nn.ReLU)
-            m.register_module("linear1", layer(prefixed(name, "linear1"), m.linear1, relu))
-            m.register_module("linear2", layer(prefixed(name, "linear2"), m.linear2))
-            if any(
-                isinstance(c, (SparseLinear, SparseMultiheadAttention))
-                for c in (m.self_attn, m.linear1, m.linear2)
-            ):
-                fused = relu and isinstance(m.linear1, SparseLinear)
-                put(name, SparseTransformerEncoderLayer(m, relu_fused=fused))
+            linear1, linear2 = build(m.linear1, first, relu), build(m.linear2, second)
+            put(name, SparseTransformerEncoderLayer(m, linear1, linear2, relu_fused=relu))
     for m in model.modules():
         if isinstance(m, nn.TransformerEncoder) and any(
             isinstance(c, SparseTransformerEncoderLayer) for c in m.layers

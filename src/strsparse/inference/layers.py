@@ -282,14 +282,30 @@ class SparseLinear(_SparseBase):
         if self.mode == "dense":
             return self._apply_clamp(F.linear(x, self.weight, self.bias))
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features).float()
         m = x2.shape[0]
-        x2 = x2.float()
+        if self.in_features * m > _INT32_MAX:
+            return self._apply_clamp(F.linear(x, self.dense_weight(), self.bias))
         # (in_features, M): channel-major
         xt = backend().swap01(x2) if x2.is_contiguous() else x2.t().contiguous()
-        if self.in_features * m > _INT32_MAX:
-            w = self.dense_weight()
-            return self._apply_clamp(F.linear(x, w, self.bias))
+        out = self._product(xt, m)
+        if m == 1:
+            return out.view(*lead, self.out_features)
+        return backend().swap01(out).view(*lead, self.out_features)
+
+    def forward_channel_major(self, xt: Tensor) -> Tensor:
+        """The layer on a channel-major input, ``(in_features, M)`` -> ``(out_features, M)``:
+        ``forward`` without its two transposes, for layers that feed each other (a
+        transformer's projections and feed-forward pair)."""
+        m = xt.shape[1]
+        if self.mode == "dense" or self.in_features * m > _INT32_MAX:
+            w = self.weight if self.mode == "dense" else self.dense_weight()
+            out = w @ xt if self.bias is None else torch.addmm(self.bias.unsqueeze(1), w, xt)
+            return self._apply_clamp(out)
+        return self._product(xt.float().contiguous(), m)
+
+    def _product(self, xt: Tensor, m: int) -> Tensor:
+        """(out_features, M) from a contiguous (in_features, M) input, on the kernel."""
         offsets: Tensor | None = self._offsets.get((m,))  # _cached's hit, without a closure
         if offsets is None:
             offsets = self._cached((m,), lambda: (self.indices.int() * m).contiguous())
@@ -301,9 +317,7 @@ class SparseLinear(_SparseBase):
             xt, out, buffers["values"], offsets, buffers["row_ptr"], buffers["bias"], None, m,
             m, 0, lo, hi,
         )  # fmt: skip
-        if m == 1:
-            return out.view(*lead, self.out_features)
-        return backend().swap01(out).view(*lead, self.out_features)
+        return out
 
 
 class SparseConv2d(_SparseBase):
