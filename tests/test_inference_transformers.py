@@ -301,3 +301,15 @@ def test_an_encoder_saves_and_loads(tmp_path) -> None:
     old = {k: v for k, v in sparse.sparse_plan.items() if k.startswith("head")}
     again = to_sparse(_Encoder(True, False, "relu"), _plan=old)
     assert type(again.net.get_submodule("encoder.layers.0")) is nn.TransformerEncoderLayer
+
+
+def test_a_layer_merely_named_conv1d_is_left_alone() -> None:
+    class Conv1D(nn.Conv1d):  # a 1-D convolution of one's own, not Hugging Face's
+        pass
+
+    model = _prune(nn.Sequential(Conv1D(4, 6, 3), nn.Flatten(), nn.Linear(6 * 8, 2)), 0.8)
+    sparse = to_sparse(model, max_density=1.0)
+    assert "0" not in sparse.sparse_plan
+    x = torch.randn(2, 4, 10)
+    with torch.inference_mode():
+        _close(sparse(x), model(x))

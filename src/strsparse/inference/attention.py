@@ -22,14 +22,29 @@ from torch import Tensor, nn
 
 from strsparse.inference._native import backend
 from strsparse.inference.layers import SparseLinear
+from strsparse.methods.base import is_conv1d
 
 __all__ = [
     "SparseMultiheadAttention",
     "SparseTransformerEncoderLayer",
     "attention_projections",
     "conv1d_as_linear",
+    "is_hf_projection",
     "supported_attention",
 ]
+
+
+def is_hf_projection(module: nn.Module) -> bool:
+    """Whether ``module`` is shaped as Hugging Face's ``Conv1D`` is: a class of that name with
+    a 2-D ``weight`` (in x out) whose ``nf`` is its number of outputs. A layer merely named
+    so (a 1-D convolution of one's own) is left alone."""
+    weight = getattr(module, "weight", None)
+    return (
+        is_conv1d(module)
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
 
 
 def conv1d_as_linear(module: nn.Module) -> nn.Linear:

@@ -46,6 +46,7 @@ from strsparse.inference.attention import (
     SparseTransformerEncoderLayer,
     attention_projections,
     conv1d_as_linear,
+    is_hf_projection,
     supported_attention,
 )
 from strsparse.inference.layers import (
@@ -56,7 +57,6 @@ from strsparse.inference.layers import (
 )
 from strsparse.inference.replay import Replayer
 from strsparse.inference.slices import map_slices
-from strsparse.methods.base import is_conv1d
 
 __all__ = ["DEFAULT_MAX_DENSITY", "SparseModel", "SparsePlan", "to_sparse"]
 
@@ -671,7 +671,7 @@ def _open_transformers(
 
     for name, m in list(model.named_modules()):
         # a file saved before Conv1D layers were converted names none of them
-        if is_conv1d(m) and (forced is None or name in forced):
+        if is_hf_projection(m) and (forced is None or name in forced):
             put(name, conv1d_as_linear(m))
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.MultiheadAttention) and supported_attention(m):
