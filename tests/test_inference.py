@@ -187,6 +187,30 @@ def test_every_instruction_set_matches_dense(isa: str) -> None:
         set_isa("auto")
 
 
+@needs_native
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+def test_a_wide_linear_layer_computed_in_runs_matches_dense(isa: str) -> None:
+    """More than 1024 inputs: each tile is computed run by run over the inputs, the runs after
+    the first adding to what the earlier left; bias and clamp once, at the end."""
+    try:
+        set_isa(isa)
+    except ValueError:
+        pytest.skip(f"this CPU lacks {isa}")
+    try:
+        model = _prune(nn.Sequential(nn.Linear(2500, 40), nn.ReLU(), nn.Linear(40, 3)), 0.7)
+        sparse = to_sparse(model, max_density=1.0)
+        wide = sparse.net.get_submodule("0")
+        assert isinstance(wide, SparseLinear) and wide._in_runs
+        # 129 tokens: a whole tile and a one-token tail; then one token, which takes no runs
+        for tokens in (129, 7, 1):
+            for threads in (1, 2):
+                with _threads(threads):
+                    _check_close(model, sparse, torch.randn(tokens, 2500))
+        assert not SparseLinear(2500, 4, _prune(nn.Linear(2500, 4), 0.99).weight, None)._in_runs
+    finally:
+        set_isa("auto")
+
+
 class _PointwiseResidual(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()

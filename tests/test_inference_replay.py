@@ -93,6 +93,19 @@ def test_a_native_forward_pass_is_replayed_with_the_same_outputs(batch: int) -> 
 
 
 @needs_native
+def test_a_wide_linear_layer_in_runs_is_replayed() -> None:
+    model = _prune(nn.Sequential(nn.Linear(2100, 64), nn.ReLU(), nn.Linear(64, 5)), 0.6)
+    sparse = to_sparse(model, max_density=1.0)
+    assert sparse.net.get_submodule("0")._in_runs
+    x = torch.randn(3, 2100)
+    with torch.inference_mode():
+        sparse(x), sparse(x)  # fills the caches, then records
+        assert sparse._replay_net.plan_for(x.shape) is True
+        torch.testing.assert_close(sparse(x), _eager(sparse, x), rtol=0, atol=0)
+        torch.testing.assert_close(sparse(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_native
 def test_convs_reading_unpadded_inputs_are_replayed(monkeypatch) -> None:
     """3x3 convs on the network's input and after max pooling read them unpadded (the shifted
     product, with AVX-512): recorded and replayed like every other call."""

@@ -58,6 +58,8 @@ class Backend:
         if lib is not None:
             lib.ss_spmm.argtypes = [_ptr] * 7 + [_i64] * 4 + [_f32, _f32, _int]
             lib.ss_spmm.restype = None
+            lib.ss_spmm_chunked.argtypes = lib.ss_spmm.argtypes + [_i64]
+            lib.ss_spmm_chunked.restype = None
             lib.ss_spmm_mapped.argtypes = [_ptr] * 7 + [_i64] * 4 + [_f32, _f32, _int, _ptr]
             lib.ss_spmm_mapped.restype = _int
             lib.ss_spmm_windows.argtypes = lib.ss_spmm_mapped.argtypes + [_ptr, _ptr, _i64]
@@ -156,6 +158,7 @@ class Backend:
         out_map: Tensor | None = None,
         windows: tuple[Tensor, Tensor] | None = None,
         shifted: tuple[Tensor, Tensor, int, int] | None = None,
+        chunks: int = 0,
     ) -> None:
         """``out[co*ld_out + p] = clamp(bias[co] + sum_j values[j] * inp[offsets[j] + p]
         (+ residual[co*ld_res + p]), lo, hi)`` for ``p < n_pix``; all float32 / int32,
@@ -165,8 +168,10 @@ class Backend:
         ``ss_spmm_windows``), lets the product copy each window once per tile. ``shifted``,
         each nonzero's tap, the taps' (dy, dx) (int32) and the image's height and width
         (native kernels only, see ``ss_spmm_shifted``), reads ``inp`` unpadded, each nonzero
-        only where its tap lands inside the image."""
-        c_out = row_ptr.numel() - 1
+        only where its tap lands inside the image. ``chunks`` (native kernels only, see
+        ``ss_spmm_chunked``): the nonzeros come in that many runs by input column, and
+        ``row_ptr`` holds a row pointer of ``c_out + 1`` entries for each."""
+        c_out = row_ptr.numel() // max(1, chunks) - 1
         if self._lib is not None:
             args = (
                 inp.data_ptr(),
@@ -193,6 +198,9 @@ class Backend:
                 if failed:
                     raise ValueError(f"the shifted product cannot handle {shifts.shape[0]} taps")
                 return
+            if chunks:
+                self._lib.ss_spmm_chunked(*args, chunks)
+                return
             if windows is not None:
                 distinct, slots = windows
                 failed = self._lib.ss_spmm_windows(
@@ -208,8 +216,8 @@ class Backend:
                 assert out_map is not None
                 raise ValueError(f"the native output map cannot handle {out_map.tolist()}")
             return
-        if out_map is not None or shifted is not None:
-            raise RuntimeError("mapped and shifted products need the native kernels")
+        if out_map is not None or shifted is not None or chunks:
+            raise RuntimeError("mapped, shifted and chunked products need the native kernels")
         from strsparse.inference import _numba_kernels
 
         _numba_kernels.spmm(

@@ -58,6 +58,7 @@ _OPS = {
     10: "ss_depthwise",
     11: "ss_swap01",
     12: "ss_spmm_shifted",
+    13: "ss_spmm_chunked",
 }
 _LITERAL, _INPUT, _ARENA = 0, 1, 2  # how ss_run_plan reads an argument
 _ALIGN = 64  # bytes; what PyTorch's CPU allocator guarantees, so kernels see the same

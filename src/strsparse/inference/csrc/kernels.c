@@ -14,7 +14,8 @@
  * lies inside the image (ss_spmm_shifted). Pixels are processed in tiles held in SIMD
  * accumulators (8 vectors: 128 floats with AVX-512, 64 with AVX2; 16 vectors for a shifted
  * product), output channels looping inside a tile; products over large tensors stream their
- * output past the caches and prefetch each next tile's input (see large_mode). The instruction
+ * output past the caches and prefetch each next tile's input (see large_mode); a Linear layer
+ * of many inputs computes each tile in runs over its inputs (ss_spmm_chunked). The instruction
  * set is picked at run time (target attributes + __builtin_cpu_supports), not at build time.
  * Work is split over pixel tiles and blocks of output channels on a small thread pool.
  * Depthwise convs have a kernel of their own (ss_depthwise), one (channel, image) plane at a
@@ -339,6 +340,7 @@ enum {
     OP_DEPTHWISE,
     OP_SWAP01,
     OP_SPMM_SHIFTED,
+    OP_SPMM_CHUNKED,
 };
 #define SS_MAX_ARGS 24
 
@@ -445,6 +447,11 @@ typedef struct {
      * tile's lines are prefetched while this one is computed */
     const int64_t *ahead;
     int64_t n_ahead, ahead_reach;
+    /* the nonzeros in n_chunks runs by input column (row_ptr: n_chunks row pointers of c_out
+     * + 1 each, see ss_spmm_chunked); the tile functions then add to what the runs before
+     * left in out (partial_in) and leave their sums there as they are (partial_out) */
+    int64_t n_chunks;
+    int partial_in, partial_out;
 } spmm_args;
 
 #define SS_MAX_TILE 128 /* tiles are at most this wide, but a shifted product's (below) */
@@ -566,7 +573,8 @@ static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (
 static void spmm_tile_portable(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t np) {
     float acc[32];
     for (int64_t co = c0; co < c1; co++) {
-        for (int64_t k = 0; k < np; k++) acc[k] = 0.0f;
+        float *dst = a->out + co * a->ld_out + p0;
+        for (int64_t k = 0; k < np; k++) acc[k] = a->partial_in ? dst[k] : 0.0f;
         for (int32_t j = a->row_ptr[co]; j < a->row_ptr[co + 1]; j++) {
             const float w = a->values[j];
             const float *src = a->in + a->offsets[j] + p0;
@@ -578,8 +586,11 @@ static void spmm_tile_portable(const spmm_args *a, int64_t c0, int64_t c1, int64
                 for (int64_t k = 0; k < np; k++) acc[k] += w * src[k];
             }
         }
+        if (a->partial_out) {
+            for (int64_t k = 0; k < np; k++) dst[k] = acc[k];
+            continue;
+        }
         const float b = a->bias ? a->bias[co] : 0.0f;
-        float *dst = a->out + co * a->ld_out + p0;
         const float *res = a->residual ? a->residual + co * a->ld_res + p0 : NULL;
         for (int64_t k = 0; k < np; k++) {
             float v = acc[k] + b;
@@ -614,7 +625,9 @@ spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, cons
     const int U = nv <= 2 ? 4 : (nv <= 7 ? 2 : 1);
     for (int64_t co = c0; co < c1; co++) {
         __m512 acc[16], more[3][16];
-        for (int k = 0; k < nv; k++) acc[k] = _mm512_setzero_ps();
+        float *dst = a->out + co * a->ld_out + p0;
+        for (int k = 0; k < nv; k++)
+            acc[k] = a->partial_in ? LOAD512(k, dst + 16 * k) : _mm512_setzero_ps();
         for (int u = 0; u < U - 1; u++)
             for (int k = 0; k < nv; k++) more[u][k] = _mm512_setzero_ps();
         const int32_t j1 = a->row_ptr[co + 1];
@@ -641,8 +654,14 @@ spmm_tile_avx512_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, cons
         }
         for (int u = 0; u < U - 1; u++)
             for (int k = 0; k < nv; k++) acc[k] = _mm512_add_ps(acc[k], more[u][k]);
+        if (a->partial_out) {
+            for (int k = 0; k < nv; k++) {
+                if (k < nv - 1 || full) _mm512_storeu_ps(dst + 16 * k, acc[k]);
+                else _mm512_mask_storeu_ps(dst + 16 * k, m[k], acc[k]);
+            }
+            continue;
+        }
         const __m512 b = _mm512_set1_ps(a->bias ? a->bias[co] : 0.0f);
-        float *dst = a->out + co * a->ld_out + p0;
         const float *res = a->residual ? a->residual + co * a->ld_res + p0 : NULL;
         for (int k = 0; k < nv; k++) {
             __m512 v = _mm512_add_ps(acc[k], b);
@@ -702,7 +721,7 @@ spmm_pixel_avx512(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0) {
 
 __attribute__((target("avx512f"))) static void
 spmm_tile_avx512(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t np) {
-    if (np == 1 && !a->taps) {
+    if (np == 1 && !a->taps && !a->n_chunks) {
         spmm_pixel_avx512(a, c0, c1, p0);
         return;
     }
@@ -740,7 +759,9 @@ spmm_tile_avx2_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, const 
     const int U = nv <= 2 ? 4 : (nv <= 4 ? 2 : 1);
     for (int64_t co = c0; co < c1; co++) {
         __m256 acc[8], more[3][8];
-        for (int k = 0; k < nv; k++) acc[k] = _mm256_setzero_ps();
+        float *dst = a->out + co * a->ld_out + p0;
+        for (int k = 0; k < nv; k++)
+            acc[k] = a->partial_in ? LOAD256(k, dst + 8 * k) : _mm256_setzero_ps();
         for (int u = 0; u < U - 1; u++)
             for (int k = 0; k < nv; k++) more[u][k] = _mm256_setzero_ps();
         const int32_t j1 = a->row_ptr[co + 1];
@@ -766,8 +787,14 @@ spmm_tile_avx2_nv(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, const 
         }
         for (int u = 0; u < U - 1; u++)
             for (int k = 0; k < nv; k++) acc[k] = _mm256_add_ps(acc[k], more[u][k]);
+        if (a->partial_out) {
+            for (int k = 0; k < nv; k++) {
+                if (k < nv - 1 || full) _mm256_storeu_ps(dst + 8 * k, acc[k]);
+                else _mm256_maskstore_ps(dst + 8 * k, m[k], acc[k]);
+            }
+            continue;
+        }
         const __m256 b = _mm256_set1_ps(a->bias ? a->bias[co] : 0.0f);
-        float *dst = a->out + co * a->ld_out + p0;
         const float *res = a->residual ? a->residual + co * a->ld_res + p0 : NULL;
         for (int k = 0; k < nv; k++) {
             __m256 v = _mm256_add_ps(acc[k], b);
@@ -818,7 +845,7 @@ spmm_pixel_avx2(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0) {
 
 __attribute__((target("avx2,fma"))) static void
 spmm_tile_avx2(const spmm_args *a, int64_t c0, int64_t c1, int64_t p0, int64_t np) {
-    if (np == 1) {
+    if (np == 1 && !a->n_chunks) {
         spmm_pixel_avx2(a, c0, c1, p0);
         return;
     }
@@ -1101,6 +1128,16 @@ static void spmm_task(void *ctx, int64_t begin, int64_t end) {
         if (windows) windows_fill(a, &local, windows, p0, np, copy);
         if (a->taps) shifted_masks(a, p0, np, mask);
         const int64_t c0 = a->block_start[blk], c1 = a->block_start[blk + 1];
+        if (a->n_chunks) { /* run by run: each run's inputs for the tile stay in cache */
+            for (int64_t c = 0; c < a->n_chunks; c++) {
+                local.row_ptr = a->row_ptr + c * (a->c_out + 1);
+                local.partial_in = c > 0;
+                local.partial_out = c < a->n_chunks - 1;
+                local.stream = a->stream && !local.partial_out;
+                fn(&local, c0, c1, p0, np);
+            }
+            continue;
+        }
         if (!a->ahead || p0 + a->tile >= a->n_pix) {
             fn(&local, c0, c1, p0, np);
             continue;
@@ -1224,17 +1261,21 @@ static void spmm_run(const float *in, float *out, const float *values, const int
                      int64_t c_out, int64_t n_pix, int64_t ld_out, int64_t ld_res, float lo,
                      float hi, int threads, const int64_t *map, const int32_t *windows,
                      const int32_t *slots, int64_t n_windows, const int32_t *taps,
-                     const int32_t *shifts, int64_t n_taps, int64_t img_h, int64_t img_w) {
+                     const int32_t *shifts, int64_t n_taps, int64_t img_h, int64_t img_w,
+                     int64_t n_chunks) {
     if (c_out <= 0 || n_pix <= 0) return;
     /* negative threads: may return before the work is done (see early_ctx) */
     const int early = threads < 0;
     if (early) threads = -threads;
     threads = allowed_threads(threads);
-    if ((int64_t)(row_ptr[c_out] - row_ptr[0]) * n_pix < SS_SERIAL_MACS) threads = 1;
+    /* the last run's end: every nonzero, runs or not */
+    const int32_t nz_end = row_ptr[(n_chunks > 1 ? n_chunks : 1) * (c_out + 1) - 1];
+    if ((int64_t)(nz_end - row_ptr[0]) * n_pix < SS_SERIAL_MACS) threads = 1;
     spmm_args a = {in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix,
                    ld_out, ld_res, lo, hi, 0, 0, 0, NULL, map, NULL, NULL, 0, NULL, NULL, 0,
-                   0, 0, NULL, 0, NULL, 0, 0};
+                   0, 0, NULL, 0, NULL, 0, 0, 0, 0, 0};
     a.tile = tile_size();
+    a.n_chunks = n_chunks > 1 ? n_chunks : 0;
     a.stream = !map && ss_isa() == ISA_AVX512 &&
                (large_mode < 0 ? (int64_t)sizeof(float) * c_out * ld_out >= SS_LARGE_BYTES
                                : large_mode);
@@ -1330,7 +1371,7 @@ static void spmm_run(const float *in, float *out, const float *values, const int
     }
     int64_t block_start[257];
     /* blocks of output channels with about the same number of nonzeros */
-    const int64_t nnz = row_ptr[c_out] - row_ptr[0];
+    const int64_t nnz = row_ptr[c_out] - row_ptr[0]; /* the first run's, with runs */
     block_start[0] = 0;
     int64_t co = 0;
     for (int64_t b = 1; b < blocks; b++) {
@@ -1368,7 +1409,24 @@ SS_EXPORT void ss_spmm(const float *in, float *out, const float *values, const i
     RECORD(OP_SPMM, RP(in), RP(out), RP(values), RP(offsets), RP(row_ptr), RP(bias),
            RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads);
     spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
-             lo, hi, threads, NULL, NULL, NULL, 0, NULL, NULL, 0, 0, 0);
+             lo, hi, threads, NULL, NULL, NULL, 0, NULL, NULL, 0, 0, 0, 0);
+}
+
+/* ss_spmm with the nonzeros in n_chunks runs by input column (each run ordered by output
+ * channel, as CSR): row_ptr holds n_chunks row pointers of c_out + 1 entries each, absolute
+ * indices into values and offsets. Each tile is computed run by run, so that one run's inputs
+ * for it stay in cache where all of them would not: a Linear layer of 3072 inputs on 1,024
+ * tokens reads 1.5 MB a 128-token tile. */
+SS_EXPORT void ss_spmm_chunked(const float *in, float *out, const float *values,
+                               const int32_t *offsets, const int32_t *row_ptr, const float *bias,
+                               const float *residual, int64_t c_out, int64_t n_pix,
+                               int64_t ld_out, int64_t ld_res, float lo, float hi, int threads,
+                               int64_t n_chunks) {
+    RECORD(OP_SPMM_CHUNKED, RP(in), RP(out), RP(values), RP(offsets), RP(row_ptr), RP(bias),
+           RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads,
+           n_chunks);
+    spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
+             lo, hi, threads, NULL, NULL, NULL, 0, NULL, NULL, 0, 0, 0, n_chunks);
 }
 
 /* Whether the output map's stride and grid are ones the mapped product can follow. */
@@ -1393,7 +1451,7 @@ SS_EXPORT int ss_spmm_mapped(const float *in, float *out, const float *values,
            RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads,
            RP(map));
     spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
-             lo, hi, threads, map, NULL, NULL, 0, NULL, NULL, 0, 0, 0);
+             lo, hi, threads, map, NULL, NULL, 0, NULL, NULL, 0, 0, 0, 0);
     return 0;
 }
 
@@ -1412,7 +1470,7 @@ SS_EXPORT int ss_spmm_windows(const float *in, float *out, const float *values,
            RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads,
            RP(map), RP(windows), RP(slots), n_windows);
     spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
-             lo, hi, threads, map, windows, slots, n_windows, NULL, NULL, 0, 0, 0);
+             lo, hi, threads, map, windows, slots, n_windows, NULL, NULL, 0, 0, 0, 0);
     return 0;
 }
 
@@ -1435,7 +1493,7 @@ SS_EXPORT int ss_spmm_shifted(const float *in, float *out, const float *values,
            RP(residual), c_out, n_pix, ld_out, ld_res, float_bits(lo), float_bits(hi), threads,
            RP(map), RP(taps), RP(shifts), n_taps, h, w);
     spmm_run(in, out, values, offsets, row_ptr, bias, residual, c_out, n_pix, ld_out, ld_res,
-             lo, hi, threads, map, NULL, NULL, 0, taps, shifts, n_taps, h, w);
+             lo, hi, threads, map, NULL, NULL, 0, taps, shifts, n_taps, h, w, 0);
     return 0;
 }
 
@@ -2297,6 +2355,11 @@ SS_EXPORT int ss_run_plan(const int64_t *plan, int64_t n_words, char *input, cha
                                 a[10], FA(11), FA(12), (int)a[13], PA(14), PA(15), PA(16), a[17],
                                 a[18], a[19]))
                 return -1;
+            break;
+        case OP_SPMM_CHUNKED:
+            if (n != 15) return -1;
+            ss_spmm_chunked(PA(0), PA(1), PA(2), PA(3), PA(4), PA(5), PA(6), a[7], a[8], a[9],
+                            a[10], FA(11), FA(12), (int)a[13], a[14]);
             break;
         default:
             return -1;
