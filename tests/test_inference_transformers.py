@@ -180,6 +180,15 @@ def test_sparse_attention_gives_what_multihead_attention_gives(case: str) -> Non
         _close(weights, want_weights)
 
 
+@needs_native
+def test_an_input_of_the_wrong_width_is_an_error() -> None:
+    model = _prune(_Attention(nn.MultiheadAttention(8, 2), need_weights=False))
+    sparse = to_sparse(model, max_density=1.0)
+    x = torch.randn(3, 1, 6)
+    with pytest.raises(ValueError, match=r"\(8, tokens\)"), torch.inference_mode():
+        sparse(x, x, x)
+
+
 def test_causal_attention_without_its_mask_is_an_error_as_in_pytorch() -> None:
     model = _prune(_Attention(nn.MultiheadAttention(8, 2), need_weights=False, is_causal=True))
     sparse = to_sparse(model, max_density=1.0)

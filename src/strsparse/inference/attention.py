@@ -5,10 +5,10 @@ parameter and reads its output projection's weight directly, and
 ``nn.TransformerEncoderLayer`` hands all its weights to one fused kernel in inference. Neither
 calls its projections as layers, so none of them could be swapped for a sparse one. The
 modules here compute the same outputs from separate ``SparseLinear`` projections (sparse, or
-kept dense by the per-layer rule). Between the projections and the attention, and between the
-two feed-forward layers, activations stay channel-major (features, tokens), the layout the
-kernel works in, so that each layer spends no transposes of its own. They are for inference:
-dropout is left out.
+kept dense by the per-layer rule). Self-attention's input is transposed once for its three
+projections, and between the two feed-forward layers the activations stay channel-major
+(features, tokens), the layout the kernel works in, so that those layers spend no transposes
+of their own. They are for inference: dropout is left out.
 """
 
 from __future__ import annotations
@@ -121,8 +121,8 @@ class SparseMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` (same call, same outputs) with its projections as layers.
 
     The scores are PyTorch's (``scaled_dot_product_attention``, or softmax and matmul where
-    the weights are asked for). The projections read their input transposed once: once for
-    all three in self-attention.
+    the weights are asked for). The projections read their input transposed, once for all
+    three in self-attention.
     """
 
     def __init__(

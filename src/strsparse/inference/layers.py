@@ -300,6 +300,11 @@ class SparseLinear(_SparseBase):
         """The layer on a channel-major input, ``(in_features, M)`` -> ``(out_features, M)``:
         ``forward`` without its two transposes, for layers that feed each other (a
         transformer's projections and feed-forward pair)."""
+        if xt.dim() != 2 or xt.shape[0] != self.in_features:
+            raise OptionError(
+                f"this layer takes ({self.in_features}, tokens) channel-major inputs, got "
+                f"{tuple(xt.shape)}"
+            )
         m = xt.shape[1]
         if self.mode == "dense" or self.in_features * m > _INT32_MAX:
             w = self.weight if self.mode == "dense" else self.dense_weight()
