@@ -702,6 +702,22 @@ def _open_transformers(
     return model, modes
 
 
+# PyTorch's transformer modules, whose forward torch.fx cannot trace: as the model itself,
+# their layers are swapped in place without a warning (a trace would fuse nothing in them)
+_TRANSFORMER_ROOTS = (
+    nn.Transformer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.MultiheadAttention,
+)
+
+
+class _Untraceable(Exception):
+    pass
+
+
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, with the layers ``_open_transformers`` made kept whole as well."""
 
@@ -1013,14 +1029,17 @@ def to_sparse(
             )
     model, inner = _open_transformers(model, limits, _plan)
     try:
+        if isinstance(model, _TRANSFORMER_ROOTS):
+            raise _Untraceable  # their forward checks its inputs' values; nothing to fuse
         traced = _trace(model)
     except Exception as exc:  # fx cannot trace data-dependent control flow and the like
-        warnings.warn(
-            f"torch.fx could not trace {type(model).__name__} ({exc}); its Linear and Conv2d "
-            "layers are swapped one by one, without BatchNorm folding or fusion",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        if not isinstance(exc, _Untraceable):
+            warnings.warn(
+                f"torch.fx could not trace {type(model).__name__} ({exc}); its Linear and "
+                "Conv2d layers are swapped one by one, without BatchNorm folding or fusion",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         net, plan = _swap_layers(model, limits, _plan, done=inner)
         per_sample = False
     else:
