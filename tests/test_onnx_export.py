@@ -42,6 +42,28 @@ def test_round_trip_in_onnxruntime(name: str, kwargs: dict, shape: tuple, tmp_pa
 
 
 @needs_ort
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # attention's shape checks
+def test_a_transformer_round_trip_in_onnxruntime(tmp_path) -> None:
+    """PyTorch's encoder and attention layers, still sparsified, exported with a dynamic batch."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = nn.Sequential(
+        nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(32, 3)
+    )
+    strsparse.sparsify(model, "magnitude", sparsity=0.9)
+    model.eval()
+    path = export_onnx(model, tmp_path / "encoder.onnx", torch.randn(2, 10, 32))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 10, 32)
+    (got,) = session.run(None, {"input": x.numpy()})
+    with torch.inference_mode():
+        expected = model(x)
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_ort
 def test_verify_catches_a_wrong_model(tmp_path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 3)).eval()
