@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from strsparse.inference._native import backend
-from strsparse.inference.layers import SparseLinear
+from strsparse.inference.layers import ELEMENTWISE_FUNCTIONS, ELEMENTWISE_MODULES, SparseLinear
 from strsparse.methods.base import is_conv1d
 
 __all__ = [
@@ -47,15 +47,19 @@ def is_hf_projection(module: nn.Module) -> bool:
     )
 
 
-def conv1d_as_linear(module: nn.Module) -> nn.Linear:
-    """The ``nn.Linear`` computing what a Hugging Face ``Conv1D`` does (``x @ W + b``)."""
-    weight: Tensor = module.get_parameter("weight").detach()  # (in, out)
-    bias = getattr(module, "bias", None)
-    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
-    linear.weight = nn.Parameter(weight.t().contiguous())
+def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` (out x in) and ``bias``."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.weight = nn.Parameter(weight.detach().clone().contiguous())
     if bias is not None:
         linear.bias = nn.Parameter(bias.detach().clone())
     return linear
+
+
+def conv1d_as_linear(module: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` computing what a Hugging Face ``Conv1D`` does (``x @ W + b``)."""
+    weight: Tensor = module.get_parameter("weight")  # (in, out)
+    return _linear(weight.t(), getattr(module, "bias", None))
 
 
 def supported_attention(mha: nn.MultiheadAttention) -> bool:
@@ -69,29 +73,16 @@ def attention_projections(mha: nn.MultiheadAttention) -> dict[str, nn.Linear]:
     ``v_proj`` (slices of the packed ``in_proj_weight``, or the separate weights where the
     key and value have their own sizes) and ``out_proj``."""
     e = mha.embed_dim
-    bias = mha.in_proj_bias
     if mha.in_proj_weight is not None:  # packed (3E, E)
-        packed = mha.in_proj_weight.detach()
-        weights = [packed[:e], packed[e : 2 * e], packed[2 * e :]]
+        weights = mha.in_proj_weight.split(e)
     else:
-        weights = [
-            mha.q_proj_weight.detach(),
-            mha.k_proj_weight.detach(),
-            mha.v_proj_weight.detach(),
-        ]
-    projections: dict[str, nn.Linear] = {}
-    for i, (name, weight) in enumerate(zip(("q_proj", "k_proj", "v_proj"), weights, strict=True)):
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        linear.weight = nn.Parameter(weight.clone())
-        if bias is not None:
-            linear.bias = nn.Parameter(bias.detach()[i * e : (i + 1) * e].clone())
-        projections[name] = linear
-    out = mha.out_proj
-    linear = nn.Linear(out.in_features, out.out_features, bias=out.bias is not None)
-    linear.weight = nn.Parameter(out.weight.detach().clone())
-    if out.bias is not None:
-        linear.bias = nn.Parameter(out.bias.detach().clone())
-    projections["out_proj"] = linear
+        weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+    biases = mha.in_proj_bias.split(e) if mha.in_proj_bias is not None else (None,) * 3
+    projections = {
+        name: _linear(weight, bias)
+        for name, weight, bias in zip(("q_proj", "k_proj", "v_proj"), weights, biases, strict=True)
+    }
+    projections["out_proj"] = _linear(mha.out_proj.weight, mha.out_proj.bias)
     return projections
 
 
@@ -101,13 +92,9 @@ def _channel_major(x: Tensor) -> Tensor:
     return backend().swap01(x2.contiguous())
 
 
-# activations that act on each value alone, so on either layout
-_ELEMENTWISE_FUNCTIONS = (F.relu, torch.relu, F.gelu, F.silu, torch.tanh, torch.sigmoid)
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity)
-
-
 def _elementwise(fn: Callable[[Tensor], Tensor]) -> bool:
-    return fn in _ELEMENTWISE_FUNCTIONS or isinstance(fn, _ELEMENTWISE_MODULES)
+    """Whether ``fn`` acts on each value alone, so on either layout."""
+    return fn in ELEMENTWISE_FUNCTIONS or isinstance(fn, ELEMENTWISE_MODULES)
 
 
 def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:

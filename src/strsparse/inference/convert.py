@@ -50,6 +50,8 @@ from strsparse.inference.attention import (
     supported_attention,
 )
 from strsparse.inference.layers import (
+    ELEMENTWISE_FUNCTIONS,
+    ELEMENTWISE_MODULES,
     SparseConv2d,
     SparseLinear,
     channel_major_max_pool2d,
@@ -85,25 +87,9 @@ _ACT_FUNCTIONS = {F.relu: (0.0, math.inf), torch.relu: (0.0, math.inf), F.relu6:
 _ACT_METHODS = {"relu": (0.0, math.inf), "relu_": (0.0, math.inf)}
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
-# ops on each element: what a flat tail (see _split_tail) may hold besides its Linear layers
-_ELEMENTWISE_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.SiLU,
-    nn.GELU,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Identity,
-    nn.Dropout,
-)
 # ops that act on every element or every (H, W) plane alike: fine on (C, N, H, W) tensors
 _LAYOUT_FREE_MODULES = (
-    *_ELEMENTWISE_MODULES,
+    *ELEMENTWISE_MODULES,
     nn.Dropout2d,
     nn.MaxPool2d,
     nn.AvgPool2d,
@@ -111,16 +97,7 @@ _LAYOUT_FREE_MODULES = (
     nn.AdaptiveMaxPool2d,
 )
 _LAYOUT_FREE_FUNCTIONS = {
-    F.relu,
-    torch.relu,
-    F.relu6,
-    F.hardtanh,
-    torch.sigmoid,
-    torch.tanh,
-    F.silu,
-    F.gelu,
-    F.leaky_relu,
-    F.hardswish,
+    *ELEMENTWISE_FUNCTIONS,
     F.avg_pool2d,
     F.adaptive_avg_pool2d,
     F.dropout,
@@ -714,10 +691,6 @@ _TRANSFORMER_ROOTS = (
 )
 
 
-class _Untraceable(Exception):
-    pass
-
-
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, with the layers ``_open_transformers`` made kept whole as well."""
 
@@ -803,7 +776,7 @@ def _split_tail(net: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule] | 
             m = modules[str(node.target)]
             if isinstance(m, SparseLinear):
                 return "linear"
-            return "elementwise" if type(m) in _ELEMENTWISE_MODULES else None
+            return "elementwise" if type(m) in ELEMENTWISE_MODULES else None
         if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS:
             return "elementwise"
         if node.op == "call_method" and node.target in ("relu", "relu_"):
@@ -1028,18 +1001,18 @@ def to_sparse(
                 f"to_sparse runs on the CPU; this model is on {p.device}: call model.cpu() first"
             )
     model, inner = _open_transformers(model, limits, _plan)
-    try:
-        if isinstance(model, _TRANSFORMER_ROOTS):
-            raise _Untraceable  # their forward checks its inputs' values; nothing to fuse
-        traced = _trace(model)
-    except Exception as exc:  # fx cannot trace data-dependent control flow and the like
-        if not isinstance(exc, _Untraceable):
+    traced = None
+    if not isinstance(model, _TRANSFORMER_ROOTS):  # whose forward checks its inputs' values
+        try:
+            traced = _trace(model)
+        except Exception as exc:  # fx cannot trace data-dependent control flow and the like
             warnings.warn(
                 f"torch.fx could not trace {type(model).__name__} ({exc}); its Linear and "
                 "Conv2d layers are swapped one by one, without BatchNorm folding or fusion",
                 RuntimeWarning,
                 stacklevel=2,
             )
+    if traced is None:
         net, plan = _swap_layers(model, limits, _plan, done=inner)
         per_sample = False
     else:

@@ -51,6 +51,35 @@ _CACHE_SIZE = 8  # offsets and output maps a layer keeps (a few input shapes)
 _MAX_MAPPED_STRIDE = 4  # the native output map handles strides up to this
 _MAX_WINDOWS = 4096  # more distinct input windows than this are never copied (see _windows)
 _MAX_TAPS = 64  # kernel positions a shifted product handles (SS_MAX_TAPS)
+# ops that act on each value alone, the same on any layout: what may run between layers
+# that keep their activations channel-major
+ELEMENTWISE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.SiLU,
+    nn.GELU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Identity,
+    nn.Dropout,
+)
+ELEMENTWISE_FUNCTIONS = {
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.hardtanh,
+    torch.sigmoid,
+    torch.tanh,
+    F.silu,
+    F.gelu,
+    F.leaky_relu,
+    F.hardswish,
+}
 # input features a Linear layer on several tokens reads in one run (see SparseLinear._runs):
 # a 128-token tile of 1024 of them takes 512 KB, which stays in L2
 _RUN_FEATURES = 1024
@@ -142,12 +171,18 @@ def csr_from_dense(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return w2[mask].contiguous(), cols.to(index_dtype).contiguous(), row_ptr
 
 
+def _csr_rows(row_ptr: Tensor) -> Tensor:
+    """Each nonzero's row (int64), from a CSR row pointer."""
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    return torch.repeat_interleave(torch.arange(counts.numel()), counts)
+
+
 def _dense_from_csr(
     values: Tensor, indices: Tensor, row_ptr: Tensor, shape: tuple[int, ...]
 ) -> Tensor:
     c_out = shape[0]
     k = math.prod(shape[1:])
-    rows = torch.repeat_interleave(torch.arange(c_out), (row_ptr[1:] - row_ptr[:-1]).long())
+    rows = _csr_rows(row_ptr)
     dense = torch.zeros(c_out, k)
     dense[rows, indices.long()] = values
     return dense.view(shape)
@@ -341,8 +376,12 @@ class SparseLinear(_SparseBase):
         """Whether the product goes run by run (see ``_runs``): more than one run, with 32
         nonzeros a row in each on average, which pay for adding to the partial sums (at 99%,
         a 4096->4096 layer on 2-8 tokens ran 0.67-0.69x as fast in runs)."""
-        n_runs = -(-self.in_features // _RUN_FEATURES)
+        n_runs = self._n_runs
         return n_runs > 1 and self.values.numel() >= 32 * n_runs * self.out_features
+
+    @property
+    def _n_runs(self) -> int:
+        return -(-self.in_features // _RUN_FEATURES)
 
     def _runs(self) -> tuple[Tensor, Tensor, Tensor, int]:
         """The nonzeros reordered into runs of ``_RUN_FEATURES`` input features, each in CSR
@@ -351,16 +390,11 @@ class SparseLinear(_SparseBase):
         the inputs one run reads stay in cache: with all 3072 inputs of a layer read at once,
         a tile's 1.5 MB did not (3072->768 at 70%, 1,024 tokens, 1 thread: 1.8-2.1x faster
         in runs)."""
-        rows = torch.repeat_interleave(
-            torch.arange(self.out_features), (self.row_ptr[1:] - self.row_ptr[:-1]).long()
-        )
         cols = self.indices.long()
-        run = cols // _RUN_FEATURES
-        n_runs = int(-(-self.in_features // _RUN_FEATURES))
-        order = torch.argsort(run * self.out_features + rows, stable=True)
-        counts = torch.bincount(
-            run * self.out_features + rows, minlength=n_runs * self.out_features
-        )
+        n_runs = self._n_runs
+        key = cols // _RUN_FEATURES * self.out_features + _csr_rows(self.row_ptr)  # run, row
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=n_runs * self.out_features)
         ends = counts.cumsum(0).view(n_runs, self.out_features)
         row_ptr = torch.cat([torch.zeros(n_runs, 1, dtype=torch.long), ends], dim=1)
         row_ptr[1:, 0] = ends[:-1, -1]
@@ -449,8 +483,7 @@ class SparseConv2d(_SparseBase):
         """Per nonzero: input channel, kernel row, kernel column (int64)."""
         kh, kw = self.kernel_size
         c_out = self.out_channels
-        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(c_out), counts)
+        rows = _csr_rows(self.row_ptr)
         cols = self.indices.long()
         per_group_in = self.in_channels // self.groups
         per_group_out = c_out // self.groups
